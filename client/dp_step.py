@@ -1,0 +1,98 @@
+"""DP-SGD over privacy units for the LoRA parameters (exact per-unit gradients).
+
+Per-row gradients come from Opacus's GradSampleModule (hooks on the LoRA linears only;
+the vision tower is frozen). Rows are summed into units (a record with its K rollouts,
+or a patient's records), each unit's gradient is clipped to C, the clipped gradients are
+summed over the micro-batches of the step, N(0, sigma^2 C^2) is added once, and the
+result is divided by the expected batch size q * N (Poisson sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from common.policy_loss import reduce_per_unit
+from common.privacy.dpsgd import clip_and_noise, group_rows_to_units, poisson_sample
+
+__all__ = ["DPSettings", "DPUpdater"]
+
+
+@dataclass
+class DPSettings:
+    """The mechanism of one round, resolved by the client from the hospital's budget."""
+
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+    unit: str
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+class DPUpdater:
+    """Accumulates clipped per-unit gradients over micro-batches and takes the noisy step."""
+
+    def __init__(self, policy) -> None:  # noqa: ANN001 - client.trainer.Policy
+        from opacus import GradSampleModule
+
+        self.params = policy.trainable_parameters()
+        self.module = GradSampleModule(policy.peft, batch_first=True, loss_reduction="sum", strict=True)
+        self._sum: list[torch.Tensor] = []
+        self._clipped = 0
+        self._num_units = 0
+        self.last_units = 0
+
+    def sample_units(self, num_units: int, dp: DPSettings) -> list[int]:
+        """Poisson sampling: each unit independently with probability q."""
+        self._num_units = num_units
+        chosen = poisson_sample(num_units, dp.sample_rate, dp.generator).tolist()
+        self.last_units = len(chosen)
+        return chosen
+
+    def begin_step(self) -> None:
+        self._sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self._clipped = 0
+        for p in self.params:
+            p.grad = None
+            p.grad_sample = None
+
+    def accumulate(
+        self, losses: torch.Tensor, mask: torch.Tensor, unit_index: torch.Tensor, num_units: int, dp: DPSettings
+    ) -> None:
+        """Backward one micro-batch (whole units only) and add its clipped unit gradients."""
+        per_row = reduce_per_unit(losses, mask, unit_index, num_units)
+        per_row.sum().backward()
+        per_row_grads = [p.grad_sample.float() for p in self.params]
+        per_unit = group_rows_to_units(per_row_grads, unit_index, num_units)
+        summed, stats = clip_and_noise(
+            per_unit, max_grad_norm=dp.max_grad_norm, noise_multiplier=0.0, expected_batch_size=1.0, generator=None
+        )
+        for acc, g in zip(self._sum, summed, strict=True):
+            acc.add_(g)
+        self._clipped += stats.num_clipped
+        for p in self.params:
+            p.grad = None
+            p.grad_sample = None
+
+    def finish_step(self, optimizer: torch.optim.Optimizer, dp: DPSettings) -> int:
+        """Add the noise once, divide by q * N and step. Returns how many units were clipped."""
+        expected = dp.sample_rate * self._num_units
+        if expected <= 0:
+            raise ValueError(f"expected batch size q*N = {dp.sample_rate}*{self._num_units} must be > 0")
+        noise, _ = clip_and_noise(
+            [torch.zeros((0, *g.shape)) for g in self._sum],
+            max_grad_norm=dp.max_grad_norm,
+            noise_multiplier=dp.noise_multiplier,
+            expected_batch_size=expected,
+            generator=dp.generator,
+        )
+        for p, s, n in zip(self.params, self._sum, noise, strict=True):
+            p.grad = (s / expected + n.to(s.device)).to(p.dtype)
+        optimizer.step()
+        return self._clipped
+
+    def empty_step(self, optimizer: torch.optim.Optimizer, dp: DPSettings) -> None:
+        """An empty Poisson batch still releases a (pure-noise) step."""
+        self.begin_step()
+        self.finish_step(optimizer, dp)

@@ -1,0 +1,453 @@
+"""One hospital's local DRPO training and evaluation (no Flower in here).
+
+A local step: pick records (uniformly, or by Poisson sampling of privacy units under DP),
+sample K responses per record, score them, turn rewards into GRPO/DRPO advantages, and
+update the LoRA adapter with token-level PPO-clip (+ KL to the adapter-disabled reference).
+Under DP the update is DP-SGD over whole units (client/dp_step.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.dp_step import DPSettings, DPUpdater
+from common.advantages import DRPOState, drpo_advantages, grpo_advantages
+from common.climb.errors import MediaError
+from common.climb.inputs import load_visuals
+from common.climb.records import Record
+from common.config import FedClimbConfig
+from common.metrics import balanced_accuracy, count_classes, macro_f1
+from common.modeling.policy import Policy, Rollouts
+from common.modeling.prompts import EncodedPrompt, encode_prompt
+from common.policy_loss import low_var_kl, ppo_token_losses, reduce_token_mean
+from common.rewards import RewardWeights, extract_boxed, split_labels, total_reward
+from common.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DomainStats", "StepLog", "LocalResult", "EvalResult", "LocalTrainer", "privacy_units"]
+
+
+@dataclass
+class DomainStats:
+    """What one domain contributed to a round (counts of prompts and rollouts)."""
+
+    records: int = 0
+    rollouts: int = 0
+    reward_sum: float = 0.0
+    accuracy_sum: float = 0.0
+
+    @property
+    def mean_reward(self) -> float:
+        return self.reward_sum / self.rollouts if self.rollouts else 0.0
+
+    @property
+    def mean_accuracy(self) -> float:
+        return self.accuracy_sum / self.rollouts if self.rollouts else 0.0
+
+
+@dataclass
+class StepLog:
+    step: int
+    prompts: int
+    reward: float
+    accuracy: float
+    rollout_s: float
+    update_s: float
+    pg_loss: float = 0.0
+    kl: float = 0.0
+    clipped_units: int = 0
+
+
+@dataclass
+class LocalResult:
+    """What a round of local training produced."""
+
+    adapter: dict[str, torch.Tensor]
+    steps: int
+    domain_stats: dict[str, DomainStats]
+    rollout_s: float
+    update_s: float
+    history: list[StepLog] = field(default_factory=list)
+    drpo_state: dict[str, Any] | None = None
+    dp_steps: int = 0
+
+    @property
+    def mean_reward(self) -> float:
+        n = sum(s.rollouts for s in self.domain_stats.values())
+        return sum(s.reward_sum for s in self.domain_stats.values()) / n if n else 0.0
+
+
+@dataclass
+class DomainEval:
+    records: int
+    balanced_accuracy: float
+    macro_f1: float
+    mean_iou: float
+    format_rate: float
+    mean_reward: float
+    accuracy: float
+    predictions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    domains: dict[str, DomainEval]
+    seconds: float
+
+
+def privacy_units(records: Sequence[Record], unit: str) -> list[list[int]]:
+    """Group record indices into privacy units: each record, or each patient's records."""
+    if unit == "record":
+        return [[i] for i in range(len(records))]
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        key = f"patient:{r.patient_id}" if r.patient_id is not None else f"record:{r.id}"
+        groups.setdefault(key, []).append(i)
+    return [groups[k] for k in sorted(groups)]
+
+
+class LocalTrainer:
+    """Runs local DRPO steps and evaluation for one hospital on one policy."""
+
+    def __init__(self, policy: Policy, cfg: FedClimbConfig) -> None:
+        self.policy = policy
+        self.cfg = cfg
+        self._prompts: dict[str, EncodedPrompt] = {}
+        self.weights = RewardWeights(accuracy=cfg.reward.accuracy, iou=cfg.reward.iou, format=cfg.reward.format)
+        self._dp_updater: DPUpdater | None = None
+
+    # ------------------------------------------------------------------ inputs
+
+    def encode(self, record: Record) -> EncodedPrompt:
+        """The record's encoded prompt (media decoded once per trainer and cached)."""
+        hit = self._prompts.get(record.id)
+        if hit is None:
+            visuals = load_visuals(record, video_frames=self.cfg.data.video_frames, ecg_px_per_mm=self.cfg.data.ecg_px_per_mm)
+            hit = encode_prompt(self.policy.bundle, record, visuals, self.cfg.prompt)
+            self._prompts[record.id] = hit
+        return hit
+
+    def usable(self, records: Sequence[Record]) -> list[Record]:
+        """Records whose media decode; the others are logged once and left out."""
+        ok = []
+        for r in records:
+            try:
+                self.encode(r)
+            except (MediaError, ValueError) as exc:
+                log.warning("leaving out %s: %s", r.id, exc)
+                continue
+            ok.append(r)
+        return ok
+
+    def _mask_for(self, record: Record) -> np.ndarray | None:
+        if record.segmentation is None:
+            return None
+        from PIL import Image
+
+        with Image.open(record.media_path(record.segmentation)) as im:
+            return np.asarray(im.convert("L")) > 0
+
+    def score(self, record: Record, text: str) -> Any:
+        return total_reward(
+            text,
+            true_labels=record.answers,
+            target_boxes=list(record.bboxes) or None,
+            target_mask=self._mask_for(record),
+            expect_boxes=record.has_localisation,
+            weights=self.weights,
+            iou_reduce=self.cfg.reward.iou_reduce,
+            no_target=self.cfg.reward.no_target,
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def _advantages(
+        self,
+        rewards: torch.Tensor,
+        domains: list[str],
+        state: DRPOState | None,
+        kl: torch.Tensor | None,
+        global_stats: dict[str, tuple[float, float]] | None,
+        dp: bool,
+    ) -> tuple[torch.Tensor, DRPOState | None]:
+        a = self.cfg.advantage
+        if a.estimator == "grpo":
+            return grpo_advantages(rewards, eps=a.eps), state
+        stats = global_stats if (a.global_domain_stats or dp) else None
+        options: dict[str, Any] = dict(
+            eps=a.eps,
+            history=a.history,
+            domain_mean=a.domain_mean,
+            cluster_eps_clamp=a.cluster_eps_clamp,
+            clustering=a.clustering,
+            k_max=a.k_max,
+            tol=a.elbow_tol,
+            kl_damping=a.kl_damping and kl is not None,
+            kl=kl,
+            kl_quantile=a.kl_quantile,
+            restandardize=a.restandardize,
+            domain_stats=stats,
+        )
+        if dp:
+            # Every factor must depend on this record alone or on DP-released values
+            # (docs/privacy.md, "DRPO under differential privacy").
+            use_server = self.cfg.privacy.domain_temperature == "server" and bool(stats)
+            options.update(
+                clustering=False,
+                restandardize=False,
+                kl_damping=False,
+                kl=None,
+                history="step",
+                domain_stats=stats if use_server else None,
+                fixed_temperature=not use_server,
+            )
+        return drpo_advantages(rewards, domains, state, **options)
+
+    def train(
+        self,
+        records: Sequence[Record],
+        *,
+        steps: int,
+        seed: int,
+        dp: DPSettings | None = None,
+        global_domain_stats: dict[str, tuple[float, float]] | None = None,
+        drpo_state: dict[str, Any] | None = None,
+        progress: bool = False,
+        on_step: Callable[[StepLog], None] | None = None,
+    ) -> LocalResult:
+        """Run ``steps`` local DRPO steps; returns the new adapter and statistics."""
+        cfg = self.cfg
+        records = list(records)
+        if not records:
+            raise ValueError("no usable training records")
+        policy = self.policy
+        params = policy.trainable_parameters()
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay
+        )
+        rng = np.random.default_rng(derive_seed(seed, "batches"))
+        state = DRPOState.from_json(drpo_state) if drpo_state else None
+        units = privacy_units(records, dp.unit if dp else "record")
+        if dp is not None and self._dp_updater is None:
+            self._dp_updater = DPUpdater(policy)
+        stats: dict[str, DomainStats] = {}
+        history: list[StepLog] = []
+        order: list[int] = []
+        t_roll = t_upd = 0.0
+
+        bar = _progress(steps, progress)
+        for step in range(steps):
+            # --- choose units --------------------------------------------------------
+            if dp is not None:
+                chosen_units = self._dp_updater.sample_units(len(units), dp)  # type: ignore[union-attr]
+            else:
+                if len(order) < cfg.rollout.batch_prompts:
+                    order += rng.permutation(len(units)).tolist()
+                chosen_units, order = order[: cfg.rollout.batch_prompts], order[cfg.rollout.batch_prompts :]
+            batch = [(u, i) for u in chosen_units for i in units[u]]
+            t0 = time.perf_counter()
+            log_entry = StepLog(step=step, prompts=len(batch), reward=0.0, accuracy=0.0, rollout_s=0.0, update_s=0.0)
+            if batch:
+                recs = [records[i] for _, i in batch]
+                rollouts = policy.generate(
+                    [self.encode(r) for r in recs],
+                    num_rollouts=cfg.rollout.num_rollouts,
+                    temperature=cfg.rollout.temperature,
+                    top_p=cfg.rollout.top_p,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                    seed=derive_seed(seed, "rollout", step),
+                )
+                K = cfg.rollout.num_rollouts
+                scored = [self.score(recs[int(rollouts.prompt_index[j])], t) for j, t in enumerate(rollouts.texts)]
+                rewards = torch.tensor([s.total for s in scored], dtype=torch.float32).view(len(recs), K)
+                accs = torch.tensor([s.accuracy for s in scored], dtype=torch.float32).view(len(recs), K)
+                for r, rew, acc in zip(recs, rewards, accs, strict=True):
+                    d = stats.setdefault(r.domain, DomainStats())
+                    d.records += 1
+                    d.rollouts += K
+                    d.reward_sum += float(rew.sum())
+                    d.accuracy_sum += float(acc.sum())
+                old_logp, ref_logp = self._reference_logprobs(rollouts)
+                kl = None
+                if ref_logp is not None and old_logp is not None:
+                    per_row = (low_var_kl(old_logp, ref_logp) * rollouts.mask).sum(1)
+                    kl = per_row.view(len(recs), K).sum(1)
+                adv, state = self._advantages(
+                    rewards, [r.domain for r in recs], state, kl, global_domain_stats, dp is not None
+                )
+                t1 = time.perf_counter()
+                unit_of_prompt = [u for u, _ in batch]
+                loss_stats = self._update(rollouts, adv.flatten(), old_logp, ref_logp, optimizer, dp, unit_of_prompt, len(units))
+                t2 = time.perf_counter()
+                log_entry.reward, log_entry.accuracy = float(rewards.mean()), float(accs.mean())
+                log_entry.rollout_s, log_entry.update_s = t1 - t0, t2 - t1
+                log_entry.pg_loss, log_entry.kl, log_entry.clipped_units = loss_stats
+                t_roll += t1 - t0
+                t_upd += t2 - t1
+            elif dp is not None:  # empty Poisson batch: the noisy step still happens
+                t1 = time.perf_counter()
+                self._dp_updater.empty_step(optimizer, dp)  # type: ignore[union-attr]
+                t_upd += time.perf_counter() - t1
+            history.append(log_entry)
+            if on_step:
+                on_step(log_entry)
+            bar.set_postfix(reward=f"{log_entry.reward:.3f}", acc=f"{log_entry.accuracy:.2f}")
+            bar.update(1)
+        bar.close()
+        return LocalResult(
+            adapter=policy.get_adapter(),
+            steps=steps,
+            domain_stats=stats,
+            rollout_s=t_roll,
+            update_s=t_upd,
+            history=history,
+            drpo_state=state.to_json() if state is not None else None,
+            dp_steps=steps if dp is not None else 0,
+        )
+
+    def _reference_logprobs(self, rollouts: Rollouts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Old-policy and reference log-probs (no grad), when the loss or damping needs them."""
+        cfg = self.cfg
+        need_ref = cfg.train.kl_coef > 0 or (cfg.advantage.estimator == "drpo" and cfg.advantage.kl_damping)
+        need_old = cfg.train.ppo_epochs > 1 or need_ref
+        if not need_old:
+            return None, None
+        rows = list(range(rollouts.num_rows))
+        old: list[torch.Tensor] = []
+        ref: list[torch.Tensor] = []
+        self.policy.peft.eval()
+        with torch.no_grad():
+            for chunk in _chunks(rows, cfg.train.micro_batch * cfg.rollout.num_rollouts):
+                old.append(self.policy.token_logprobs(rollouts, chunk, temperature=cfg.rollout.temperature).cpu())
+                if need_ref:
+                    ref.append(
+                        self.policy.token_logprobs(rollouts, chunk, temperature=cfg.rollout.temperature, adapter=False).cpu()
+                    )
+        return torch.cat(old), (torch.cat(ref) if ref else None)
+
+    def _update(
+        self,
+        rollouts: Rollouts,
+        advantages: torch.Tensor,
+        old_logp: torch.Tensor | None,
+        ref_logp: torch.Tensor | None,
+        optimizer: torch.optim.Optimizer,
+        dp: DPSettings | None,
+        unit_of_prompt: list[int],
+        num_units_total: int,
+    ) -> tuple[float, float, int]:
+        cfg = self.cfg
+        policy = self.policy
+        K = cfg.rollout.num_rollouts
+        policy.peft.train()
+        mask_all = rollouts.mask
+        total_tokens = float(mask_all.sum())
+        # Micro-batches never split a unit: group prompt indices by unit.
+        prompt_groups: dict[int, list[int]] = {}
+        for p, u in enumerate(unit_of_prompt):
+            prompt_groups.setdefault(u, []).append(p)
+        groups = list(prompt_groups.values())
+        pg_sum = kl_sum = 0.0
+        n_loss = 0
+        clipped = 0
+        for _epoch in range(cfg.train.ppo_epochs):
+            optimizer.zero_grad(set_to_none=True)
+            if dp is not None:
+                self._dp_updater.begin_step()  # type: ignore[union-attr]
+            for mb in _chunks(groups, cfg.train.micro_batch):
+                prompts = [p for g in mb for p in g]
+                rows = [p * K + k for p in prompts for k in range(K)]
+                dev = policy.bundle.device
+                module = self._dp_updater.module if dp is not None else None  # type: ignore[union-attr]
+                logp = policy.token_logprobs(rollouts, rows, temperature=cfg.rollout.temperature, module=module)
+                mask = mask_all[rows].to(dev)
+                old = (old_logp[rows].to(dev) if old_logp is not None else logp.detach())
+                ref = ref_logp[rows].to(dev) if ref_logp is not None else None
+                losses, st = ppo_token_losses(
+                    logp, old, ref, advantages[rows].to(dev), mask,
+                    clip_low=cfg.train.clip_low, clip_high=cfg.train.clip_high,
+                    dual_clip=cfg.train.dual_clip, kl_coef=cfg.train.kl_coef,
+                )
+                pg_sum += st.pg_loss
+                kl_sum += st.kl
+                n_loss += 1
+                if dp is None:
+                    reduce_token_mean(losses, mask, total_tokens=total_tokens).backward()
+                else:
+                    unit_local = torch.tensor([i for i, g in enumerate(mb) for p in g for _ in range(K)], device=dev)
+                    self._dp_updater.accumulate(losses, mask, unit_local, len(mb), dp)  # type: ignore[union-attr]
+            if dp is None:
+                if cfg.train.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+            else:
+                clipped += self._dp_updater.finish_step(optimizer, dp)  # type: ignore[union-attr]
+        policy.peft.eval()
+        return pg_sum / max(n_loss, 1), kl_sum / max(n_loss, 1), clipped
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, records: Sequence[Record], *, seed: int, progress: bool = False) -> EvalResult:
+        """Greedy (or eval-temperature) answers on held-out records, metrics per domain."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        by_domain: dict[str, list[tuple[Record, Any, frozenset[str]]]] = {}
+        records = list(records)
+        bar = _progress(len(records), progress)
+        for i, chunk in enumerate(_chunks(records, cfg.rollout.eval_batch_prompts)):
+            rollouts = self.policy.generate(
+                [self.encode(r) for r in chunk],
+                num_rollouts=1,
+                temperature=cfg.rollout.eval_temperature,
+                top_p=1.0,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                seed=derive_seed(seed, "eval", i),
+            )
+            for r, text in zip(chunk, rollouts.texts, strict=True):
+                boxed = extract_boxed(text)
+                pred = split_labels(boxed) if boxed is not None else frozenset()
+                by_domain.setdefault(r.domain, []).append((r, self.score(r, text), pred))
+            bar.update(len(chunk))
+        bar.close()
+        out: dict[str, DomainEval] = {}
+        for domain, items in sorted(by_domain.items()):
+            truth = [split_labels(", ".join(r.answers)) for r, _, _ in items]
+            preds = [p for _, _, p in items]
+            counts = count_classes(truth, preds)
+            ious = [s.iou for _, s, _ in items if s.iou is not None]
+            histogram: dict[str, int] = {}
+            for p in preds:
+                key = ", ".join(sorted(p)) or "(none)"
+                histogram[key] = histogram.get(key, 0) + 1
+            out[domain] = DomainEval(
+                records=len(items),
+                balanced_accuracy=balanced_accuracy(counts),
+                macro_f1=macro_f1(counts),
+                mean_iou=float(np.mean(ious)) if ious else 0.0,
+                format_rate=float(np.mean([s.format >= 1.0 - 1e-9 for _, s, _ in items])),
+                mean_reward=float(np.mean([s.total for _, s, _ in items])),
+                accuracy=float(np.mean([s.accuracy for _, s, _ in items])),
+                predictions=histogram,
+            )
+        return EvalResult(out, time.perf_counter() - t0)
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    size = max(1, int(size))
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, leave=False, dynamic_ncols=True)
+

@@ -1,0 +1,305 @@
+"""CLIMB records: parsing the JSONL annotation files into a typed :class:`Record`.
+
+Layout: ``<root>/<modality>/<dataset>/annotation_{train,valid,test}.jsonl``. Each line is
+either LLaVA-style (``conversations`` with a human and a gpt turn) or QoQ-Med's flat
+variant (``problem`` / ``answer``). Media paths are relative to ``root``; media are only
+referenced here and loaded lazily by :mod:`common.climb.inputs`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from common.climb.errors import RecordError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Record",
+    "SPLITS",
+    "IMAGE_TOKEN",
+    "VIDEO_TOKEN",
+    "annotation_files",
+    "parse_record",
+    "iter_records",
+    "load_records",
+    "split_options",
+    "split_answer",
+]
+
+SPLITS = ("train", "valid", "test")
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+ECG_TOKEN = "<ecg>"
+_ANNOTATION = re.compile(r"annotation_(?P<split>[A-Za-z0-9]+)\.jsonl$")
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One CLIMB question with its answer and media references.
+
+    ``id`` is ``"<file relative to root>:<line>"``; it is stable and names the place to
+    fix when the record is wrong.
+    """
+
+    id: str
+    root: str
+    file: str
+    line: int
+    split: str
+    modality: str
+    dataset: str
+    domain: str
+    prompt: str
+    question: str
+    options: tuple[str, ...]
+    answers: tuple[str, ...]
+    images: tuple[str, ...] = ()
+    videos: tuple[str, ...] = ()
+    time_series: tuple[str, ...] = ()
+    bboxes: tuple[Box, ...] = ()
+    segmentation: str | None = None
+    patient_id: str | None = None
+    demographics: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def answer_text(self) -> str:
+        """The answer as CLIMB writes it (multi-label joined with ", ")."""
+        return ", ".join(self.answers)
+
+    @property
+    def has_localisation(self) -> bool:
+        return bool(self.bboxes) or self.segmentation is not None
+
+    def media_path(self, rel: str) -> Path:
+        return Path(self.root) / rel
+
+
+def annotation_files(root: str | Path) -> list[tuple[Path, str]]:
+    """Every ``annotation_<split>.jsonl`` under ``root`` with its split, sorted."""
+    root = Path(root)
+    found = []
+    for path in sorted(root.rglob("annotation_*.jsonl")):
+        m = _ANNOTATION.search(path.name)
+        if m:
+            found.append((path, m.group("split")))
+    return found
+
+
+def split_options(prompt: str) -> tuple[str, tuple[str, ...]]:
+    """Split a human turn into (question, options).
+
+    Options are the non-empty lines after the last line that ends with ``:`` (CLIMB
+    writes "... Answer with one phrase from the following:" then one option per line).
+    Media placeholder tokens are removed from the question. No such line means a
+    free-form question without options.
+    """
+    text = prompt.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "").replace(ECG_TOKEN, "")
+    lines = [ln.rstrip() for ln in text.strip().splitlines()]
+    cut = max((i for i, ln in enumerate(lines) if ln.strip().endswith(":")), default=None)
+    if cut is None:
+        return "\n".join(ln for ln in lines if ln.strip()), ()
+    options = tuple(ln.strip() for ln in lines[cut + 1 :] if ln.strip())
+    question = "\n".join(ln for ln in lines[: cut + 1] if ln.strip())
+    return question, options
+
+
+def split_answer(answer: str, options: tuple[str, ...]) -> tuple[str, ...]:
+    """Answer labels: the whole answer if it is an option, else its ", "-joined parts."""
+    answer = answer.strip()
+    if not options or answer in options:
+        return (answer,) if answer else ()
+    return tuple(a.strip() for a in answer.split(", ") if a.strip())
+
+
+def _str_list(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = obj.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecordError(f"field '{key}' must be a list of paths (strings), got {type(value).__name__}")
+    return tuple(value)
+
+
+def _boxes(value: Any) -> tuple[Box, ...]:
+    if value is None or value == []:
+        return ()
+
+    def one(b: Any) -> Box:
+        if (
+            not isinstance(b, list | tuple)
+            or len(b) != 4
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in b)
+        ):
+            raise RecordError(f"field 'bbox' must be [x1, y1, x2, y2] or a list of them, got {b!r}")
+        x1, y1, x2, y2 = (float(x) for x in b)
+        if x2 <= x1 or y2 <= y1:
+            raise RecordError(f"bbox {list(b)} has x2 <= x1 or y2 <= y1")
+        return (x1, y1, x2, y2)
+
+    if isinstance(value, list) and value and all(isinstance(x, list | tuple) for x in value):
+        return tuple(one(b) for b in value)
+    return (one(value),)
+
+
+def _turns(obj: Mapping[str, Any]) -> tuple[str, str]:
+    if "conversations" in obj:
+        conv = obj["conversations"]
+        if not isinstance(conv, list) or len(conv) < 2:
+            raise RecordError("field 'conversations' must be a list with a human and a gpt turn")
+        human = next((t for t in conv if isinstance(t, dict) and t.get("from") == "human"), None)
+        gpt = next((t for t in conv if isinstance(t, dict) and t.get("from") == "gpt"), None)
+        if human is None or gpt is None:
+            raise RecordError("'conversations' needs one turn from 'human' and one from 'gpt'")
+        prompt, answer = human.get("value"), gpt.get("value")
+    elif "problem" in obj:
+        prompt, answer = obj.get("problem"), obj.get("answer")
+    else:
+        raise RecordError("record has neither 'conversations' nor 'problem'/'answer'")
+    if not isinstance(prompt, str) or not isinstance(answer, str):
+        raise RecordError("the question and the answer must be strings")
+    return prompt, answer
+
+
+def parse_record(
+    obj: Any,
+    *,
+    root: str | Path,
+    file: str,
+    line: int,
+    split: str,
+    domain_key: Literal["dataset", "modality"] = "dataset",
+) -> Record:
+    """Build a :class:`Record` from one decoded JSON line; structural checks only.
+
+    Raises
+    ------
+    RecordError
+        One line saying what is wrong with the record (media are not opened here).
+    """
+    if not isinstance(obj, dict):
+        raise RecordError(f"a record must be a JSON object, got {type(obj).__name__}")
+    prompt, answer = _turns(obj)
+    if not answer.strip():
+        raise RecordError("empty answer")
+    images, videos = _str_list(obj, "images"), _str_list(obj, "videos")
+    series = _str_list(obj, "time-series") or _str_list(obj, "time_series")
+    n_img, n_vid = prompt.count(IMAGE_TOKEN), prompt.count(VIDEO_TOKEN)
+    if n_img != len(images):
+        raise RecordError(f"{n_img} {IMAGE_TOKEN} token(s) in the question but {len(images)} image path(s)")
+    if n_vid != len(videos):
+        raise RecordError(f"{n_vid} {VIDEO_TOKEN} token(s) in the question but {len(videos)} video path(s)")
+    question, options = split_options(prompt)
+    answers = split_answer(answer, options)
+    missing = [a for a in answers if options and a not in options]
+    if missing:
+        raise RecordError(f"answer {missing[0]!r} is not among the options {list(options)}")
+
+    parts = Path(file).parts
+    modality = parts[0] if len(parts) >= 3 else "unknown"
+    dataset = obj.get("dataset") if isinstance(obj.get("dataset"), str) and obj.get("dataset") else None
+    dataset = dataset or (parts[1] if len(parts) >= 3 else Path(file).parent.name or "unknown")
+    seg = obj.get("segmentation_path")
+    if seg is not None and not isinstance(seg, str):
+        raise RecordError("field 'segmentation_path' must be a string path")
+    pid = obj.get("patient_id")
+    if pid is not None and not isinstance(pid, str | int):
+        raise RecordError("field 'patient_id' must be a string or an integer")
+    demo = {k: obj[k] for k in ("age", "sex", "race", "demo") if k in obj}
+    return Record(
+        id=f"{file}:{line}",
+        root=str(root),
+        file=file,
+        line=line,
+        split=split,
+        modality=modality,
+        dataset=dataset,
+        domain=dataset if domain_key == "dataset" else modality,
+        prompt=prompt,
+        question=question,
+        options=options,
+        answers=answers,
+        images=images,
+        videos=videos,
+        time_series=series,
+        bboxes=_boxes(obj.get("bbox")),
+        segmentation=seg,
+        patient_id=None if pid is None else str(pid),
+        demographics=demo,
+    )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An invalid line: where it is and why."""
+
+    file: str
+    line: int
+    reason: str
+
+
+def iter_records(
+    root: str | Path,
+    *,
+    splits: tuple[str, ...] | None = None,
+    domain_key: Literal["dataset", "modality"] = "dataset",
+) -> Iterator[Record | Problem]:
+    """Yield every record under ``root``, or a :class:`Problem` for a line that fails."""
+    root = Path(root)
+    for path, split in annotation_files(root):
+        if splits is not None and split not in splits:
+            continue
+        rel = path.relative_to(root).as_posix()
+        try:
+            handle = path.open(encoding="utf-8")
+        except OSError as exc:
+            yield Problem(rel, 0, f"cannot read annotation file: {exc.strerror}")
+            continue
+        with handle:
+            try:
+                for number, text in enumerate(handle, start=1):
+                    if not text.strip():
+                        continue
+                    try:
+                        obj = json.loads(text)
+                    except json.JSONDecodeError as exc:
+                        yield Problem(rel, number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                        continue
+                    try:
+                        yield parse_record(obj, root=root, file=rel, line=number, split=split, domain_key=domain_key)
+                    except RecordError as exc:
+                        yield Problem(rel, number, str(exc))
+            except UnicodeDecodeError:
+                yield Problem(rel, 0, "annotation file is not UTF-8 text")
+
+
+def load_records(
+    root: str | Path,
+    split: str,
+    *,
+    domain_key: Literal["dataset", "modality"] = "dataset",
+    max_records: int = 0,
+) -> list[Record]:
+    """All valid records of one split (invalid lines are logged and skipped)."""
+    out: list[Record] = []
+    skipped = 0
+    for item in iter_records(root, splits=(split,), domain_key=domain_key):
+        if isinstance(item, Problem):
+            skipped += 1
+            log.warning("skipping %s:%d: %s", item.file, item.line, item.reason)
+            continue
+        out.append(item)
+        if max_records and len(out) >= max_records:
+            break
+    if skipped:
+        log.warning("%d invalid record(s) skipped in split %r under %s; run `fedclimb data validate`", skipped, split, root)
+    return out

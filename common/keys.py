@@ -1,0 +1,70 @@
+"""Names that travel between the server and the hospitals (Flower records and keys).
+
+Wire keys are hyphen-case (Flower's convention); metric names are namespaced.
+Everything a hospital may send is listed here: the server rejects any other key.
+"""
+
+from __future__ import annotations
+
+# Record names inside a Message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Train / evaluate instruction (server -> hospital).
+SERVER_ROUND = "server-round"
+SEED = "seed"
+PLANNED_ROUNDS = "planned-rounds"
+WIRE_PRECISION = "wire-precision"
+DOMAIN_NAMES = "domain-names"
+DOMAIN_COUNT = "domain-count"  # federation-wide N_d (cumulative)
+DOMAIN_MEAN = "domain-mean"  # federation-wide mu_d (running mean reward)
+HPARAM_PREFIX = "hp."  # e.g. "hp.train.lr": hyper-parameters within the hospital's limits
+ONLY_B = "only-lora-b"  # ffa: reply with lora_B tensors only
+
+# Reply status codes (metric STATUS).
+STATUS_OK = 0
+STATUS_BUDGET_EXHAUSTED = 1
+STATUS_NO_DATA = 2
+
+# Train reply metrics (hospital -> server).
+STATUS = "status"
+NUM_EXAMPLES = "num-examples"
+LOCAL_STEPS = "train.steps"
+ROLLOUT_SECONDS = "train.rollout-s"
+UPDATE_SECONDS = "train.update-s"
+REWARD_MEAN = "train.reward-mean"
+EPSILON = "dp.epsilon"
+DELTA = "dp.delta"
+NOISE_MULTIPLIER = "dp.noise-multiplier"
+SAMPLE_RATE = "dp.sample-rate"
+D_COUNT = "domain.count"  # per domain, aligned with DOMAIN_NAMES (DP-noised under DP)
+D_REWARD_SUM = "domain.reward-sum"
+
+# Evaluate reply metrics: per domain lists aligned with DOMAIN_NAMES.
+E_RECORDS = "eval.records"
+E_BALANCED_ACCURACY = "eval.balanced-accuracy"
+E_MACRO_F1 = "eval.macro-f1"
+E_MEAN_IOU = "eval.mean-iou"
+E_FORMAT_RATE = "eval.format-rate"
+E_MEAN_REWARD = "eval.mean-reward"
+E_ACCURACY = "eval.accuracy"
+
+TRAIN_SCALARS = (STATUS, NUM_EXAMPLES, LOCAL_STEPS, ROLLOUT_SECONDS, UPDATE_SECONDS, REWARD_MEAN,
+                 EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE)
+TRAIN_PER_DOMAIN = (D_COUNT, D_REWARD_SUM)
+EVAL_SCALARS = (STATUS, NUM_EXAMPLES)
+EVAL_PER_DOMAIN = (E_RECORDS, E_BALANCED_ACCURACY, E_MACRO_F1, E_MEAN_IOU, E_FORMAT_RATE, E_MEAN_REWARD, E_ACCURACY)
+
+# Hyper-parameters the server may tune per round (always clamped by the hospital's limits).
+TUNABLE = (
+    "train.steps",
+    "train.lr",
+    "train.kl_coef",
+    "train.ppo_epochs",
+    "rollout.num_rollouts",
+    "rollout.batch_prompts",
+    "rollout.temperature",
+    "rollout.top_p",
+    "rollout.max_new_tokens",
+)

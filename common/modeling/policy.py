@@ -1,0 +1,184 @@
+"""The trainable policy: a frozen base model plus one LoRA adapter.
+
+Two operations: sample K responses per prompt (batched ``generate`` with the KV cache,
+optionally constrained to the options), and per-token log-probabilities of given
+responses with the adapter on (the policy) or off (the reference policy — the same
+weights, never a second copy in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from common.config import LoraSettings
+from common.modeling.constrained import ConstrainedLogits, OptionTrie, allowed_mask
+from common.modeling.loader import ModelBundle
+from common.modeling.lora import adapter_state, attach_lora, freeze_lora_a, load_adapter_state
+from common.modeling.prompts import EncodedPrompt, collate_prompts
+
+__all__ = ["Rollouts", "Policy"]
+
+
+@dataclass
+class Rollouts:
+    """K sampled responses for each of P prompts (rows grouped by prompt)."""
+
+    prompts: list[EncodedPrompt]
+    prompt_index: torch.Tensor  # [R] long: the prompt of each row
+    responses: torch.Tensor  # [R, T] long, pad after the end
+    mask: torch.Tensor  # [R, T] float: 1 on generated tokens up to and including end-of-turn
+    texts: list[str]  # response text, starting with the constrained prefix if any
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.responses.shape[0])
+
+    def rows_of(self, prompt: int) -> list[int]:
+        return (self.prompt_index == prompt).nonzero().flatten().tolist()
+
+
+class Policy:
+    """LoRA policy over a frozen base model."""
+
+    def __init__(self, bundle: ModelBundle, lora: LoraSettings, *, freeze_a: bool = False) -> None:
+        self.bundle = bundle
+        self.peft = attach_lora(bundle.model, lora, base_model_name=bundle.name)
+        if freeze_a:
+            freeze_lora_a(self.peft)
+        self.peft.to(bundle.device)
+        tok = bundle.tokenizer
+        self.pad_id = int(tok.pad_token_id)
+        image_token = tok.convert_tokens_to_ids("<|image_pad|>") if bundle.multimodal else None
+        self.image_token_id = image_token if isinstance(image_token, int) else None
+        self.vocab_size = int(self.peft.get_output_embeddings().weight.shape[0])
+
+    # ------------------------------------------------------------------ parameters
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.peft.parameters() if p.requires_grad]
+
+    def get_adapter(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.peft)
+
+    def set_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.peft, state)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        dtype = self.bundle.autocast_dtype
+        if dtype is None:
+            yield
+        else:
+            with torch.autocast(self.bundle.device.type, dtype=dtype):
+                yield
+
+    # ------------------------------------------------------------------ sampling
+
+    def _inputs(self, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
+        batch = collate_prompts(list(prompts), pad_id=self.pad_id, image_token_id=self.image_token_id)
+        return {k: v.to(self.bundle.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        *,
+        num_rollouts: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> Rollouts:
+        """Sample ``num_rollouts`` responses per prompt (temperature 0 = greedy)."""
+        rows = [p for p in prompts for _ in range(num_rollouts)]
+        index = torch.arange(len(prompts)).repeat_interleave(num_rollouts)
+        inputs = self._inputs(rows)
+        prompt_len = inputs["input_ids"].shape[1]
+        processors = []
+        constrained = all(p.answer_sequences for p in rows)
+        if constrained:
+            tries = [OptionTrie(p.answer_sequences or []) for p in rows]
+            processors.append(ConstrainedLogits(tries, prompt_len, self.pad_id))
+            max_new_tokens = max(len(s) for p in rows for s in (p.answer_sequences or []))
+        torch.manual_seed(seed)
+        sampling = temperature > 0
+        self.peft.eval()
+        with self.autocast():
+            out = self.peft.generate(
+                **inputs,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=0 if sampling else None,
+                max_new_tokens=max_new_tokens,
+                logits_processor=processors or None,
+                eos_token_id=self.bundle.eos_token_ids,
+                pad_token_id=self.pad_id,
+                use_cache=True,
+            )
+        responses = out[:, prompt_len:].cpu()
+        mask = self._response_mask(responses)
+        responses = responses.masked_fill(mask == 0, self.pad_id)
+        texts = [
+            p.response_prefix + self.bundle.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+            for p, r, m in zip(rows, responses, mask, strict=True)
+        ]
+        return Rollouts(list(prompts), index, responses, mask, texts)
+
+    def _response_mask(self, responses: torch.Tensor) -> torch.Tensor:
+        is_end = torch.zeros_like(responses, dtype=torch.bool)
+        for e in self.bundle.eos_token_ids:
+            is_end |= responses == e
+        # 1 up to and including the first end token; everything after is padding.
+        after_end = (is_end.long().cumsum(1) - is_end.long()) > 0
+        return (~after_end).float()
+
+    # ------------------------------------------------------------------ log-probabilities
+
+    def token_logprobs(
+        self,
+        rollouts: Rollouts,
+        rows: Sequence[int],
+        *,
+        temperature: float,
+        adapter: bool = True,
+        module: Any | None = None,
+    ) -> torch.Tensor:
+        """Per-token log pi(response token) for ``rows``: [len(rows), T] (0 where masked).
+
+        ``adapter=False`` gives the reference policy (adapter disabled). ``module`` is the
+        callable to run (e.g. an Opacus GradSampleModule wrapping the PEFT model).
+        """
+        rows = list(rows)
+        prompts = [rollouts.prompts[int(rollouts.prompt_index[r])] for r in rows]
+        inputs = self._inputs(prompts)
+        resp = rollouts.responses[rows].to(self.bundle.device)
+        rmask = rollouts.mask[rows].to(self.bundle.device)
+        T = resp.shape[1]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], resp], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], rmask.long()], dim=1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(resp)], dim=1)
+        if not self.bundle.multimodal:
+            inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        call = module if module is not None else self.peft
+        ctx = contextlib.nullcontext() if adapter else self.peft.disable_adapter()
+        with ctx, self.autocast():
+            logits = call(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1, :]
+        logits = logits.float() / temperature
+        if all(p.answer_sequences for p in prompts):
+            mask = torch.stack(
+                [
+                    allowed_mask(OptionTrie(p.answer_sequences or []), r.tolist(), logits.shape[-1], pad_id=self.pad_id)
+                    for p, r in zip(prompts, resp.cpu(), strict=True)
+                ]
+            ).to(logits.device)
+            logits = logits.masked_fill(~mask, float("-inf"))
+        logp = torch.gather(F.log_softmax(logits, dim=-1), 2, resp.unsqueeze(-1)).squeeze(-1)
+        return torch.where(rmask > 0, logp, torch.zeros_like(logp))
