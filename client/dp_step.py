@@ -9,7 +9,9 @@ result is divided by the expected batch size q * N (Poisson sampling).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,10 +32,22 @@ class DPSettings:
     generator: torch.Generator = field(default_factory=torch.Generator)
 
 
+_UPDATERS: "weakref.WeakKeyDictionary[Any, DPUpdater]" = weakref.WeakKeyDictionary()
+
+
 class DPUpdater:
     """Accumulates clipped per-unit gradients over micro-batches and takes the noisy step."""
 
-    def __init__(self, policy) -> None:  # noqa: ANN001 - client.trainer.Policy
+    @classmethod
+    def for_policy(cls, policy: Any) -> DPUpdater:
+        """The one updater of ``policy`` (its hooks must be registered exactly once)."""
+        updater = _UPDATERS.get(policy)
+        if updater is None:
+            updater = cls(policy)
+            _UPDATERS[policy] = updater
+        return updater
+
+    def __init__(self, policy: Any) -> None:
         from opacus import GradSampleModule
 
         self.params = policy.trainable_parameters()

@@ -9,6 +9,7 @@ Under DP the update is DP-SGD over whole units (client/dp_step.py).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from client.dp_step import DPSettings, DPUpdater
+from client.stats import RecordUse
 from common.advantages import DRPOState, drpo_advantages, grpo_advantages
 from common.climb.errors import MediaError
 from common.climb.inputs import load_visuals
@@ -78,6 +80,9 @@ class LocalResult:
     history: list[StepLog] = field(default_factory=list)
     drpo_state: dict[str, Any] | None = None
     dp_steps: int = 0
+    # Record index -> how it was used; and the privacy units (lists of record indices).
+    uses: dict[int, RecordUse] = field(default_factory=dict)
+    units: list[list[int]] = field(default_factory=list)
 
     @property
     def mean_reward(self) -> float:
@@ -200,6 +205,8 @@ class LocalTrainer:
             # Every factor must depend on this record alone or on DP-released values
             # (docs/privacy.md, "DRPO under differential privacy").
             use_server = self.cfg.privacy.domain_temperature == "server" and bool(stats)
+            if use_server and stats is not None:
+                stats = _complete_stats(stats, domains, eps=a.eps)
             options.update(
                 clustering=False,
                 restandardize=False,
@@ -209,7 +216,14 @@ class LocalTrainer:
                 domain_stats=stats if use_server else None,
                 fixed_temperature=not use_server,
             )
-        return drpo_advantages(rewards, domains, state, **options)
+        adv, state = drpo_advantages(rewards, domains, state, **options)
+        if dp and options["domain_stats"]:
+            # Without batch re-standardisation the advantages shrink by 1/T_d; rescale by
+            # the mean federation temperature (a function of broadcast, DP-released
+            # values only) so that rarity stays relative and the scale stays ~1.
+            temps = [max(math.sqrt(max(n, 0.0)) * mu, a.eps) for n, mu in options["domain_stats"].values()]
+            adv = adv * (sum(temps) / len(temps))
+        return adv, state
 
     def train(
         self,
@@ -237,8 +251,9 @@ class LocalTrainer:
         state = DRPOState.from_json(drpo_state) if drpo_state else None
         units = privacy_units(records, dp.unit if dp else "record")
         if dp is not None and self._dp_updater is None:
-            self._dp_updater = DPUpdater(policy)
+            self._dp_updater = DPUpdater.for_policy(policy)
         stats: dict[str, DomainStats] = {}
+        uses: dict[int, RecordUse] = {}
         history: list[StepLog] = []
         order: list[int] = []
         t_roll = t_upd = 0.0
@@ -269,7 +284,10 @@ class LocalTrainer:
                 scored = [self.score(recs[int(rollouts.prompt_index[j])], t) for j, t in enumerate(rollouts.texts)]
                 rewards = torch.tensor([s.total for s in scored], dtype=torch.float32).view(len(recs), K)
                 accs = torch.tensor([s.accuracy for s in scored], dtype=torch.float32).view(len(recs), K)
-                for r, rew, acc in zip(recs, rewards, accs, strict=True):
+                for (_, idx), r, rew, acc in zip(batch, recs, rewards, accs, strict=True):
+                    use = uses.setdefault(idx, RecordUse(r.domain, 0, 0.0))
+                    use.rollouts += K
+                    use.reward_sum += float(rew.sum())
                     d = stats.setdefault(r.domain, DomainStats())
                     d.records += 1
                     d.rollouts += K
@@ -311,6 +329,8 @@ class LocalTrainer:
             history=history,
             drpo_state=state.to_json() if state is not None else None,
             dp_steps=steps if dp is not None else 0,
+            uses=uses,
+            units=units,
         )
 
     def _reference_logprobs(self, rollouts: Rollouts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -439,6 +459,22 @@ class LocalTrainer:
                 predictions=histogram,
             )
         return EvalResult(out, time.perf_counter() - t0)
+
+
+def _complete_stats(
+    stats: dict[str, tuple[float, float]], domains: Sequence[str], *, eps: float
+) -> dict[str, tuple[float, float]]:
+    """Give every batch domain a broadcast statistic (DP mode: no local fallback).
+
+    A domain the federation has no statistics for yet gets the mean federation
+    temperature (as N = T_mean^2, mu = 1), i.e. neither up- nor down-weighted.
+    """
+    temps = [max(math.sqrt(max(n, 0.0)) * mu, eps) for n, mu in stats.values()]
+    t_mean = sum(temps) / len(temps)
+    out = dict(stats)
+    for d in domains:
+        out.setdefault(d, (t_mean**2, 1.0))
+    return out
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:

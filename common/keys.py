@@ -38,6 +38,8 @@ EPSILON = "dp.epsilon"
 DELTA = "dp.delta"
 NOISE_MULTIPLIER = "dp.noise-multiplier"
 SAMPLE_RATE = "dp.sample-rate"
+# Simulation only: the virtual node's partition id, so reports can name hospitals.
+SITE_PARTITION = "site.partition"
 D_COUNT = "domain.count"  # per domain, aligned with DOMAIN_NAMES (DP-noised under DP)
 D_REWARD_SUM = "domain.reward-sum"
 
@@ -51,9 +53,9 @@ E_MEAN_REWARD = "eval.mean-reward"
 E_ACCURACY = "eval.accuracy"
 
 TRAIN_SCALARS = (STATUS, NUM_EXAMPLES, LOCAL_STEPS, ROLLOUT_SECONDS, UPDATE_SECONDS, REWARD_MEAN,
-                 EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE)
+                 EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, SITE_PARTITION)
 TRAIN_PER_DOMAIN = (D_COUNT, D_REWARD_SUM)
-EVAL_SCALARS = (STATUS, NUM_EXAMPLES)
+EVAL_SCALARS = (STATUS, NUM_EXAMPLES, SITE_PARTITION)
 EVAL_PER_DOMAIN = (E_RECORDS, E_BALANCED_ACCURACY, E_MACRO_F1, E_MEAN_IOU, E_FORMAT_RATE, E_MEAN_REWARD, E_ACCURACY)
 
 # Hyper-parameters the server may tune per round (always clamped by the hospital's limits).

@@ -1,0 +1,94 @@
+"""Load 2D images (PNG, JPEG, BMP, ... or the first frame of a DICOM) as RGB PIL images."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from common.climb.dicom import dicom_frames, is_dicom_file
+from common.climb.errors import MediaError
+from common.climb.messages import one_line
+from common.climb.windowing import minmax_to_uint8
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Load an image file as an RGB PIL image.
+
+    DICOM files (a ``.dcm`` / ``.dicom`` suffix or the ``DICM`` marker) give their
+    first frame after the display pipeline of :mod:`common.climb.dicom`; every
+    other file goes through Pillow.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A PNG, JPEG, BMP (any format Pillow reads) or DICOM file.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``, fully loaded (the file is closed).
+
+    Raises
+    ------
+    MediaError
+        The file is missing or cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"image file {path} does not exist; check the record's image path")
+    if path.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(path):
+        return array_to_rgb(dicom_frames(path, [0])[0])
+    return _load_with_pillow(path)
+
+
+def array_to_rgb(frame: np.ndarray) -> Image.Image:
+    """Wrap a uint8 HxW or HxWx3 array as an RGB PIL image.
+
+    Parameters
+    ----------
+    frame : np.ndarray
+        uint8 array; a grey frame is replicated onto three channels.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``.
+    """
+    if frame.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 frame, got {frame.dtype}; convert with common.climb.windowing first")
+    if frame.ndim == 2:
+        return Image.fromarray(frame).convert("RGB")
+    if frame.ndim == 3 and frame.shape[2] == 3:
+        return Image.fromarray(np.ascontiguousarray(frame))
+    raise ValueError(f"expected an HxW or HxWx3 frame, got shape {frame.shape}")
+
+
+def _load_with_pillow(path: Path) -> Image.Image:
+    """Open, fully decode and convert a raster image file to RGB."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _pillow_to_rgb(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise MediaError(
+            f"{path} could not be decoded as an image ({type(exc).__name__}: {one_line(exc)}); "
+            "re-save it as PNG or JPEG"
+        ) from exc
+
+
+def _pillow_to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB; 16-bit and float greyscale are min-max stretched."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return array_to_rgb(minmax_to_uint8(np.asarray(image)))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")

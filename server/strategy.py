@@ -1,0 +1,347 @@
+"""The fedclimb strategy: domain-aware weights, exact LoRA aggregation, hostile replies.
+
+Built on ``flwr.serverapp.strategy.Strategy``. The math lives in server/aggregation.py
+(pure functions) and the reply checks in server/validation.py; this class holds the
+federation's state (the global adapter, federation-wide domain statistics, per-round
+history) and turns it into Messages and back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common import keys
+from common.config import FedClimbConfig
+from common.modeling.lora import is_lora_b
+from common.seeding import derive_seed
+from common.wire import decode_adapter, encode_adapter
+from server.aggregation import aggregate, client_weights, domain_temperatures
+from server.validation import MetricSpec, expected_from_adapter, validate_reply
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FedClimbStrategy", "TRAIN_METRICS", "EVAL_METRICS", "node_label"]
+
+TRAIN_METRICS: dict[str, MetricSpec] = {
+    keys.NUM_EXAMPLES: MetricSpec("int", required=True),
+    keys.LOCAL_STEPS: MetricSpec("int", required=True),
+    keys.ROLLOUT_SECONDS: MetricSpec("float"),
+    keys.UPDATE_SECONDS: MetricSpec("float"),
+    keys.REWARD_MEAN: MetricSpec("float"),
+    keys.EPSILON: MetricSpec("float"),
+    keys.DELTA: MetricSpec("float"),
+    keys.NOISE_MULTIPLIER: MetricSpec("float"),
+    keys.SAMPLE_RATE: MetricSpec("float"),
+    keys.SITE_PARTITION: MetricSpec("int"),
+    keys.D_COUNT: MetricSpec("per_domain_float"),
+    keys.D_REWARD_SUM: MetricSpec("per_domain_float"),
+}
+EVAL_METRICS: dict[str, MetricSpec] = {
+    keys.NUM_EXAMPLES: MetricSpec("int", required=True),
+    keys.SITE_PARTITION: MetricSpec("int"),
+    **{k: MetricSpec("per_domain_float") for k in keys.EVAL_PER_DOMAIN},
+}
+
+
+def node_label(node_id: int, metrics: dict[str, Any] | None) -> str:
+    """A readable name: ``hospital-<i>`` in simulation, ``node-<id>`` otherwise."""
+    if metrics and keys.SITE_PARTITION in metrics:
+        return f"hospital-{int(metrics[keys.SITE_PARTITION])}"
+    return f"node-{node_id}"
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round (goes to metrics.json)."""
+
+    server_round: int
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+class FedClimbStrategy(Strategy):
+    """Domain-aware, exact LoRA aggregation with per-reply validation."""
+
+    def __init__(self, cfg: FedClimbConfig, global_adapter: dict[str, torch.Tensor]) -> None:
+        self.cfg = cfg
+        self.domains = list(cfg.federation.domains)
+        self.global_adapter = {k: v.float() for k, v in global_adapter.items()}
+        self.only_b = cfg.aggregation.mode == "ffa"
+        # Federation-wide domain statistics: N_d (cumulative unit-weighted count) and the
+        # running reward sum S_d, so mu_d = S_d / N_d.
+        self.domain_count = {d: 0.0 for d in self.domains}
+        self.domain_reward = {d: 0.0 for d in self.domains}
+        self.current: RoundLog | None = None
+        self.rejected_total = 0
+
+    # ----------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "domains": self.domains,
+            "domain_count": self.domain_count,
+            "domain_reward": self.domain_reward,
+            "rejected_total": self.rejected_total,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state.get("domains", [])) != self.domains:
+            raise ValueError(
+                f"checkpoint domains {state.get('domains')} differ from federation.domains {self.domains}; "
+                "resume with the same configuration"
+            )
+        self.domain_count = {d: float(v) for d, v in state["domain_count"].items()}
+        self.domain_reward = {d: float(v) for d, v in state["domain_reward"].items()}
+        self.rejected_total = int(state.get("rejected_total", 0))
+
+    def domain_means(self) -> dict[str, float]:
+        return {
+            d: min(max(self.domain_reward[d] / self.domain_count[d], 0.0), 1.0) if self.domain_count[d] > 0 else 0.0
+            for d in self.domains
+        }
+
+    def temperatures(self) -> dict[str, float]:
+        """Federation-wide T_d = max(sqrt(N_d) mu_d, eps) for domains seen so far."""
+        seen = [d for d in self.domains if self.domain_count[d] > 0]
+        mu = self.domain_means()
+        return domain_temperatures(
+            {d: self.domain_count[d] for d in seen}, {d: mu[d] for d in seen}, eps=self.cfg.aggregation.temperature_eps
+        )
+
+    # ----------------------------------------------------------------- messages
+
+    def _instruction(self, server_round: int) -> ConfigRecord:
+        cfg = self.cfg
+        mu = self.domain_means()
+        values: dict[str, Any] = {
+            keys.SERVER_ROUND: server_round,
+            keys.SEED: cfg.seed,
+            keys.PLANNED_ROUNDS: cfg.federation.rounds,
+            keys.WIRE_PRECISION: cfg.federation.wire_precision,
+            keys.ONLY_B: self.only_b,
+            keys.DOMAIN_NAMES: self.domains,
+            keys.DOMAIN_COUNT: [float(self.domain_count[d]) for d in self.domains],
+            keys.DOMAIN_MEAN: [float(mu[d]) for d in self.domains],
+        }
+        for name in keys.TUNABLE:
+            section, attr = name.split(".")
+            values[keys.HPARAM_PREFIX + name] = getattr(getattr(cfg, section), attr)
+        return ConfigRecord(values)
+
+    def sample_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """All connected nodes, or a seeded fraction of them."""
+        nodes = sorted(grid.get_node_ids())
+        k = max(1, math.ceil(self.cfg.federation.fraction_train * len(nodes)))
+        if k >= len(nodes):
+            return nodes
+        return sorted(random.Random(derive_seed(self.cfg.seed, "sample", server_round)).sample(nodes, k))
+
+    def _messages(self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str, rnd: int) -> list[Message]:
+        out = []
+        for node in nodes:
+            content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
+            out.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
+        if self.current is not None:
+            self.current.bytes_sent += arrays.count_bytes() * len(nodes)
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), **dict(self._instruction(server_round))})
+        return self._messages(self.sample_nodes(grid, server_round), arrays, config, MessageType.TRAIN, server_round)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), **dict(self._instruction(server_round))})
+        return self._messages(sorted(grid.get_node_ids()), arrays, config, MessageType.EVALUATE, server_round)
+
+    # ----------------------------------------------------------------- aggregation
+
+    def _received(self, msg: Message) -> None:
+        if self.current is not None and msg.has_content() and keys.ARRAYS in msg.content.array_records:
+            self.current.bytes_received += msg.content.array_records[keys.ARRAYS].count_bytes()
+
+    def _check(self, msg: Message) -> tuple[str, dict[str, torch.Tensor] | None, dict[str, Any], str]:
+        """(status, adapter, metrics, reason) of one train reply; never raises."""
+        if msg.has_error():
+            return "error", None, {}, f"the hospital reported an error: {msg.error.reason}"
+        content = msg.content
+        metrics = dict(content.metric_records[keys.METRICS]) if keys.METRICS in content.metric_records else {}
+        if metrics.get(keys.STATUS) == keys.STATUS_NO_DATA and keys.ARRAYS not in content.array_records:
+            return "no_data", None, metrics, "the hospital has no usable training records"
+        try:
+            arrays = decode_adapter(content.array_records[keys.ARRAYS]) if keys.ARRAYS in content.array_records else None
+        except Exception as exc:  # a hostile or broken payload must not stop the round
+            return "rejected", None, metrics, f"undecodable adapter: {exc}"
+        names = [k for k in self.global_adapter if is_lora_b(k)] if self.only_b else None
+        verdict = validate_reply(
+            arrays,
+            metrics,
+            expected=expected_from_adapter(self.global_adapter, keys=names),
+            allowed_metric_keys=TRAIN_METRICS,
+            max_update_norm=self.cfg.federation.max_update_norm or None,
+            global_adapter=self.global_adapter,
+            num_domains=len(self.domains),
+        )
+        if verdict.ok:
+            return "ok", arrays, metrics, ""
+        return verdict.status, None, metrics, verdict.reason or "rejected"
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = []
+        report: dict[str, Any] = {"nodes": {}, "rejected": {}, "budget_exhausted": [], "no_data": []}
+        for msg in replies:
+            self._received(msg)
+            node = msg.metadata.src_node_id
+            status, arrays, metrics, reason = self._check(msg)
+            label = node_label(node, metrics)
+            report["nodes"][label] = {k: v for k, v in metrics.items()}
+            if status == "ok" and arrays is not None:
+                accepted.append((node, arrays, metrics))
+            elif status == "budget_exhausted":
+                report["budget_exhausted"].append(label)
+                log.warning("round %d: %s: privacy budget exhausted, no update", server_round, label)
+            elif status == "no_data":
+                report["no_data"].append(label)
+                log.warning("round %d: %s: %s", server_round, label, reason)
+            else:
+                report["rejected"][label] = reason
+                self.rejected_total += 1
+                log.warning("round %d: dropped the reply of %s: %s", server_round, label, reason)
+        if self.current is not None:
+            self.current.train = report
+        if len(accepted) < self.cfg.federation.min_replies:
+            log.warning(
+                "round %d: %d valid update(s), fewer than federation.min_replies=%d; the global adapter is unchanged",
+                server_round, len(accepted), self.cfg.federation.min_replies,
+            )
+            report["aggregated"] = False
+            return None, None
+        self._update_domain_stats(accepted)
+        weights = self._weights(accepted)
+        agg = aggregate(
+            self.global_adapter,
+            [a for _, a, _ in accepted],
+            weights,
+            mode=self.cfg.aggregation.mode,
+            local_steps=[int(m.get(keys.LOCAL_STEPS, 1)) for _, _, m in accepted],
+            fednova=self.cfg.aggregation.fednova,
+        )
+        self.global_adapter = {k: v.float() for k, v in agg.adapter.items()}
+        report.update(
+            aggregated=True,
+            weights={node_label(n, m): w for (n, _, m), w in zip(accepted, weights, strict=True)},
+            fedit_error=agg.fedit_error,
+            svd_truncation_error=agg.svd_truncation_error,
+            temperatures=self.temperatures(),
+        )
+        if self.cfg.aggregation.mode == "fedit" and agg.fedit_error is not None:
+            log.info("round %d: fedit aggregation error ||sum w BA - B_avg A_avg|| / ||sum w BA|| = %.4g",
+                     server_round, agg.fedit_error)
+        if agg.svd_truncation_error is not None:
+            log.info("round %d: svd truncation error %.4g", server_round, agg.svd_truncation_error)
+        summary = {"accepted": float(len(accepted)), "rejected": float(len(report["rejected"]))}
+        return encode_adapter(self.global_adapter, "fp32"), MetricRecord(summary)
+
+    def _update_domain_stats(self, accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]]) -> None:
+        for _, _, m in accepted:
+            counts, sums = m.get(keys.D_COUNT), m.get(keys.D_REWARD_SUM)
+            if counts is None or sums is None:
+                continue
+            for d, n, s in zip(self.domains, counts, sums, strict=True):
+                n = max(float(n), 0.0)
+                self.domain_count[d] += n
+                self.domain_reward[d] += min(max(float(s), 0.0), n)
+
+    def _weights(self, accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]]) -> list[float]:
+        mode = self.cfg.aggregation.weighting
+        cap = self.cfg.aggregation.weight_cap or None
+        examples = [max(float(m.get(keys.NUM_EXAMPLES, 0)), 0.0) for _, _, m in accepted]
+        counts = [m.get(keys.D_COUNT) for _, _, m in accepted]
+        if mode == "domain" and any(c is None for c in counts):
+            log.warning("domain weighting needs per-domain counts from every hospital; using uniform weights")
+            mode = "uniform"
+        if mode == "examples" and sum(examples) <= 0:
+            log.warning("no hospital reported example counts; using uniform weights")
+            mode = "uniform"
+        domain_counts = None
+        if mode == "domain":
+            domain_counts = [dict(zip(self.domains, (float(x) for x in c), strict=True)) for c in counts if c is not None]
+            if all(sum(max(v, 0.0) for v in dc.values()) <= 0 for dc in domain_counts):
+                mode, domain_counts = "uniform", None
+        return client_weights(
+            mode,
+            num_examples=examples,
+            domain_counts=domain_counts,
+            domain_temperature=self.temperatures() if mode == "domain" else None,
+            cap=cap,
+        )
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        per_node: dict[str, dict[str, Any]] = {}
+        for msg in replies:
+            if msg.has_error():
+                log.warning("round %d: evaluation error from node %s: %s", server_round, msg.metadata.src_node_id,
+                            msg.error.reason)
+                continue
+            content = msg.content
+            metrics = dict(content.metric_records[keys.METRICS]) if keys.METRICS in content.metric_records else {}
+            verdict = validate_reply(
+                None if not content.array_records else {},
+                metrics,
+                expected={},
+                allowed_metric_keys=EVAL_METRICS,
+                max_update_norm=None,
+                global_adapter={},
+                num_domains=len(self.domains),
+            )
+            label = node_label(msg.metadata.src_node_id, metrics)
+            if not verdict.ok and verdict.status != "budget_exhausted":
+                log.warning("round %d: dropped evaluation of %s: %s", server_round, label, verdict.reason)
+                continue
+            per_node[label] = metrics
+        combined = self._combine_eval(per_node)
+        if self.current is not None:
+            self.current.evaluate = {"nodes": per_node, "domains": combined}
+        flat = {f"{k}/{d}": v for d, row in combined.items() for k, v in row.items() if k != "records"}
+        return MetricRecord(flat) if flat else None
+
+    def _combine_eval(self, per_node: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+        """Per domain: records-weighted means over hospitals."""
+        out: dict[str, dict[str, float]] = {}
+        for i, d in enumerate(self.domains):
+            rows = [(m[keys.E_RECORDS][i], m) for m in per_node.values() if keys.E_RECORDS in m and m[keys.E_RECORDS][i] > 0]
+            total = sum(n for n, _ in rows)
+            if total <= 0:
+                continue
+            out[d] = {"records": float(total)}
+            for k in keys.EVAL_PER_DOMAIN:
+                if k == keys.E_RECORDS:
+                    continue
+                out[d][k.split(".", 1)[1]] = sum(n * m[k][i] for n, m in rows) / total
+        return out
+
+    def summary(self) -> None:
+        a = self.cfg.aggregation
+        log.info(
+            "fedclimb strategy: mode=%s weighting=%s cap=%s fednova=%s rounds=%d min_replies=%d domains=%s wire=%s",
+            a.mode, a.weighting, a.weight_cap or "none", a.fednova, self.cfg.federation.rounds,
+            self.cfg.federation.min_replies, self.domains, self.cfg.federation.wire_precision,
+        )

@@ -1,0 +1,437 @@
+"""Tests of common.advantages (GRPO, DRPO) against hand-computed values.
+
+Recurring numbers: a group [1, 0] (or [0, 1], [0.5, 0], [1, 0.5]) has mean m and
+unbiased std sqrt(2) * |r1 - m| = |r1 - r2| / sqrt(2), so its GRPO advantages are
++-(|r1 - r2| / 2) / (|r1 - r2| / sqrt(2)) = +-1 / sqrt(2) = +-0.7071068 (up to eps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from common.advantages import DRPOState, drpo_advantages, grpo_advantages
+
+R2 = 1 / math.sqrt(2)  # 0.7071068
+# Options that turn DRPO into plain GRPO scaled by T_d alone, for isolating steps.
+NO_CLUSTER_NO_STD = {"clustering": False, "restandardize": False}
+
+
+def approx(values, rel: float = 1e-5, abs: float = 1e-6):  # noqa: A002 - pytest name
+    return pytest.approx(values, rel=rel, abs=abs)
+
+
+# ---------------------------------------------------------------------------
+# GRPO
+# ---------------------------------------------------------------------------
+
+
+def test_grpo_on_a_2x3_example():
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.4, 0.6]])
+    adv = grpo_advantages(rewards)
+    # Row 1: mean 1/3; deviations 2/3, -1/3, -1/3; unbiased var (4/9 + 1/9 + 1/9) / 2
+    # = 1/3, std 0.5773503 -> 1.1547005, -0.5773503, -0.5773503
+    # Row 2: mean 0.4; deviations -0.2, 0, 0.2; var 0.08 / 2 = 0.04, std 0.2
+    # -> -1, 0, 1 (times 0.2 / (0.2 + 1e-6) = 0.999995)
+    assert adv[0].tolist() == approx([1.1547005, -0.5773503, -0.5773503])
+    assert adv[1].tolist() == approx([-0.999995, 0.0, 0.999995])
+    assert adv.dtype == torch.float32
+
+
+def test_grpo_biased_std():
+    # Row [1, 0, 0]: population var (4/9 + 1/9 + 1/9) / 3 = 2/9, std 0.4714045
+    # -> (2/3) / 0.4714045 = 1.4142136 and (-1/3) / 0.4714045 = -0.7071068
+    adv = grpo_advantages(torch.tensor([[1.0, 0.0, 0.0]]), unbiased=False)
+    assert adv[0].tolist() == approx([1.4142136, -0.7071068, -0.7071068])
+
+
+def test_grpo_all_equal_rewards_give_exact_zeros():
+    rewards = torch.tensor([[0.1, 0.1, 0.1], [0.7, 0.7, 0.7]], dtype=torch.float64)
+    adv = grpo_advantages(rewards)
+    assert torch.equal(adv, torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_grpo_single_rollout_gives_zeros():
+    adv = grpo_advantages(torch.tensor([[0.3], [0.9]]))
+    assert torch.equal(adv, torch.zeros(2, 1))
+
+
+def test_grpo_rejects_1d_rewards():
+    with pytest.raises(ValueError, match=r"2-D .*got shape \(3,\)"):
+        grpo_advantages(torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_grpo_rejects_non_finite_rewards_and_says_where():
+    with pytest.raises(ValueError, match=r"nan at \[prompt 1, rollout 0\]"):
+        grpo_advantages(torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))
+
+
+# ---------------------------------------------------------------------------
+# DRPO: temperatures (Sec. 3.3, stage 2)
+# ---------------------------------------------------------------------------
+
+# Domain "a": three prompts [1, 0], [1, 0], [1, 0.5]; domain "b": one prompt [0.5, 0].
+# Domain "a" has 2 distinct rows -> k = 2 clusters: A = {[1,0], [1,0]} (N_c = 2,
+# mean 0.5) and B = {[1, 0.5]} (N_c = 1, mean 0.75).
+# Every prompt has s = +-1/sqrt(2).
+TWO_DOMAIN_REWARDS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.5, 0.0]])
+TWO_DOMAINS = ["a", "a", "a", "b"]
+
+
+def test_drpo_temperatures_plain_domain_mean():
+    adv, state = drpo_advantages(TWO_DOMAIN_REWARDS, TWO_DOMAINS, restandardize=False)
+    # a: N_d = 3, mu_d = (1 + 0 + 1 + 0 + 1 + 0.5) / 6 = 0.5833333,
+    #    T_d = sqrt(3) * 0.5833333 = 1.0103630
+    #    prompt in A: T_c = sqrt(2) * 0.5 = 0.7071068
+    #      -> 0.7071068 / (1.0103630 * 0.7071068) = 1 / 1.0103630 = 0.9897433
+    #    prompt in B: T_c = sqrt(1) * 0.75 = 0.75
+    #      -> 0.7071068 / (1.0103630 * 0.75) = 0.7071068 / 0.7577722 = 0.9331389
+    # b (single prompt): N_d = 1, mu_d = 0.25, T_d = 0.25; one cluster, T_c = 0.25
+    #      -> 0.7071068 / 0.0625 = 11.3137085
+    assert adv[:, 0].tolist() == approx([0.9897433, 0.9897433, 0.9331389, 11.3137085])
+    assert adv[:, 1].tolist() == approx(
+        [-0.9897433, -0.9897433, -0.9331389, -11.3137085]
+    )
+    stats = state.last_stats["domains"]
+    assert stats["a"]["k"] == 2
+    assert stats["a"]["n_d"] == 3.0
+    assert stats["a"]["mu_d"] == pytest.approx(0.5833333)
+    assert stats["a"]["t_d"] == pytest.approx(1.0103630)
+    assert stats["b"] == {
+        "n_prompts": 1,
+        "n_d": 1.0,
+        "mu_d": 0.25,
+        "t_d": 0.25,
+        "k": 1,
+        "source": "local",
+    }
+
+
+def test_drpo_temperatures_cluster_weighted_domain_mean():
+    adv, state = drpo_advantages(
+        TWO_DOMAIN_REWARDS,
+        TWO_DOMAINS,
+        restandardize=False,
+        domain_mean="cluster_weighted",
+    )
+    # a: mu_d = (0.5 / 2 + 0.75 / 1) / (1/2 + 1/1) = 1.0 / 1.5 = 0.6666667,
+    #    T_d = sqrt(3) * 0.6666667 = 1.1547005
+    #    A: 0.7071068 / (1.1547005 * 0.7071068) = 0.8660254
+    #    B: 0.7071068 / (1.1547005 * 0.75) = 0.7071068 / 0.8660254 = 0.8164966
+    # b: one cluster, so the weighted mean is the plain mean: 11.3137085 as before
+    assert adv[:, 0].tolist() == approx([0.8660254, 0.8660254, 0.8164966, 11.3137085])
+    assert state.last_stats["domains"]["a"]["mu_d"] == pytest.approx(0.6666667)
+
+
+def test_drpo_restandardizes_over_the_batch():
+    adv, state = drpo_advantages(TWO_DOMAIN_REWARDS, TWO_DOMAINS)
+    # Scaled entries (plain mean): +-0.9897433 (2 prompts), +-0.9331389, +-11.3137085.
+    # Their mean is 0, so the unbiased std is sqrt(sum of squares / (8 - 1)):
+    # squares 0.9795918 (x4), 0.8707483 (x2), 128.0 (x2) -> 261.6598638 / 7
+    # = 37.3799805 -> std 6.1139170. (Step 1's eps shrinks prompt b's s by a relative
+    # 1e-6 / 0.3535534 = 2.8e-6, hence 6.11390 measured; within rel=1e-5.)
+    std = 6.1139170
+    assert state.last_stats["scale_std"] == pytest.approx(std, rel=1e-5)
+    expected = [0.9897433 / std, 0.9897433 / std, 0.9331389 / std, 11.3137085 / std]
+    assert adv[:, 0].tolist() == approx(expected, rel=1e-5)
+
+
+def test_drpo_all_equal_rewards_give_zeros():
+    rewards = torch.tensor([[0.5, 0.5], [1.0, 1.0], [0.0, 0.0]])
+    adv, state = drpo_advantages(rewards, ["a", "a", "b"])
+    assert torch.equal(adv, torch.zeros(3, 2))
+    assert state.last_stats["scale_std"] == 0.0
+
+
+def test_drpo_single_prompt_batch():
+    # One prompt [1, 0]: N_d = 1, mu_d = 0.5, T_d = 0.5; one cluster, T_c = 0.5
+    # -> s / 0.25 = +-2.8284271. Re-standardised over 2 entries: std =
+    # sqrt(2 * 2.8284271^2 / 1) = 4 -> +-0.7071068
+    adv, _ = drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], restandardize=False)
+    assert adv[0].tolist() == approx([2.8284271, -2.8284271])
+    adv, _ = drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"])
+    assert adv[0].tolist() == approx([R2, -R2])
+
+
+def test_drpo_zero_mean_cluster_with_nonnegative_rewards_stays_finite():
+    # Domain "a": [0, 0] and [1, 0] -> k = 2. Prompt [0, 0] has s = 0 and T_c =
+    # sqrt(1) * 0 = 0: clamped to eps_t it gives 0 / tiny = 0; unclamped 0 / 0 is
+    # caught by the guard and left unscaled = 0.
+    # Prompt [1, 0]: T_d = sqrt(2) * 0.25 = 0.3535534, T_c = 0.5
+    # -> 0.7071068 / 0.1767767 = 4
+    rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    for clamp in (True, False):
+        adv, _ = drpo_advantages(
+            rewards, ["a", "a"], restandardize=False, cluster_eps_clamp=clamp
+        )
+        assert torch.isfinite(adv).all()
+        assert adv.tolist() == [[0.0, 0.0], approx([4.0, -4.0])]
+
+
+def test_drpo_zero_mean_cluster_clamp_versus_released_code():
+    # Rewards [-1, 1]: s = -+1/sqrt(2), cluster mean 0 -> raw T_c = 0; T_d fixed at 1.
+    # clamp (paper): T_c = eps_t = 1e-6 -> s / 1e-6 = -+707106.8
+    # no clamp (released code): factor 0 -> non-finite -> prompt left unscaled = s
+    rewards = torch.tensor([[-1.0, 1.0]], dtype=torch.float64)
+    common = {"restandardize": False, "fixed_temperature": True}
+    clamped, _ = drpo_advantages(rewards, ["a"], cluster_eps_clamp=True, **common)
+    raw, _ = drpo_advantages(rewards, ["a"], cluster_eps_clamp=False, **common)
+    assert clamped[0].tolist() == approx([-707106.8, 707106.8])
+    assert raw[0].tolist() == approx([-R2, R2])
+
+
+def test_drpo_without_clustering_or_temperature_is_grpo():
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.4, 0.6]])
+    adv, _ = drpo_advantages(
+        rewards, ["a", "b"], fixed_temperature=True, **NO_CLUSTER_NO_STD
+    )
+    # Same hand values as test_grpo_on_a_2x3_example.
+    assert adv[0].tolist() == approx([1.1547005, -0.5773503, -0.5773503])
+    assert adv[1].tolist() == approx([-0.999995, 0.0, 0.999995])
+
+
+# ---------------------------------------------------------------------------
+# DRPO: KL-aware damping (App. B.2)
+# ---------------------------------------------------------------------------
+
+
+def test_drpo_kl_damping_hand_example():
+    # s = [[+r, -r], [-r, +r]] with r = 1/sqrt(2); T_d = T_c = 1; kl = [2, 1].
+    # z = max(s * k, 0) = [[2r, 0], [0, r]] = [[1.4142136, 0], [0, 0.7071068]]
+    # sorted z: 0, 0, 0.7071068, 1.4142136; 0.75 quantile at position 0.75 * 3 = 2.25
+    # -> t = 0.7071068 + 0.25 * 0.7071068 = 0.8838835
+    # m[0, 0] = t / (t + 2r) = 0.8838835 / 2.2980971 = 0.3846154 -> 0.2719641
+    # m[1, 1] = t / (t + r) = 0.8838835 / 1.5909903 = 0.5555556 -> 0.3928371
+    # entries with z = 0 keep m = 1.
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    adv, state = drpo_advantages(
+        rewards,
+        ["a", "a"],
+        kl=torch.tensor([2.0, 1.0]),
+        kl_damping=True,
+        fixed_temperature=True,
+        **NO_CLUSTER_NO_STD,
+    )
+    assert state.last_stats["kl_threshold"] == pytest.approx(0.8838835, rel=1e-5)
+    assert adv.tolist() == [approx([0.2719641, -R2]), approx([-R2, 0.3928371])]
+
+
+def test_drpo_kl_damping_with_zero_threshold_does_nothing():
+    # kl = 0 everywhere -> z = 0 -> t = 0 -> m = 1 (documented choice).
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    adv, state = drpo_advantages(
+        rewards,
+        ["a", "a"],
+        kl=torch.zeros(2),
+        kl_damping=True,
+        fixed_temperature=True,
+        **NO_CLUSTER_NO_STD,
+    )
+    assert state.last_stats["kl_threshold"] == 0.0
+    assert adv.tolist() == [approx([R2, -R2]), approx([-R2, R2])]
+
+
+def test_drpo_kl_damping_needs_kl():
+    with pytest.raises(ValueError, match="kl_damping=True needs kl"):
+        drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], kl_damping=True)
+
+
+def test_drpo_kl_damping_rejects_wrong_kl_shape():
+    with pytest.raises(ValueError, match=r"kl must have shape"):
+        drpo_advantages(
+            torch.tensor([[1.0, 0.0]]), ["a"], kl=torch.zeros(3), kl_damping=True
+        )
+
+
+# ---------------------------------------------------------------------------
+# DRPO: external domain statistics
+# ---------------------------------------------------------------------------
+
+
+def test_drpo_external_domain_stats_replace_local_ones():
+    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.0]])
+    # a: external (N_d, mu_d) = (9, 0.5) -> T_d = 3 * 0.5 = 1.5 -> r / 1.5 = 0.4714045
+    # b: no external value -> local N_d = 1, mu_d = 0.25, T_d = 0.25
+    #    -> r / 0.25 = 2.8284271
+    adv, state = drpo_advantages(
+        rewards, ["a", "b"], domain_stats={"a": (9.0, 0.5)}, **NO_CLUSTER_NO_STD
+    )
+    assert adv[0].tolist() == approx([0.4714045, -0.4714045])
+    assert adv[1].tolist() == approx([2.8284271, -2.8284271])
+    assert state.last_stats["domains"]["a"]["source"] == "external"
+    assert state.last_stats["domains"]["b"]["source"] == "local"
+    assert state.last_stats["domains"]["a"]["t_d"] == pytest.approx(1.5)
+
+
+def test_drpo_external_domain_stats_keep_local_clusters():
+    # a: two prompts [1, 0] and [1, 0.5] -> k = 2, T_c = 0.5 and 0.75.
+    # External (4, 0.5): T_d = 2 * 0.5 = 1
+    # -> 0.7071068 / 0.5 = 1.4142136 and 0.7071068 / 0.75 = 0.9428090
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 0.5]])
+    adv, _ = drpo_advantages(
+        rewards, ["a", "a"], domain_stats={"a": (4, 0.5)}, restandardize=False
+    )
+    assert adv[:, 0].tolist() == approx([1.4142136, 0.9428090])
+
+
+def test_drpo_rejects_bad_external_stats():
+    with pytest.raises(ValueError, match=r"domain_stats\['a'\].*N_d > 0"):
+        drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], domain_stats={"a": (0, 0.5)})
+
+
+# ---------------------------------------------------------------------------
+# DRPO: history and state
+# ---------------------------------------------------------------------------
+
+
+def run_two_calls(history: str):
+    first, state = drpo_advantages(
+        torch.tensor([[1.0, 0.0]]), ["a"], history=history, **NO_CLUSTER_NO_STD
+    )
+    second, state = drpo_advantages(
+        torch.tensor([[1.0, 0.5]]), ["a"], state, history=history, **NO_CLUSTER_NO_STD
+    )
+    return first, second, state
+
+
+def test_drpo_run_history_accumulates_across_calls():
+    _, second, state = run_two_calls("run")
+    # History [1, 0], [1, 0.5]: N_d = 2, mu_d = 2.5 / 4 = 0.625,
+    # T_d = sqrt(2) * 0.625 = 0.8838835 -> 0.7071068 / 0.8838835 = 0.8
+    assert second[0].tolist() == approx([0.8, -0.8])
+    assert state.history == {"a": [[1.0, 0.0], [1.0, 0.5]]}
+    assert state.counts == {"a": 2}
+
+
+def test_drpo_step_history_uses_only_the_current_call():
+    _, second, state = run_two_calls("step")
+    # Only [1, 0.5]: N_d = 1, mu_d = 0.75, T_d = 0.75 -> 0.7071068 / 0.75 = 0.9428090
+    assert second[0].tolist() == approx([0.9428090, -0.9428090])
+    assert state.history == {"a": [[1.0, 0.5]]}
+    assert state.counts == {"a": 2}
+
+
+def test_drpo_run_history_clusters_the_current_prompt_with_the_past():
+    # History [1, 0], [1, 0.5] -> k = 2; the current prompt [1, 0.5] is alone in its
+    # cluster: T_c = 0.75; T_d = 0.8838835 as above -> 0.8 / 0.75 = 1.0666667
+    _, state = drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], history="run")
+    adv, state = drpo_advantages(
+        torch.tensor([[1.0, 0.5]]), ["a"], state, history="run", restandardize=False
+    )
+    assert adv[0].tolist() == approx([1.0666667, -1.0666667])
+    assert state.last_stats["domains"]["a"]["k"] == 2
+
+
+def test_drpo_does_not_modify_the_given_state():
+    _, state = drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], history="run")
+    before = json.dumps(state.to_json(), sort_keys=True)
+    drpo_advantages(torch.tensor([[0.0, 1.0]]), ["a"], state, history="run")
+    assert json.dumps(state.to_json(), sort_keys=True) == before
+
+
+def test_drpo_run_history_rejects_a_changed_group_size():
+    _, state = drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], history="run")
+    with pytest.raises(ValueError, match="length 2 but rewards have K=3"):
+        drpo_advantages(torch.tensor([[1.0, 0.0, 0.5]]), ["a"], state, history="run")
+
+
+def test_drpo_state_json_round_trip():
+    _, _, state = run_two_calls("run")
+    _, state = drpo_advantages(
+        torch.tensor([[0.25, 0.5], [1.0, 1.0]]), ["b", "a"], state, history="run"
+    )
+    restored = DRPOState.from_json(json.loads(json.dumps(state.to_json())))
+    assert restored == state
+    # Continuing from the restored state gives the same advantages.
+    nxt = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    a1, s1 = drpo_advantages(nxt, ["a", "b"], state, history="run")
+    a2, s2 = drpo_advantages(nxt, ["a", "b"], restored, history="run")
+    assert torch.equal(a1, a2)
+    assert s1 == s2
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"history": {"a": [[1.0, "x"]]}}, "not a list of finite numbers"),
+        ({"history": {"a": [[1.0, 0.0], [1.0]]}}, "mixes reward vectors"),
+        ({"counts": {"a": -1}}, r"counts\['a'\] must be an integer >= 0"),
+        ({"extra": 1}, "unknown keys"),
+    ],
+)
+def test_drpo_state_from_json_rejects_bad_payloads(payload, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        DRPOState.from_json(payload)
+
+
+# ---------------------------------------------------------------------------
+# DRPO: validation
+# ---------------------------------------------------------------------------
+
+
+def test_drpo_rejects_domain_count_mismatch():
+    message = "domains has 1 entries but rewards has 2 prompts"
+    with pytest.raises(ValueError, match=message):
+        drpo_advantages(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ["a"])
+
+
+def test_drpo_rejects_unknown_option_values():
+    message = "history must be 'step' or 'run', got 'epoch'"
+    with pytest.raises(ValueError, match=message):
+        drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], history="epoch")
+    with pytest.raises(ValueError, match="domain_mean"):
+        drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], domain_mean="median")
+
+
+# ---------------------------------------------------------------------------
+# DRPO under differential privacy: no coupling between prompts
+# ---------------------------------------------------------------------------
+
+DP_DOMAINS = ["a", "b", "a", "c", "b"]
+DP_STATS = {"a": (4.0, 0.5), "b": (9.0, 0.5), "c": (1.0, 2.0)}  # T_d = 1, 1.5, 2
+
+
+def dp_rewards(seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    rewards = torch.rand(5, 4, generator=generator)
+    rewards[0] = torch.tensor([1.0, 0.0, 0.5, 0.5])  # the prompt under test
+    return rewards
+
+
+@pytest.mark.parametrize(
+    "dp_options",
+    [
+        pytest.param({"domain_stats": DP_STATS}, id="server-domain-stats"),
+        pytest.param({"fixed_temperature": True}, id="fixed-temperature"),
+    ],
+)
+@pytest.mark.parametrize("history", ["step", "run"])
+def test_drpo_dp_mode_prompt_depends_only_on_its_own_rewards(dp_options, history):
+    options = {
+        "clustering": False,
+        "restandardize": False,
+        "history": history,
+        **dp_options,
+    }
+    state = None
+    if history == "run":
+        # A history of other prompts must not matter either.
+        _, state = drpo_advantages(dp_rewards(1), DP_DOMAINS, history="run")
+    first, _ = drpo_advantages(dp_rewards(2), DP_DOMAINS, state, **options)
+    second, _ = drpo_advantages(dp_rewards(3), DP_DOMAINS, state, **options)
+    assert not torch.equal(dp_rewards(2)[1:], dp_rewards(3)[1:])
+    assert torch.equal(first[0], second[0])
+    # Row [1, 0, 0.5, 0.5]: mean 0.5, unbiased std sqrt(0.5 / 3) = 0.4082483
+    # -> +-1.2247449, 0, 0; domain "a" has T_d = sqrt(4) * 0.5 = 1 (or fixed 1)
+    assert first[0].tolist() == approx([1.2247449, -1.2247449, 0.0, 0.0])
+
+
+def test_drpo_default_mode_couples_prompts():
+    # Control for the test above: with clustering and re-standardisation on, the
+    # same change to the other prompts does change prompt 0's advantages.
+    first, _ = drpo_advantages(dp_rewards(2), DP_DOMAINS)
+    second, _ = drpo_advantages(dp_rewards(3), DP_DOMAINS)
+    assert not torch.allclose(first[0], second[0])
