@@ -50,7 +50,9 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from common.climb.dicom import dataset_frames, frame_count, is_dicom_file, read_dicom
 from common.climb.errors import MediaError
@@ -536,10 +538,11 @@ def _check_question(question: str) -> None:
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """Validate (train, valid, test) fractions."""
-    values = tuple(float(f) for f in fractions)
+    values = [float(f) for f in fractions]
     if len(values) != len(SPLITS) or min(values) < 0 or abs(sum(values) - 1.0) > SPLIT_TOLERANCE:
         raise ValueError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
-    return values  # type: ignore[return-value]
+    train, valid, test = values
+    return train, valid, test
 
 
 def _check_options(options: Sequence[str] | None, table: LabelTable) -> list[str]:
@@ -562,7 +565,7 @@ def _resolve_salt(salt: bytes | str | None, salt_file: str | os.PathLike[str] | 
         if resolved.is_relative_to(out_root.resolve()):
             raise ValueError(f"salt file {salt_file} lies inside the output folder {out_root}; keep it outside")
         return load_or_create_salt(resolved)
-    key = salt.encode("utf-8") if isinstance(salt, str) else bytes(salt)  # type: ignore[arg-type]
+    key = salt.encode("utf-8") if isinstance(salt, str) else bytes(salt or b"")
     if not key:
         raise ValueError("salt is empty; pass a secret of at least 16 random bytes")
     return key
@@ -583,7 +586,7 @@ def _scan(dicom_dir: Path, out_root: Path, summary: ConversionSummary) -> list[_
         try:
             ds = read_dicom(path, stop_before_pixels=True)
         except MediaError as exc:
-            _skip(summary.skipped_not_dicom, rel, str(exc))
+            _skip(summary.skipped_not_dicom, rel, str(exc).replace(str(path), rel))
             continue
         sources.append(_source(path, rel, ds))
     return sources
@@ -595,9 +598,9 @@ def _skip(bucket: list[tuple[str, str]], rel: str, reason: str) -> None:
     bucket.append((rel, reason))
 
 
-def _source(path: Path, rel: str, ds: object) -> _Source:
+def _source(path: Path, rel: str, ds: Dataset) -> _Source:
     """Collect what the conversion needs from a header."""
-    get = ds.get  # type: ignore[attr-defined]
+    get = ds.get
     patient_id = str(get("PatientID", "") or "").strip()
     sop_uid = str(get("SOPInstanceUID", "") or "").strip()
     study_uid = str(get("StudyInstanceUID", "") or "").strip()
@@ -618,9 +621,9 @@ def _source(path: Path, rel: str, ds: object) -> _Source:
     )
 
 
-def _identifiers(ds: object) -> tuple[str, ...]:
+def _identifiers(ds: Dataset) -> tuple[str, ...]:
     """Identifying strings of a header (name components, IDs, birth date, accession number)."""
-    get = ds.get  # type: ignore[attr-defined]
+    get = ds.get
     values = [str(get(keyword, "") or "") for keyword in ("PatientID", "PatientBirthDate", "AccessionNumber")]
     values += re.split(r"[\^=\s]+", str(get("PatientName", "") or ""))
     return tuple(v.strip() for v in values if len(v.strip()) >= MIN_IDENTIFIER_LENGTH)
@@ -743,9 +746,9 @@ def _write_frames(source: _Source, settings: _Settings, image_dir: Path) -> list
     return names
 
 
-def _save_png(frame: object, path: Path) -> None:
+def _save_png(frame: np.ndarray, path: Path) -> None:
     """Save a uint8 frame as PNG with no text, time or colour-profile chunks."""
-    image = Image.fromarray(frame)  # type: ignore[arg-type]
+    image = Image.fromarray(frame)
     image.info.clear()
     image.save(path, format="PNG")
 

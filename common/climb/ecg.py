@@ -37,6 +37,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from common.climb.dicom import is_dicom_file, read_dicom
 from common.climb.errors import MediaError
@@ -505,15 +506,15 @@ def read_dicom_ecg(path: str | os.PathLike[str]) -> EcgSignal:
     return EcgSignal(np.nan_to_num(data * scale[:, None]), leads, float(group.SamplingFrequency))
 
 
-def _group_duration(group: object) -> float:
+def _group_duration(group: Dataset) -> float:
     """Duration in seconds of one WaveformSequence item (0 when unknown)."""
     try:
-        return float(group.NumberOfWaveformSamples) / float(group.SamplingFrequency)  # type: ignore[attr-defined]
+        return float(group.NumberOfWaveformSamples) / float(group.SamplingFrequency)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return 0.0
 
 
-def _channel_label(channel: object) -> str:
+def _channel_label(channel: Dataset) -> str:
     """CodeMeaning of the channel source, else its ChannelLabel."""
     sources = getattr(channel, "ChannelSourceSequence", None) or []
     if sources and getattr(sources[0], "CodeMeaning", ""):
@@ -521,7 +522,7 @@ def _channel_label(channel: object) -> str:
     return str(getattr(channel, "ChannelLabel", ""))
 
 
-def _channel_unit(channel: object) -> str:
+def _channel_unit(channel: Dataset) -> str:
     """CodeValue of the channel's sensitivity units ('' when absent)."""
     units = getattr(channel, "ChannelSensitivityUnitsSequence", None) or []
     return str(getattr(units[0], "CodeValue", "")) if units else ""

@@ -255,8 +255,12 @@ def _panel(
 ) -> Panel:
     """Build a Panel from millimetre coordinates."""
     y0_mm = TOP_MARGIN_MM + row * ROW_HEIGHT_MM
-    box = (x0_mm, y0_mm, x0_mm + width_mm, y0_mm + ROW_HEIGHT_MM)
-    return Panel(lead, start_s, duration_s, tuple(int(round(v * px_per_mm)) for v in box))  # type: ignore[arg-type]
+
+    def px(mm: float) -> int:
+        return int(round(mm * px_per_mm))
+
+    box = (px(x0_mm), px(y0_mm), px(x0_mm + width_mm), px(y0_mm + ROW_HEIGHT_MM))
+    return Panel(lead, start_s, duration_s, box)
 
 
 def _trace_width(px_per_mm: float) -> int:

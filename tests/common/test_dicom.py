@@ -1,7 +1,6 @@
 """DICOM display pipeline on pydicom's bundled real files and hand-built datasets."""
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,6 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-import wfdb
 from pydicom.data import get_testdata_file
 from scipy.signal import resample_poly
 
@@ -105,6 +104,8 @@ def test_pt_must_hold_a_plain_tensor(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:The inplace keyword")  # wfdb calls a deprecated pandas API
 def test_wfdb_record(tmp_path: Path) -> None:
+    import wfdb  # imported here so that the mark above covers wfdb's import-time warnings
+
     signals = synthetic_12lead(3000, 1000.0)
     names = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "v6"]
     units = ["mV"] * 11 + ["uV"]
