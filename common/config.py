@@ -69,6 +69,8 @@ class TinyModelConfig:
     patch_size: int = 14
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
+    # Std of the random weight init (Hugging Face's default is 0.02).
+    initializer_range: float = 0.02
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -175,6 +177,7 @@ QOQ_FORMAT_INSTRUCTION = (
 class PromptConfig:
     """How a record becomes a chat prompt."""
 
+    # An empty system prompt sends no system turn.
     system: str = "You are a careful clinical assistant."
     format_instruction: str = QOQ_FORMAT_INSTRUCTION
     # Option-constrained decoding: the answer is sampled only among the record's options

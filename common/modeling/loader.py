@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ModelBundle", "load_base_model", "cache_root", "resolve_device", "tiny_model_config"]
 
-TINY_BUILD_VERSION = "1"
+TINY_BUILD_VERSION = "2"
 
 
 @dataclass
@@ -120,6 +120,7 @@ def tiny_model_config(t: TinyModelConfig, tokenizer: Any) -> Any:
             eos_token_id=eos,
             pad_token_id=pad,
             tie_word_embeddings=True,
+            initializer_range=t.initializer_range,
         ),
         vision_config=dict(
             depth=t.vision_depth,
@@ -132,6 +133,7 @@ def tiny_model_config(t: TinyModelConfig, tokenizer: Any) -> Any:
             window_size=t.patch_size * t.spatial_merge_size * 2,
             fullatt_block_indexes=[t.vision_depth - 1],
             out_hidden_size=t.hidden_size,
+            initializer_range=t.initializer_range,
         ),
         image_token_id=tid("<|image_pad|>"),
         video_token_id=tid("<|video_pad|>"),

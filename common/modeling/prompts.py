@@ -41,9 +41,10 @@ def chat_messages(record: Record, visuals: RecordVisuals, cfg: PromptConfig, *, 
     instruction = "" if cfg.constrained else cfg.format_instruction
     tail = f"\n\n{instruction}" if instruction else ""
     prompt = record.prompt.strip()
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     if not multimodal:
         text = _PLACEHOLDER.sub("", prompt).strip() + tail
-        return [{"role": "system", "content": cfg.system}, {"role": "user", "content": text}]
+        return [*system, {"role": "user", "content": text}]
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(visuals.leading)]
     slot = 0
     for piece in _PLACEHOLDER.split(prompt):
@@ -55,7 +56,7 @@ def chat_messages(record: Record, visuals: RecordVisuals, cfg: PromptConfig, *, 
             content.append({"type": "text", "text": piece.strip("\n")})
     if tail:
         content.append({"type": "text", "text": tail})
-    return [{"role": "system", "content": cfg.system}, {"role": "user", "content": content}]
+    return [*system, {"role": "user", "content": content}]
 
 
 def answer_sequences(tokenizer: Any, options: tuple[str, ...], cfg: PromptConfig, eos_id: int) -> list[list[int]]:

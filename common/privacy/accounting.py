@@ -131,7 +131,8 @@ def _check_sample_rate(sample_rate: float, *, where: str) -> None:
 
 
 def _check_steps(steps: int, *, where: str, minimum: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
+    is_int = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
+    if not is_int or steps < minimum:
         raise ValueError(f"{where}: steps must be an integer >= {minimum}, got {steps!r}")
 
 
@@ -380,9 +381,8 @@ def calibrate_noise_multiplier(
     def eps_at(sigma: float) -> float:
         if sigma not in evaluated:
             try:
-                evaluated[sigma] = epsilon_for(
-                    [*spent, (sigma, sample_rate, steps)], delta=delta, accountant=accountant
-                )
+                planned = [*spent, (sigma, sample_rate, steps)]
+                evaluated[sigma] = epsilon_for(planned, delta=delta, accountant=accountant)
             except PrivacyAccountingError:
                 evaluated[sigma] = math.inf  # not computable: only for too small a sigma
         return evaluated[sigma]

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CLIP_NORM_EPS", "DPStepStats", "clip_and_noise", "group_rows_to_units", "poisson_sample"]
+__all__ = [
+    "CLIP_NORM_EPS",
+    "DPStepStats",
+    "clip_and_noise",
+    "group_rows_to_units",
+    "poisson_sample",
+]
 
 #: Added to a unit's norm before dividing (as Opacus does), so a zero gradient is safe.
 CLIP_NORM_EPS = 1e-6
@@ -102,24 +108,28 @@ def clip_and_noise(
         or a unit's gradient is not finite (clipping cannot bound NaN or inf).
     """
     if not per_unit_grads:
-        raise ValueError("per_unit_grads is empty: pass one (U, *shape) tensor per parameter")
+        raise ValueError(
+            "per_unit_grads is empty: pass one (U, *shape) tensor per parameter"
+        )
     num_units = per_unit_grads[0].shape[0]
     if any(g.shape[0] != num_units for g in per_unit_grads):
         raise ValueError(
             "per-unit gradients disagree on the number of units: leading sizes "
             f"{[g.shape[0] for g in per_unit_grads]}"
         )
-    _check_positive("max_grad_norm", max_grad_norm)
+    _check_positive("privacy.max_grad_norm", max_grad_norm)
     _check_positive("expected_batch_size", expected_batch_size)
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        raise ValueError(
+            f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}"
+        )
 
-    # Norms in float64 so that the clipping decision does not depend on the grads' dtype.
-    sq_norms = [
-        g.reshape(num_units, math.prod(g.shape[1:])).double().pow(2).sum(dim=1)  # (U,)
+    # Per-tensor norms in the grads' dtype (no full-size copy), combined in float64.
+    tensor_norms = [
+        torch.linalg.vector_norm(g.reshape(num_units, math.prod(g.shape[1:])), dim=1)
         for g in per_unit_grads
-    ]
-    norms = torch.stack(sq_norms, dim=1).sum(dim=1).sqrt()  # (U,)
+    ]  # (U,) each
+    norms = torch.stack(tensor_norms, dim=1).double().pow(2).sum(dim=1).sqrt()  # (U,)
     if not bool(torch.isfinite(norms).all()):
         bad = int(torch.nonzero(~torch.isfinite(norms))[0, 0])
         raise ValueError(
@@ -132,7 +142,9 @@ def clip_and_noise(
     out = []
     for g in per_unit_grads:
         clipped_sum = torch.einsum("u,u...->...", scale.to(g.dtype), g)  # (*shape)
-        noise = torch.randn(g.shape[1:], generator=generator, dtype=g.dtype, device=g.device)
+        noise = torch.randn(
+            g.shape[1:], generator=generator, dtype=g.dtype, device=g.device
+        )  # (*shape)
         out.append((clipped_sum + noise_std * noise) / expected_batch_size)
 
     stats = DPStepStats(
@@ -147,7 +159,6 @@ def clip_and_noise(
 def group_rows_to_units(
     per_row_grads: list[Tensor],
     unit_index: Tensor,
-    *,
     num_units: int,
 ) -> list[Tensor]:
     """Sum per-row gradients into per-unit gradients.
@@ -189,14 +200,13 @@ def group_rows_to_units(
             raise ValueError(
                 f"a per-row gradient has {g.shape[0]} rows but unit_index has {num_rows}"
             )
-        units = torch.zeros((num_units, *g.shape[1:]), dtype=g.dtype, device=g.device)  # (U, *shape)
-        out.append(units.index_add_(0, unit_index.to(g.device), g))
+        units = torch.zeros((num_units, *g.shape[1:]), dtype=g.dtype, device=g.device)
+        out.append(units.index_add_(0, unit_index.to(g.device), g))  # (U, *shape)
     return out
 
 
 def poisson_sample(
     num_units: int,
-    *,
     sample_rate: float,
     generator: torch.Generator | None = None,
 ) -> Tensor:

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from common.privacy.accounting import ACCOUNTANTS, Accountant, Mechanism, epsilon_for
 
@@ -52,8 +52,14 @@ LEDGER_VERSION = 1
 #: eval_release: DP-released evaluation metrics.
 ENTRY_KINDS: tuple[str, ...] = ("dpsgd", "stats_release", "eval_release")
 ENTRY_KEYS: tuple[str, ...] = (
-    "round", "kind", "sample_rate", "noise_multiplier", "steps", "epsilon", "time",
-)  # fmt: skip
+    "round",
+    "kind",
+    "sample_rate",
+    "noise_multiplier",
+    "steps",
+    "epsilon",
+    "time",
+)
 #: A recomputed cumulative epsilon may fall below the last recorded one by at most this
 #: (relative) before the ledger is treated as edited.
 RECOMPUTE_REL_TOL = 1e-6
@@ -72,7 +78,9 @@ class LedgerError(ValueError):
 # ---------------------------------------------------------------------------
 
 
-def new_ledger(*, delta: float, target_epsilon: float, accountant: Accountant) -> dict[str, Any]:
+def new_ledger(
+    *, delta: float, target_epsilon: float, accountant: Accountant
+) -> dict[str, Any]:
     """An empty ledger dictionary.
 
     Parameters
@@ -89,20 +97,38 @@ def new_ledger(*, delta: float, target_epsilon: float, accountant: Accountant) -
     dict
         ``{"version", "delta", "target_epsilon", "accountant", "entries": []}``.
     """
-    ledger = {
+    if not (_is_number(delta) and 0 < delta < 1):
+        raise ValueError(f"privacy.delta must be in (0, 1), got {delta!r}; use e.g. 1e-5")
+    if not (_is_number(target_epsilon) and 0 < target_epsilon < math.inf):
+        raise ValueError(
+            f"privacy.target_epsilon must be a finite number > 0, got {target_epsilon!r}"
+        )
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(
+            f"privacy.accountant must be one of {list(ACCOUNTANTS)}, got {accountant!r}"
+        )
+    return {
         "version": LEDGER_VERSION,
-        "delta": float(delta) if isinstance(delta, numbers.Real) else delta,
-        "target_epsilon": (
-            float(target_epsilon) if isinstance(target_epsilon, numbers.Real) else target_epsilon
-        ),
+        "delta": float(delta),
+        "target_epsilon": float(target_epsilon),
         "accountant": accountant,
         "entries": [],
     }
-    return validate_ledger(ledger, source="the configuration")
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_float(value: object) -> object:
+    """Numbers as Python floats (JSON-stable); anything else unchanged, for validation."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _entry_problem(entry: object) -> str | None:
@@ -112,7 +138,7 @@ def _entry_problem(entry: object) -> str | None:
     missing = [k for k in ENTRY_KEYS if k not in entry]
     if missing:
         return f"lacks {missing}"
-    if isinstance(entry["round"], bool) or not isinstance(entry["round"], int) or entry["round"] < 0:
+    if not (_is_int(entry["round"]) and entry["round"] >= 0):
         return f"has round {entry['round']!r}, expected an integer >= 0"
     if entry["kind"] not in ENTRY_KINDS:
         return f"has kind {entry['kind']!r}, expected one of {list(ENTRY_KINDS)}"
@@ -121,7 +147,7 @@ def _entry_problem(entry: object) -> str | None:
     sigma = entry["noise_multiplier"]
     if not (_is_number(sigma) and math.isfinite(sigma) and sigma > 0):
         return f"has noise_multiplier {sigma!r}, expected a finite number > 0"
-    if isinstance(entry["steps"], bool) or not isinstance(entry["steps"], int) or entry["steps"] < 1:
+    if not (_is_int(entry["steps"]) and entry["steps"] >= 1):
         return f"has steps {entry['steps']!r}, expected an integer >= 1"
     eps = entry["epsilon"]
     if not (_is_number(eps) and eps >= 0):  # inf is allowed: no useful guarantee
@@ -153,12 +179,15 @@ def validate_ledger(ledger: object, *, source: str) -> dict[str, Any]:
     """
 
     def bad(problem: str) -> LedgerError:
-        return LedgerError(f"privacy ledger {source} is invalid: {problem}; {_RESTORE_HINT}")
+        return LedgerError(
+            f"privacy ledger {source} is invalid: {problem}; {_RESTORE_HINT}"
+        )
 
     if not isinstance(ledger, dict):
         raise bad(f"expected a JSON object, got {type(ledger).__name__}")
     if ledger.get("version") != LEDGER_VERSION:
-        raise bad(f"version is {ledger.get('version')!r}, this program reads {LEDGER_VERSION}")
+        version = ledger.get("version")
+        raise bad(f"version is {version!r}, this program reads {LEDGER_VERSION}")
     delta = ledger.get("delta")
     if not (_is_number(delta) and 0 < delta < 1):
         raise bad(f"delta is {delta!r}, expected a number in (0, 1)")
@@ -166,7 +195,8 @@ def validate_ledger(ledger: object, *, source: str) -> dict[str, Any]:
     if not (_is_number(target) and math.isfinite(target) and target > 0):
         raise bad(f"target_epsilon is {target!r}, expected a number > 0")
     if ledger.get("accountant") not in ACCOUNTANTS:
-        raise bad(f"accountant is {ledger.get('accountant')!r}, expected one of {list(ACCOUNTANTS)}")
+        accountant = ledger.get("accountant")
+        raise bad(f"accountant is {accountant!r}, expected one of {list(ACCOUNTANTS)}")
     entries = ledger.get("entries")
     if not isinstance(entries, list):
         raise bad(f"entries is {type(entries).__name__}, expected a list")
@@ -179,7 +209,9 @@ def validate_ledger(ledger: object, *, source: str) -> dict[str, Any]:
 
 def ledger_history(ledger: dict[str, Any]) -> list[Mechanism]:
     """The ledger's mechanisms as ``(noise_multiplier, sample_rate, steps)`` triples."""
-    return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
+    return [
+        (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]
+    ]
 
 
 def append_entry(
@@ -223,19 +255,21 @@ def append_entry(
     entry: dict[str, Any] = {
         "round": round,
         "kind": kind,
-        "sample_rate": float(sample_rate) if _is_number(sample_rate) else sample_rate,
-        "noise_multiplier": (
-            float(noise_multiplier) if _is_number(noise_multiplier) else noise_multiplier
-        ),
-        "steps": int(steps) if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) else steps,
+        "sample_rate": _as_float(sample_rate),
+        "noise_multiplier": _as_float(noise_multiplier),
+        "steps": int(steps) if _is_int(steps) else steps,
         "epsilon": 0.0,
         "time": time,
     }
     problem = _entry_problem(entry)
     if problem is not None:
         raise ValueError(f"cannot record a privacy ledger entry that {problem}")
-    history = [*ledger_history(ledger), (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])]
-    entry["epsilon"] = epsilon_for(history, delta=ledger["delta"], accountant=ledger["accountant"])
+    mechanism = (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+    entry["epsilon"] = epsilon_for(
+        [*ledger_history(ledger), mechanism],
+        delta=ledger["delta"],
+        accountant=ledger["accountant"],
+    )
     return {**ledger, "entries": [*ledger["entries"], entry]}, entry
 
 
@@ -304,7 +338,9 @@ def read_ledger(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError) as err:
-        raise LedgerError(f"privacy ledger {path} cannot be read ({err}); {_RESTORE_HINT}") from err
+        raise LedgerError(
+            f"privacy ledger {path} cannot be read ({err}); {_RESTORE_HINT}"
+        ) from err
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -350,6 +386,20 @@ def write_ledger_atomic(path: Path, ledger: dict[str, Any]) -> None:
             pass
         raise
     _fsync_directory(path.parent)
+
+
+def _remove_stray_temporaries(path: Path) -> None:
+    """Delete temporary files left by writes that were killed before their rename.
+
+    Only one process writes a ledger at a time; should another one be mid-write, its
+    rename then fails and it raises instead of losing an entry.
+    """
+    for stray in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            stray.unlink()
+            logger.info("Removed %s, left by an interrupted ledger write", stray)
+        except OSError:
+            pass
 
 
 def _utc_now() -> str:
@@ -427,15 +477,25 @@ class PrivacyLedger:
                 "(the privacy ledger lives there)"
             )
         path = directory / LEDGER_FILENAME
-        configured = new_ledger(delta=delta, target_epsilon=target_epsilon, accountant=accountant)
+        configured = new_ledger(
+            delta=delta, target_epsilon=target_epsilon, accountant=accountant
+        )
+        _remove_stray_temporaries(path)
         try:
             ledger = read_ledger(path)
         except FileNotFoundError:
+            if any(directory.iterdir()):
+                logger.warning(
+                    "State directory %s has files but no %s: starting a new ledger with "
+                    "nothing spent. If this hospital trained before, stop and restore "
+                    "the ledger from a backup",
+                    directory, LEDGER_FILENAME,
+                )
             write_ledger_atomic(path, configured)
             logger.info(
                 "Created privacy ledger %s (target epsilon %g, delta %g, %s accountant)",
                 path, target_epsilon, delta, accountant,
-            )  # fmt: skip
+            )
             return cls(path, configured)
 
         if not math.isclose(ledger["delta"], configured["delta"], rel_tol=1e-12):
@@ -454,12 +514,13 @@ class PrivacyLedger:
         opened._check_recorded_epsilon()
         old_target = ledger["target_epsilon"]
         if not math.isclose(old_target, configured["target_epsilon"], rel_tol=1e-12):
-            level = logging.WARNING if configured["target_epsilon"] > old_target else logging.INFO
+            raised = configured["target_epsilon"] > old_target
+            level = logging.WARNING if raised else logging.INFO
             logger.log(
                 level,
                 "Privacy target epsilon of %s changed from %g to %g (spent so far %.4f)",
                 path, old_target, configured["target_epsilon"], opened._spent,
-            )  # fmt: skip
+            )
             opened._ledger = {**ledger, "target_epsilon": configured["target_epsilon"]}
             write_ledger_atomic(path, opened._ledger)
         return opened
@@ -481,7 +542,7 @@ class PrivacyLedger:
                 "Privacy ledger %s: recomputed epsilon %.6g exceeds the recorded %.6g "
                 "(the accounting library changed?); using the larger, recomputed value",
                 self.path, self._spent, recorded,
-            )  # fmt: skip
+            )
 
     @property
     def delta(self) -> float:
@@ -496,15 +557,17 @@ class PrivacyLedger:
     @property
     def accountant(self) -> Accountant:
         """The ledger's accountant, ``"rdp"`` or ``"prv"``."""
-        return self._ledger["accountant"]  # type: ignore[no-any-return]
+        return cast(Accountant, self._ledger["accountant"])
 
     def as_dict(self) -> dict[str, Any]:
         """A copy of the ledger's dictionary (what is on disk)."""
-        return json.loads(json.dumps(self._ledger))  # type: ignore[no-any-return]
+        copy: dict[str, Any] = json.loads(json.dumps(self._ledger))
+        return copy
 
     def entries(self) -> list[dict[str, Any]]:
         """Copies of the entries, oldest first."""
-        return self.as_dict()["entries"]  # type: ignore[no-any-return]
+        entries: list[dict[str, Any]] = self.as_dict()["entries"]
+        return entries
 
     def history(self) -> list[Mechanism]:
         """The recorded mechanisms as ``(noise_multiplier, sample_rate, steps)``."""
@@ -589,5 +652,5 @@ class PrivacyLedger:
             logger.warning(
                 "Privacy budget of %s exceeded: epsilon %.4f > target %g after %s round %s",
                 self.path, self._spent, self.target_epsilon, kind, round,
-            )  # fmt: skip
+            )
         return dict(entry)

@@ -48,7 +48,9 @@ def gaussian_release(
         float64 array of the same shape.
     """
     if not (math.isfinite(l2_sensitivity) and l2_sensitivity > 0):
-        raise ValueError(f"l2_sensitivity must be a finite number > 0, got {l2_sensitivity!r}")
+        raise ValueError(
+            f"l2_sensitivity must be a finite number > 0, got {l2_sensitivity!r}"
+        )
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(
             f"noise multiplier of a release must be a finite number > 0, got "
@@ -62,7 +64,9 @@ def gaussian_release(
     return exact + rng.normal(0.0, std, size=exact.shape)
 
 
-def counts_and_sums_sensitivity(*, sum_bound: float, max_records_per_unit: int = 1) -> float:
+def counts_and_sums_sensitivity(
+    *, sum_bound: float, max_records_per_unit: int = 1
+) -> float:
     """L2 sensitivity of the joint vector (per-domain counts, per-domain reward sums).
 
     One record adds 1 to the count of exactly one domain d and a reward r in
@@ -87,8 +91,9 @@ def counts_and_sums_sensitivity(*, sum_bound: float, max_records_per_unit: int =
     """
     if not (math.isfinite(sum_bound) and sum_bound >= 0):
         raise ValueError(f"sum_bound must be a finite number >= 0, got {sum_bound!r}")
-    if isinstance(max_records_per_unit, bool) or not isinstance(max_records_per_unit, int) or max_records_per_unit < 1:
-        raise ValueError(f"max_records_per_unit must be an integer >= 1, got {max_records_per_unit!r}")
+    m = max_records_per_unit
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"max_records_per_unit must be an integer >= 1, got {m!r}")
     return max_records_per_unit * math.sqrt(1.0 + sum_bound**2)
 
 
@@ -152,8 +157,9 @@ def release_counts_and_sums(
     if np.any(bad):
         d = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"reward sum {sums[d]!r} of domain #{d} is outside [0, {counts[d]:g} * "
-            f"{sum_bound:g}]: clip each record's reward to [0, {sum_bound:g}] before summing"
+            f"reward sum {float(sums[d]):g} of domain #{d} is outside [0, {counts[d]:g} * "
+            f"{sum_bound:g}]: clip each record's reward to [0, {sum_bound:g}] before "
+            "summing"
         )
     sensitivity = counts_and_sums_sensitivity(
         sum_bound=sum_bound, max_records_per_unit=max_records_per_unit

@@ -2,7 +2,7 @@
 
 Reference numbers: q = 0.01, sigma = 1.0, 1000 steps, delta = 1e-5 gives RDP epsilon
 2.1014 and PRV epsilon 1.8384 (docs of the ML stack, section 6). A plain Gaussian
-mechanism (q = 1) has the exact privacy profile of Balle and Wang (2018, Theorem 8):
+mechanism (q = 1) has the exact privacy profile of Balle and Wang (2018, analytic Gaussian):
 delta(eps) = Phi(1 / (2 s) - eps s) - e^eps Phi(-1 / (2 s) - eps s) for noise multiplier s.
 """
 

@@ -205,6 +205,23 @@ def test_missing_state_directory_is_refused(tmp_path):
         open_ledger(tmp_path / "no-such-dir")
 
 
+def test_new_ledger_in_a_used_directory_warns(tmp_path, caplog):
+    """Files but no ledger may mean a deleted ledger: starting from zero is logged loudly."""
+    (tmp_path / "adapter.safetensors").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="common.privacy.ledger"):
+        open_ledger(tmp_path)
+    assert "restore the ledger from a backup" in caplog.text
+
+
+def test_stray_temporary_files_are_removed_on_open(tmp_path):
+    """A write killed before its rename leaves a temporary file; the next open deletes it."""
+    record_some(open_ledger(tmp_path))
+    stray = tmp_path / f".{LEDGER_FILENAME}.abc123.tmp"
+    stray.write_text('{"partial": ')
+    assert len(open_ledger(tmp_path).entries()) == 4
+    assert not stray.exists()
+
+
 def test_a_second_writer_is_detected(tmp_path):
     """If another process appended meanwhile, record refuses instead of overwriting."""
     first, second = open_ledger(tmp_path), open_ledger(tmp_path)
@@ -259,23 +276,27 @@ def test_report_reads_the_state_directory(tmp_path):
 # The host imports the ledger once, then forks writer children and SIGKILLs each at a
 # random moment, copying the file after each kill. Phase "record": children append
 # entries through PrivacyLedger.record in a tight loop (most time goes to accounting).
-# Phase "raw": children rewrite a ~1 MB ledger with write_ledger_atomic in a tight loop,
-# so most kills land inside a write; version j has target_epsilon j.
+# Phase "raw": children rewrite a 2000-entry ledger with write_ledger_atomic in a tight
+# loop on a simulated slow disk (fsync sleeps), so most kills land between creating the
+# temporary file and renaming it; version j has target_epsilon j.
 HOST = textwrap.dedent(
     """
     import os, random, shutil, signal, sys, time
     from common.privacy.ledger import PrivacyLedger, write_ledger_atomic
-    phase, state, snaps, seed, kills = (
-        sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    )
+    root, seed = sys.argv[1], int(sys.argv[2])
     rng = random.Random(seed)
     entry = {"round": 0, "kind": "dpsgd", "sample_rate": 0.01, "noise_multiplier": 1.0,
              "steps": 10, "epsilon": 1.0, "time": "2025-01-01T00:00:00+00:00"}
     big = {"version": 1, "delta": 1e-5, "target_epsilon": 1.0, "accountant": "rdp",
-           "entries": [entry] * 6000}
+           "entries": [entry] * 2000}
 
-    def write_forever(i):
+    def write_forever(phase, state, i):
         if phase == "raw":
+            real_fsync = os.fsync
+            def slow_fsync(fd):  # a slow disk: most of the time is spent mid-write
+                real_fsync(fd)
+                time.sleep(0.03)
+            os.fsync = slow_fsync
             j = 1
             while True:
                 write_ledger_atomic(os.path.join(state, "privacy_ledger.json"),
@@ -290,41 +311,50 @@ HOST = textwrap.dedent(
                 led.record(i, "stats_release", sample_rate=1.0, noise_multiplier=5.0, steps=1)
             n += 1
 
-    for i in range(kills):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                write_forever(i)
-            finally:
-                os._exit(3)  # only reached if the writer failed
-        time.sleep(rng.uniform(0.15, 0.5))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
-            sys.exit(f"writer {i} exited by itself with status {status}")
-        shutil.copyfile(os.path.join(state, "privacy_ledger.json"),
-                        os.path.join(snaps, f"{i}.json"))
+    for phase, kills in (("record", RECORD_KILLS), ("raw", RAW_KILLS)):
+        state, snaps = os.path.join(root, phase), os.path.join(root, phase + "-snaps")
+        os.makedirs(state)
+        os.makedirs(snaps)
+        for i in range(kills):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    write_forever(phase, state, i)
+                finally:
+                    os._exit(3)  # only reached if the writer failed
+            time.sleep(rng.uniform(0.15, 0.5))
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+                sys.exit(f"{phase} writer {i} exited by itself with status {status}")
+            shutil.copyfile(os.path.join(state, "privacy_ledger.json"),
+                            os.path.join(snaps, f"{i}.json"))
     """
 )
 
 
-def run_host(phase: str, state: Path, snaps: Path, kills: int) -> None:
+RECORD_KILLS, RAW_KILLS = 4, 3
+
+
+@pytest.fixture(scope="module")
+def killed_writers(tmp_path_factory) -> Path:
+    """Run the host once (one interpreter start) for both crash-safety tests."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    root = tmp_path_factory.mktemp("killed")
+    host = f"RECORD_KILLS, RAW_KILLS = {RECORD_KILLS}, {RAW_KILLS}\n" + HOST
     result = subprocess.run(
-        [sys.executable, "-c", HOST, phase, str(state), str(snaps), "20240607", str(kills)],
+        [sys.executable, "-c", host, str(root), "20240607"],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return root
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_killed_writer_never_leaves_a_broken_ledger(tmp_path):
+def test_killed_writer_never_leaves_a_broken_ledger(killed_writers):
     """SIGKILL at random moments: the file always parses and is a consistent prefix history."""
-    state, snaps = tmp_path / "state", tmp_path / "snaps"
-    state.mkdir()
-    snaps.mkdir()
-    kills = 4
-    run_host("record", state, snaps, kills)
+    state, snaps, kills = killed_writers / "record", killed_writers / "record-snaps", RECORD_KILLS
 
     previous: list[dict] = []
     for i in range(kills):
@@ -349,14 +379,10 @@ def test_killed_writer_never_leaves_a_broken_ledger(tmp_path):
     ]
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_killed_raw_writes_leave_an_old_or_new_file(tmp_path):
-    """SIGKILL during large atomic rewrites: the file is always one whole version."""
-    state, snaps = tmp_path / "state", tmp_path / "snaps"
-    state.mkdir()
-    snaps.mkdir()
-    run_host("raw", state, snaps, 3)
-    for i in range(3):
+def test_killed_raw_writes_leave_an_old_or_new_file(killed_writers):
+    """SIGKILL during slow atomic rewrites: the file is always one whole version."""
+    snaps = killed_writers / "raw-snaps"
+    for i in range(RAW_KILLS):
         data = read_ledger(snaps / f"{i}.json")
         assert data["target_epsilon"] == int(data["target_epsilon"]) >= 1
-        assert len(data["entries"]) == 6000
+        assert len(data["entries"]) == 2000
