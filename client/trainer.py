@@ -293,7 +293,7 @@ class LocalTrainer:
                     d.rollouts += K
                     d.reward_sum += float(rew.sum())
                     d.accuracy_sum += float(acc.sum())
-                old_logp, ref_logp = self._reference_logprobs(rollouts)
+                old_logp, ref_logp = self._reference_logprobs(rollouts, dp=dp is not None)
                 kl = None
                 if ref_logp is not None and old_logp is not None:
                     per_row = (low_var_kl(old_logp, ref_logp) * rollouts.mask).sum(1)
@@ -333,25 +333,32 @@ class LocalTrainer:
             units=units,
         )
 
-    def _reference_logprobs(self, rollouts: Rollouts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Old-policy and reference log-probs (no grad), when the loss or damping needs them."""
+    def _reference_logprobs(self, rollouts: Rollouts, *, dp: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Old-policy and reference log-probs (no grad), only where something needs them.
+
+        The old policy is needed for several PPO epochs (with one epoch the training
+        forward's own detached log-probs are the old ones) and for DRPO's KL damping;
+        the reference (adapter disabled) for the KL penalty and the damping.
+        """
         cfg = self.cfg
-        need_ref = cfg.train.kl_coef > 0 or (cfg.advantage.estimator == "drpo" and cfg.advantage.kl_damping)
-        need_old = cfg.train.ppo_epochs > 1 or need_ref
-        if not need_old:
-            return None, None
-        rows = list(range(rollouts.num_rows))
+        damping = cfg.advantage.estimator == "drpo" and cfg.advantage.kl_damping and not dp
+        need_ref = cfg.train.kl_coef > 0 or damping
+        need_old = cfg.train.ppo_epochs > 1 or damping
         old: list[torch.Tensor] = []
         ref: list[torch.Tensor] = []
+        if not (need_old or need_ref):
+            return None, None
+        rows = list(range(rollouts.num_rows))
         self.policy.peft.eval()
         with torch.no_grad():
             for chunk in _chunks(rows, cfg.train.micro_batch * cfg.rollout.num_rollouts):
-                old.append(self.policy.token_logprobs(rollouts, chunk, temperature=cfg.rollout.temperature).cpu())
+                if need_old:
+                    old.append(self.policy.token_logprobs(rollouts, chunk, temperature=cfg.rollout.temperature).cpu())
                 if need_ref:
                     ref.append(
                         self.policy.token_logprobs(rollouts, chunk, temperature=cfg.rollout.temperature, adapter=False).cpu()
                     )
-        return torch.cat(old), (torch.cat(ref) if ref else None)
+        return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)
 
     def _update(
         self,

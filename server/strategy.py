@@ -26,7 +26,7 @@ from common.modeling.lora import is_lora_b
 from common.seeding import derive_seed
 from common.wire import decode_adapter, encode_adapter
 from server.aggregation import aggregate, client_weights, domain_temperatures
-from server.validation import MetricSpec, expected_from_adapter, validate_reply
+from server.validation import MetricSpec, expected_from_adapter, validate_metrics_reply, validate_reply
 
 log = logging.getLogger(__name__)
 
@@ -303,17 +303,14 @@ class FedClimbStrategy(Strategy):
                 continue
             content = msg.content
             metrics = dict(content.metric_records[keys.METRICS]) if keys.METRICS in content.metric_records else {}
-            verdict = validate_reply(
-                None if not content.array_records else {},
+            verdict = validate_metrics_reply(
                 metrics,
-                expected={},
                 allowed_metric_keys=EVAL_METRICS,
-                max_update_norm=None,
-                global_adapter={},
                 num_domains=len(self.domains),
+                has_arrays=bool(content.array_records),
             )
             label = node_label(msg.metadata.src_node_id, metrics)
-            if not verdict.ok and verdict.status != "budget_exhausted":
+            if not verdict.ok:
                 log.warning("round %d: dropped evaluation of %s: %s", server_round, label, verdict.reason)
                 continue
             per_node[label] = metrics
@@ -335,7 +332,7 @@ class FedClimbStrategy(Strategy):
             for k in keys.EVAL_PER_DOMAIN:
                 if k == keys.E_RECORDS:
                     continue
-                out[d][k.split(".", 1)[1]] = sum(n * m[k][i] for n, m in rows) / total
+                out[d][k.split(".", 1)[1].replace("-", "_")] = sum(n * m[k][i] for n, m in rows) / total
         return out
 
     def summary(self) -> None:

@@ -208,6 +208,33 @@ def validate_reply(
     return ReplyVerdict(ok=True, reason=None, status="ok")
 
 
+def validate_metrics_reply(
+    metrics: Mapping[str, object] | None,
+    *,
+    allowed_metric_keys: Mapping[str, MetricSpec],
+    num_domains: int,
+    has_arrays: bool = False,
+    status_key: str = STATUS_KEY,
+) -> ReplyVerdict:
+    """Check a reply that must carry metrics only (e.g. an evaluation reply).
+
+    Any tensor is a rejection (an evaluation never sends weights); the status must be a
+    known code; metric names and types follow ``allowed_metric_keys``.
+    """
+    if has_arrays:
+        return _reject("an evaluation reply must not carry tensors")
+    specs = {status_key: MetricSpec("int"), **allowed_metric_keys}
+    metrics = {} if metrics is None else metrics
+    status = metrics.get(status_key, STATUS_OK)
+    if type(status) is not int or status not in (STATUS_OK, STATUS_BUDGET_EXHAUSTED):
+        return _reject(f"metric {status_key!r} is {_quote(status)}, expected {STATUS_OK} or {STATUS_BUDGET_EXHAUSTED}")
+    required = {k for k, spec in specs.items() if spec.required}
+    reason = _check_metrics(metrics, specs, required=required, num_domains=num_domains)
+    if reason is not None:
+        return _reject(reason)
+    return ReplyVerdict(ok=True, reason=None, status="ok")
+
+
 def _reject(reason: str) -> ReplyVerdict:
     """A rejected verdict; logged at DEBUG since the caller names the node."""
     logger.debug("reply rejected: %s", reason)

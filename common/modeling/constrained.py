@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import LogitsProcessor
+from transformers.generation.logits_process import LogitsProcessor
 
 __all__ = ["OptionTrie", "ConstrainedLogits", "allowed_mask"]
 

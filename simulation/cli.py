@@ -1,0 +1,238 @@
+"""The `fedclimb` command line.
+
+    fedclimb simulate [options] [key=value ...]      the whole federation on one machine
+    fedclimb train-local --data ROOT --steps N        one hospital's local DRPO, no Flower
+    fedclimb data validate ROOT [--json]              check a CLIMB root, media included
+    fedclimb data synth OUT                           write the synthetic federation
+    fedclimb data from-dicom DICOM_DIR OUT ...        a hospital's DICOM folder -> CLIMB
+    fedclimb privacy report --state DIR               a hospital's privacy ledger
+
+Exit codes: 0 success, 1 the command ran and found a problem (invalid records, a
+failed run), 2 unusable arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+class _UsageError(Exception):
+    """Arguments that cannot be used (exit code 2)."""
+
+
+def _overrides_help() -> str:
+    return "configuration overrides such as train.lr=1e-4 or presets such as model=smollm2-135m"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedclimb", description="Federated DRPO fine-tuning on CLIMB data.")
+    p.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)")
+    s.add_argument("--config", help="a fedclimb YAML file (default: configs/base.yaml)")
+    s.add_argument("--hospitals", type=int, help="number of simulated hospitals (default 3)")
+    s.add_argument("--data", help="a real CLIMB root to partition into hospitals (default: synthetic federation)")
+    s.add_argument("--out", default="runs/simulate", help="run directory (default runs/simulate)")
+    s.add_argument("--seed", type=int, help="seed for data, initialisation and sampling")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--quiet", action="store_true", help="print nothing but the final report path")
+    mode.add_argument("--jsonl", action="store_true", help="print one JSON object per round (for scripts)")
+    s.add_argument("--verbose", action="store_true", help="also print the tail of Flower's log")
+    s.add_argument("--compare", action="store_true",
+                   help="compare local-only, FedAvg+GRPO, domain-aware+DRPO and centralised DRPO")
+    s.add_argument("--seeds", type=int, default=1, help="with --compare: number of seeds (default 1)")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+
+    t = sub.add_parser("train-local", help="train one hospital's adapter locally (no federation)")
+    t.add_argument("--data", required=True, help="the hospital's CLIMB root")
+    t.add_argument("--steps", type=int, required=True, help="local DRPO steps")
+    t.add_argument("--config", help="a fedclimb YAML file (default: configs/base.yaml)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", help="write the adapter here as a PEFT folder")
+    t.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    t.add_argument("overrides", nargs="*", help=_overrides_help())
+
+    d = sub.add_parser("data", help="CLIMB data tools").add_subparsers(dest="data_command", required=True)
+    v = d.add_parser("validate", help="check every record of a CLIMB root")
+    v.add_argument("root")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.add_argument("--domain-key", choices=("dataset", "modality"), default="dataset")
+    v.add_argument("--no-media", action="store_true", help="do not decode media (structure only)")
+    sy = d.add_parser("synth", help="write the synthetic federation")
+    sy.add_argument("out")
+    sy.add_argument("--hospitals", type=int, default=3)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--scale", type=float, default=1.0)
+    sy.add_argument("--overwrite", action="store_true")
+    fd = d.add_parser("from-dicom", help="convert a DICOM folder + labels CSV into CLIMB records (no PHI)")
+    fd.add_argument("dicom_dir")
+    fd.add_argument("out")
+    fd.add_argument("--labels", required=True, help="CSV with a SOPInstanceUID, StudyInstanceUID or file column and a label column")
+    fd.add_argument("--question", required=True, help="the question asked for every image")
+    fd.add_argument("--salt-file", required=True, help="the hospital's secret pseudonymisation salt (created if missing; keep it outside OUT)")
+    fd.add_argument("--options", help="answer options separated by '|' (default: the labels seen)")
+    fd.add_argument("--modality", help="CLIMB modality folder (default: the DICOM Modality, lower case)")
+    fd.add_argument("--dataset", help="dataset folder name (default: the DICOM folder's name)")
+    fd.add_argument("--splits", default="0.8,0.1,0.1", help="train,valid,test fractions by patient")
+    fd.add_argument("--frames", type=int, default=4, help="frames kept from a multi-frame DICOM")
+    fd.add_argument("--allow-burned-in", action="store_true", help="keep images flagged BurnedInAnnotation=YES")
+
+    pr = sub.add_parser("privacy", help="privacy ledger tools").add_subparsers(dest="privacy_command", required=True)
+    rep = pr.add_parser("report", help="print a hospital's privacy ledger and remaining budget")
+    rep.add_argument("--state", required=True, help="the hospital's state directory")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from common.climb.records import annotation_files
+    from common.climb.validate import validate_root
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise _UsageError(f"{root} is not a directory")
+    if not annotation_files(root):
+        raise _UsageError(f"no annotation_<split>.jsonl files under {root} (expected <modality>/<dataset>/annotation_train.jsonl)")
+    report = validate_root(root, domain_key=args.domain_key, media=not args.no_media)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0 if report.ok else 1
+    print(f"{report.valid} valid record(s), {len(report.invalid)} invalid under {root}")
+    for split in sorted(report.counts):
+        mods = ", ".join(f"{m}: {n}" for m, n in sorted(report.modalities[split].items()))
+        print(f"  {split}: {sum(report.counts[split].values())} records  (modalities {mods})")
+        for dom, n in sorted(report.counts[split].items()):
+            print(f"    {dom:<32} {n}")
+    for p in report.invalid:
+        print(f"INVALID {p.file}:{p.line}: {p.reason}")
+    return 0 if report.ok else 1
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from simulation.synth import generate_federation
+
+    try:
+        summary = generate_federation(Path(args.out), hospitals=args.hospitals, seed=args.seed, scale=args.scale,
+                                      overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as exc:
+        raise _UsageError(str(exc)) from None
+    for i in range(summary.hospitals):
+        print(f"{summary.hospital_roots[i]}: " + ", ".join(
+            f"{split} {sum(c.values())}" for split, c in summary.counts[i].items()))
+    return 0
+
+
+def _cmd_from_dicom(args: argparse.Namespace) -> int:
+    from client.dicom_import import convert_dicom_folder
+
+    try:
+        fractions = tuple(float(x) for x in args.splits.split(","))
+    except ValueError:
+        raise _UsageError(f"--splits must be three numbers like 0.8,0.1,0.1, got {args.splits!r}") from None
+    if len(fractions) != 3:
+        raise _UsageError(f"--splits needs three fractions (train,valid,test), got {args.splits!r}")
+    for path, what in ((args.dicom_dir, "DICOM_DIR"), (args.labels, "--labels")):
+        if not Path(path).exists():
+            raise _UsageError(f"{what} {path} does not exist")
+    try:
+        summary = convert_dicom_folder(
+            Path(args.dicom_dir), Path(args.out), Path(args.labels), args.question,
+            salt_file=Path(args.salt_file),
+            options=args.options.split("|") if args.options else None,
+            modality=args.modality, dataset=args.dataset, split_fractions=fractions,  # type: ignore[arg-type]
+            n_frames=args.frames, skip_burned_in=not args.allow_burned_in,
+        )
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    print(summary.report())
+    return 0
+
+
+def _cmd_privacy_report(args: argparse.Namespace) -> int:
+    from common.privacy.ledger import LedgerError, report
+
+    state = Path(args.state)
+    if not state.is_dir():
+        raise _UsageError(f"{state} is not a directory")
+    try:
+        print(report(state))
+    except (LedgerError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_train_local(args: argparse.Namespace) -> int:
+    from simulation.local import train_local_command
+
+    return train_local_command(args)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from common.config import ConfigError
+    from simulation.report import write_report
+    from simulation.simulate import config_for_cli, run_simulation
+
+    try:
+        cfg = config_for_cli(args.config, args.overrides, hospitals=args.hospitals, data=args.data, seed=args.seed)
+    except ConfigError as exc:
+        raise _UsageError(str(exc)) from None
+    if args.compare:
+        from simulation.compare import run_compare
+
+        return run_compare(cfg, Path(args.out), seeds=args.seeds, quiet=args.quiet)
+    mode = "quiet" if args.quiet else "jsonl" if args.jsonl else "progress"
+    result = run_simulation(cfg, Path(args.out), mode=mode, verbose=args.verbose)  # type: ignore[arg-type]
+    if not result.ok:
+        print(f"simulation failed (flwr exit code {result.returncode}); see {result.run_dir / 'flower.log'}",
+              file=sys.stderr)
+        return 1
+    command = "fedclimb " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = write_report(result.run_dir, result.cfg, result.history, seconds=result.seconds, command=command)
+    if mode == "progress":
+        print(f"done in {result.seconds:.0f} s: {path}")
+        print(path.read_text().split("## Hospitals")[0].split("## Test metrics per domain")[1].strip())
+    elif mode == "quiet":
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "simulate": _cmd_simulate,
+    "train-local": _cmd_train_local,
+    ("data", "validate"): _cmd_validate,
+    ("data", "synth"): _cmd_synth,
+    ("data", "from-dicom"): _cmd_from_dicom,
+    ("privacy", "report"): _cmd_privacy_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(levelname)s %(name)s: %(message)s")
+    key = args.command
+    if key == "data":
+        key = ("data", args.data_command)
+    elif key == "privacy":
+        key = ("privacy", args.privacy_command)
+    try:
+        return COMMANDS[key](args)
+    except _UsageError as exc:
+        print(f"fedclimb: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Run the Flower app on Flower's simulation engine, and leave nothing running after.
+
+``flwr run .`` would start a *detached* SuperLink that outlives the run. Instead this
+starts a private SuperLink (``--simulation``, its own FLWR_HOME and a free loopback port)
+in a new process group, submits the run with ``flwr run . <connection> --stream``, and
+finally terminates the whole group (SuperLink, its simulation process and Ray's
+workers), also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SimulationLaunch", "launch", "free_port", "app_dir", "toml_string", "sweep"]
+
+CONNECTION = "fedclimb-sim"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def app_dir() -> Path:
+    """The folder holding pyproject.toml with the Flower app sections."""
+    here = Path(__file__).resolve().parent.parent
+    if not (here / "pyproject.toml").is_file():
+        raise RuntimeError(f"{here} has no pyproject.toml: `fedclimb simulate` runs from a source checkout")
+    return here
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string literal (for --run-config values)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found next to {sys.executable} or on PATH; install flwr[simulation]")
+    return found
+
+
+@dataclass
+class SimulationLaunch:
+    """What to run and where to log."""
+
+    run_config: Mapping[str, str]
+    num_supernodes: int
+    cpus_per_client: float
+    gpus_per_client: float
+    log_file: Path
+    flwr_home: Path
+    env: Mapping[str, str]
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited early (code {proc.returncode}); see its log")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the SuperLink did not open 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def sweep(flwr_home: Path) -> list[int]:
+    """Kill any process still carrying this run's FLWR_HOME (e.g. a detached Ray worker).
+
+    Linux only (reads /proc); returns the PIDs that were signalled.
+    """
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    killed = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and int(entry.name) != os.getpid():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    if killed:
+        log.warning("killed %d leftover simulation process(es): %s", len(killed), killed)
+    return killed
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _superlink(spec: SimulationLaunch, port: int) -> Iterator[subprocess.Popen]:
+    spec.flwr_home.mkdir(parents=True, exist_ok=True)
+    (spec.flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    logf = open(spec.log_file, "ab")  # noqa: SIM115 - closed in finally
+    cmd = [
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    proc = subprocess.Popen(  # noqa: S603 - fixed argv
+        cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(spec.env), start_new_session=True
+    )
+    try:
+        _wait_port(port, 60.0, proc)
+        yield proc
+    finally:
+        _kill_group(proc)
+        sweep(spec.flwr_home)
+        logf.close()
+
+
+def launch(spec: SimulationLaunch, *, poll: Callable[[], None] | None = None, poll_s: float = 1.0) -> int:
+    """Run the app to completion; returns ``flwr run``'s exit code.
+
+    ``poll`` is called about every ``poll_s`` seconds while the run is going (to show
+    progress). Every process started here is gone when this returns.
+    """
+    port = free_port()
+    # The SuperLink starts flower-superexec (and that flwr-simulation) by name.
+    path = os.pathsep.join([str(Path(sys.executable).parent), spec.env.get("PATH", os.environ.get("PATH", ""))])
+    env = {**spec.env, "FLWR_HOME": str(spec.flwr_home), "PATH": path}
+    spec = SimulationLaunch(**{**spec.__dict__, "env": env})
+    run_cfg = " ".join(f"{k}={v}" for k, v in spec.run_config.items())
+    fed_cfg = (
+        f"num-supernodes={spec.num_supernodes} "
+        f"client-resources-num-cpus={spec.cpus_per_client:g} "
+        f"client-resources-num-gpus={spec.gpus_per_client:g}"
+    )
+    with _superlink(spec, port):
+        with open(spec.log_file, "ab") as logf:
+            cmd = [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", run_cfg,
+                   "--federation-config", fed_cfg, "--stream"]
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=app_dir()
+            )
+            try:
+                while proc.poll() is None:
+                    if poll:
+                        poll()
+                    time.sleep(poll_s)
+                if poll:
+                    poll()
+            finally:
+                if proc.poll() is None:
+                    _kill_group(proc)
+            return int(proc.returncode or 0)

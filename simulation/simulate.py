@@ -1,0 +1,248 @@
+"""`fedclimb simulate`: a whole federation on one machine, with a report.
+
+1. Data: the embedded synthetic federation (generated once per seed and cached), or a
+   real CLIMB root partitioned into hospitals (simulation/partition.py).
+2. One folder per hospital with its own hospital.yaml (privacy budget) and state
+   directory (privacy ledger) — exactly what a real hospital has.
+3. The same ServerApp/ClientApp as a deployment, on Flower's simulation engine
+   (simulation/launcher.py), with live progress read from the server's events.
+4. report.md, learning_curves.png and metrics.jsonl in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+
+from common.climb.records import load_records
+from common.config import FedClimbConfig, HospitalConfig, load_config, to_yaml
+from common.modeling.loader import cache_root
+from simulation.launcher import SimulationLaunch, launch, toml_string
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SimulationResult", "prepare_data", "run_simulation", "MARKER"]
+
+MARKER = ".fedclimb-simulation"
+EVENTS = "events.jsonl"
+Mode = Literal["progress", "quiet", "jsonl"]
+
+
+@dataclass
+class SimulationResult:
+    """Where things went and how long it took."""
+
+    run_dir: Path
+    cfg: FedClimbConfig
+    hospitals: list[str]
+    seconds: float
+    returncode: int
+    history: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and bool(self.history) and self.history[-1]["server_round"] == self.cfg.federation.rounds
+
+
+def _synth_root(cfg: FedClimbConfig, hospitals: int, seed: int) -> Path:
+    from simulation.synth import GENERATOR_VERSION, generate_federation
+
+    tag = f"{GENERATOR_VERSION.replace('/', '-')}-h{hospitals}-s{seed}-x{cfg.simulation.synth_scale:g}"
+    root = cache_root(cfg.model) / "synth" / tag
+    if not (root / "federation.json").is_file():
+        log.info("generating the synthetic federation in %s", root)
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_federation(tmp, hospitals=hospitals, seed=seed, scale=cfg.simulation.synth_scale)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def prepare_data(cfg: FedClimbConfig, run_dir: Path) -> list[Path]:
+    """Per-hospital CLIMB roots for this simulation (hospital i is partition i)."""
+    n = cfg.simulation.hospitals
+    if not cfg.simulation.data_root:
+        root = _synth_root(cfg, n, cfg.seed)
+        return [root / f"hospital-{i}" for i in range(n)]
+    from simulation.partition import partition_root
+
+    return partition_root(
+        Path(cfg.simulation.data_root),
+        run_dir / "data",
+        hospitals=n,
+        mode=cfg.simulation.partition,
+        alpha=cfg.simulation.dirichlet_alpha,
+        seed=cfg.seed,
+        domain_key=cfg.data.domain_key,
+    )
+
+
+def _domains(roots: Sequence[Path], cfg: FedClimbConfig) -> list[str]:
+    names: set[str] = set()
+    for root in roots:
+        for split in (cfg.data.train_split, cfg.data.eval_split):
+            names |= {r.domain for r in load_records(root, split, domain_key=cfg.data.domain_key)}
+    return sorted(names)
+
+
+def _write_hospitals(cfg: FedClimbConfig, roots: Sequence[Path], run_dir: Path) -> Path:
+    sim_root = run_dir / "hospitals"
+    for i, root in enumerate(roots):
+        folder = sim_root / f"hospital-{i}"
+        (folder / "state").mkdir(parents=True, exist_ok=True)
+        hospital = HospitalConfig(
+            name=f"hospital-{i}",
+            data_root=str(root.resolve()),
+            state_dir=str((folder / "state").resolve()),
+            privacy=cfg.privacy,
+            domain_key=cfg.data.domain_key,
+        )
+        (folder / "hospital.yaml").write_text(to_yaml(hospital), encoding="utf-8")
+    return sim_root
+
+
+def _fresh_run_dir(run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / MARKER).is_file():
+            raise FileExistsError(f"{run_dir} exists and was not written by `fedclimb simulate`; choose another --out")
+        if not resume:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("fedclimb simulate run directory\n")
+
+
+class _Progress:
+    """Reads the server's events.jsonl as it grows and reports each round."""
+
+    def __init__(self, path: Path, cfg: FedClimbConfig, mode: Mode, out: Callable[[str], None]) -> None:
+        self.path, self.cfg, self.mode, self.out = path, cfg, mode, out
+        self.offset = 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                self.offset += len(line.encode())
+                self.emit(json.loads(line))
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.mode == "quiet":
+            return
+        if self.mode == "jsonl":
+            self.out(json.dumps(event, sort_keys=True))
+            return
+        self.out(format_round(event, self.cfg.federation.rounds, time.perf_counter() - self.t0))
+
+
+def format_round(event: dict[str, Any], rounds: int, elapsed: float) -> str:
+    """One human line per round."""
+    rnd = event["server_round"]
+    train = event.get("train") or {}
+    nodes = train.get("nodes", {})
+    done = len([n for n in nodes if n not in train.get("rejected", {})])
+    ev = (event.get("evaluate") or {}).get("domains", {})
+    reward = sum(v["mean_reward"] * v["records"] for v in ev.values()) / max(sum(v["records"] for v in ev.values()), 1)
+    acc = sum(v["balanced_accuracy"] * v["records"] for v in ev.values()) / max(sum(v["records"] for v in ev.values()), 1)
+    eps = " ".join(f"{k.split('-')[-1]}:{v['dp.epsilon']:.2f}" for k, v in sorted(nodes.items()) if "dp.epsilon" in v)
+    head = "round 0 (before training)" if rnd == 0 else f"round {rnd}/{rounds}"
+    parts = [f"{head:<26}"]
+    if rnd > 0:
+        parts.append(f"hospitals {done}/{len(nodes)}")
+    parts.append(f"test reward {reward:.3f} bal-acc {acc:.3f}")
+    if eps:
+        parts.append(f"eps {eps}")
+    parts.append(f"sent {event['bytes_sent'] / 1e6:.2f} MB recv {event['bytes_received'] / 1e6:.2f} MB")
+    parts.append(f"{event['seconds']:.1f} s (elapsed {elapsed:.0f} s)")
+    return " | ".join(parts)
+
+
+def run_simulation(
+    cfg: FedClimbConfig,
+    run_dir: Path,
+    *,
+    mode: Mode = "progress",
+    out: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> SimulationResult:
+    """Prepare data and hospitals, run the federation through Flower, return its history."""
+    t0 = time.perf_counter()
+    run_dir = run_dir.resolve()
+    _fresh_run_dir(run_dir, cfg.server.resume)
+    roots = prepare_data(cfg, run_dir)
+    cfg.federation.domains = _domains(roots, cfg)
+    cfg.federation.min_hospitals = cfg.simulation.hospitals
+    cfg.server.run_dir = str(run_dir)
+    sim_root = _write_hospitals(cfg, roots, run_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    if mode == "progress":
+        out(
+            f"fedclimb simulate: {len(roots)} hospitals, domains {', '.join(cfg.federation.domains)}, "
+            f"{cfg.federation.rounds} rounds x {cfg.train.steps} local steps, "
+            f"{'DP on (target eps ' + str(cfg.privacy.target_epsilon) + ')' if cfg.privacy.enabled else 'DP off'}, "
+            f"{cfg.advantage.estimator.upper()}, aggregation {cfg.aggregation.mode}/{cfg.aggregation.weighting}"
+        )
+        out(f"run directory: {run_dir}")
+    env = {
+        **os.environ,
+        "FEDCLIMB_CACHE": str(cache_root(cfg.model)),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PYTHONWARNINGS": "ignore",
+    }
+    spec = SimulationLaunch(
+        run_config={"config-file": toml_string(str(run_dir / "config.yaml")), "sim-root": toml_string(str(sim_root))},
+        num_supernodes=len(roots),
+        cpus_per_client=cfg.simulation.cpus_per_hospital,
+        gpus_per_client=cfg.simulation.gpus_per_hospital,
+        log_file=run_dir / "flower.log",
+        flwr_home=run_dir / ".flwr",
+        env=env,
+    )
+    progress = _Progress(run_dir / EVENTS, cfg, mode, out)
+    code = launch(spec, poll=progress)
+    shutil.rmtree(run_dir / ".flwr", ignore_errors=True)
+    metrics_file = run_dir / "metrics.json"
+    history = json.loads(metrics_file.read_text()) if metrics_file.is_file() else []
+    result = SimulationResult(run_dir, cfg, [f"hospital-{i}" for i in range(len(roots))],
+                              time.perf_counter() - t0, code, history)
+    if verbose or not result.ok:
+        tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-40:]
+        if not result.ok:
+            out("the simulation did not finish; the last lines of flower.log:")
+        for line in tail:
+            out("  " + line)
+    return result
+
+
+def config_for_cli(config_file: str | None, overrides: Sequence[str], *, hospitals: int | None,
+                   data: str | None, seed: int | None) -> FedClimbConfig:
+    """Merge the CLI flags into the configuration (flags win over files)."""
+    extra = []
+    if hospitals is not None:
+        extra.append(f"simulation.hospitals={hospitals}")
+    if data is not None:
+        extra.append(f"simulation.data_root={data}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    return load_config(config_file, [*overrides, *extra])
+
