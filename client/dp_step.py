@@ -52,6 +52,10 @@ class DPUpdater:
 
         self.params = policy.trainable_parameters()
         self.module = GradSampleModule(policy.peft, batch_first=True, loss_reduction="sum", strict=True)
+        # The hooks live on the policy's own LoRA layers, so they would also fire in
+        # non-DP training of the same policy (and pile up per-row gradients there that
+        # nothing clears): they are on only between begin_step and finish_step.
+        self.module.disable_hooks()
         self._sum: list[torch.Tensor] = []
         self._clipped = 0
         self._num_units = 0
@@ -70,6 +74,7 @@ class DPUpdater:
         for p in self.params:
             p.grad = None
             p.grad_sample = None
+        self.module.enable_hooks()
 
     def accumulate(
         self, losses: torch.Tensor, mask: torch.Tensor, unit_index: torch.Tensor, num_units: int, dp: DPSettings
@@ -91,6 +96,7 @@ class DPUpdater:
 
     def finish_step(self, optimizer: torch.optim.Optimizer, dp: DPSettings) -> int:
         """Add the noise once, divide by q * N and step. Returns how many units were clipped."""
+        self.module.disable_hooks()
         expected = dp.sample_rate * self._num_units
         if expected <= 0:
             raise ValueError(f"expected batch size q*N = {dp.sample_rate}*{self._num_units} must be > 0")

@@ -230,7 +230,9 @@ def train_round(
                           noise_multiplier=plan.stats_noise_multiplier, steps=1)
         metrics.update({keys.EPSILON: ledger.spent_epsilon(), keys.DELTA: cfg.privacy.delta,
                         keys.NOISE_MULTIPLIER: plan.noise_multiplier, keys.SAMPLE_RATE: plan.sample_rate})
-        releasable = plan.stats_noise_multiplier is not None
+        # Only the Gaussian-noised per-domain statistics may leave; without domain names
+        # nothing was released, so no exact count or mean reward may be sent either.
+        releasable = plan.stats_noise_multiplier is not None and bool(ins.domain_names)
     else:
         releasable = True
         _save_drpo_state(site, ins.server_round, result.drpo_state)

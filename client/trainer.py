@@ -310,9 +310,12 @@ class LocalTrainer:
                 log_entry.pg_loss, log_entry.kl, log_entry.clipped_units = loss_stats
                 t_roll += t1 - t0
                 t_upd += t2 - t1
-            elif dp is not None:  # empty Poisson batch: the noisy step still happens
+            elif dp is not None:  # empty Poisson batch: the noisy steps still happen
                 t1 = time.perf_counter()
-                self._dp_updater.empty_step(optimizer, dp)  # type: ignore[union-attr]
+                # As many noisy updates as a non-empty sample gets (one per PPO epoch),
+                # so that the mechanism is the accounted (sigma / sqrt(E), q, 1) step.
+                for _epoch in range(cfg.train.ppo_epochs):
+                    self._dp_updater.empty_step(optimizer, dp)  # type: ignore[union-attr]
                 t_upd += time.perf_counter() - t1
             history.append(log_entry)
             if on_step:

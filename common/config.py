@@ -80,7 +80,8 @@ class TinyModelConfig:
         _check(
             sum(self.mrope_section) * 2 == head_dim,
             "model.tiny.mrope_section",
-            f"must sum to head_dim/2 = {head_dim // 2}, got {self.mrope_section}",
+            f"must sum to head_dim/2 = {head_dim // 2} (head_dim = model.tiny.hidden_size / "
+            f"model.tiny.num_attention_heads), got {self.mrope_section}",
         )
         _check(self.vocab_size >= 512, "model.tiny.vocab_size", f"must be >= 512, got {self.vocab_size}")
 
@@ -511,6 +512,21 @@ def _parse_defaults(data: DictConfig, path: Path, groups: set[str]) -> dict[str,
     return chosen
 
 
+def _dotlist(words: Sequence[str]) -> DictConfig:
+    """Parse ``key=value`` command-line words, blaming the command line for any error."""
+    cfg = OmegaConf.create()
+    for word in words:
+        if "=" not in word:
+            raise ConfigError(f"command line: {word!r} is not key=value")
+        try:
+            cfg.merge_with_dotlist([word])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command line: {_describe(exc)}") from None
+        except Exception as exc:  # a YAML syntax error in the value, e.g. train.lr=[1
+            raise ConfigError(f"command line: {word!r}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return cfg
+
+
 def _split_overrides(overrides: Iterable[str], groups: set[str], root: Path) -> tuple[dict[str, str], list[str]]:
     presets: dict[str, str] = {}
     dotted: list[str] = []
@@ -538,13 +554,22 @@ def _flat_keys(node: Any, prefix: str = "") -> set[str]:
     return {prefix[:-1]}
 
 
+_DOTTED_KEY = re.compile(r"\b[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+\b")
+
+
 def _finish(cfg: DictConfig, schema: type[S], sources: list[tuple[str, set[str]]]) -> S:
     """Build the dataclasses (running their range checks), blaming the right source."""
     try:
         obj = OmegaConf.to_object(cfg)
     except ConfigError as exc:  # raised by a __post_init__ range check: "key: message"
-        key = str(exc).split(":", 1)[0]
-        blamed = [src for src, keys in sources if any(k == key or k.startswith(key + ".") for k in keys)]
+        key, message = (str(exc).split(":", 1) + [""])[:2]
+        # A check that relates several fields names the others in its message
+        # ("<= model.max_pixels", "when model.source=hf"): any of them may be the culprit.
+        named = {key, *_DOTTED_KEY.findall(message)}
+        blamed = [
+            src for src, keys in sources
+            if any(k == n or k.startswith(n + ".") for k in keys for n in named)
+        ]
         where = blamed[-1] if blamed else "built-in defaults (common/config.py)"
         raise ConfigError(f"{where}: {exc}") from None
     except OmegaConfBaseException as exc:
@@ -586,6 +611,11 @@ def load_config(
     cli_presets, dotted = _split_overrides(overrides, groups, root)
     chosen.update(cli_presets)
 
+    for group, name in chosen.items():
+        if not (root / group / f"{name}.yaml").is_file():
+            known = sorted(p.stem for p in (root / group).glob("*.yaml"))
+            raise ConfigError(f"{path}: defaults: {group}: no preset {name!r} (known: {known})")
+
     cfg = OmegaConf.structured(FedClimbConfig)
     parts: list[tuple[str, DictConfig]] = [
         (str(root / group / f"{name}.yaml"), _read_yaml(root / group / f"{name}.yaml"))
@@ -593,10 +623,7 @@ def load_config(
     ]
     parts.append((str(path), OmegaConf.masked_copy(data, [k for k in data.keys() if k != "defaults"])))
     if dotted:
-        try:
-            parts.append(("command line", OmegaConf.from_dotlist(dotted)))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"command line: {_describe(exc)}") from None
+        parts.append(("command line", _dotlist(dotted)))
     for source, part in parts:
         cfg = _merge(cfg, part, source)
     return _finish(cfg, FedClimbConfig, [(src, _flat_keys(part)) for src, part in parts])
@@ -607,7 +634,7 @@ def load_hospital_config(path: str | Path, overrides: Sequence[str] = ()) -> Hos
     path = Path(path)
     parts = [(str(path), _read_yaml(path))]
     if overrides:
-        parts.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        parts.append(("command line", _dotlist(list(overrides))))
     cfg = OmegaConf.structured(HospitalConfig)
     for source, part in parts:
         cfg = _merge(cfg, part, source)

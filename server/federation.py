@@ -143,7 +143,7 @@ def run_federation(
 def _base_name(cfg: FedClimbConfig) -> str:
     m = cfg.model
     if m.source == "tiny":
-        return "fedclimb-tiny"
+        return ""
     if m.source == "gguf":
         return f"{m.name_or_path}/{m.gguf_file}"
     return m.name_or_path

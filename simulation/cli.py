@@ -124,11 +124,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     try:
         summary = generate_federation(Path(args.out), hospitals=args.hospitals, seed=args.seed, scale=args.scale,
                                       overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:
         raise _UsageError(str(exc)) from None
-    for i in range(summary.hospitals):
-        print(f"{summary.hospital_roots[i]}: " + ", ".join(
-            f"{split} {sum(c.values())}" for split, c in summary.counts[i].items()))
+    for root in summary.hospital_roots:
+        print(f"{root}: " + ", ".join(
+            f"{split} {sum(c.values())}" for split, c in summary.counts[root.name].items()))
     return 0
 
 
@@ -152,7 +152,7 @@ def _cmd_from_dicom(args: argparse.Namespace) -> int:
             modality=args.modality, dataset=args.dataset, split_fractions=fractions,  # type: ignore[arg-type]
             n_frames=args.frames, skip_burned_in=not args.allow_burned_in,
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise _UsageError(str(exc)) from None
     print(summary.report())
     return 0

@@ -29,7 +29,7 @@ from simulation.launcher import SimulationLaunch, launch, toml_string
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SimulationResult", "prepare_data", "run_simulation", "MARKER"]
+__all__ = ["SimulationResult", "PreparedRun", "prepare_data", "prepare_run", "run_simulation", "run_inprocess", "MARKER"]
 
 MARKER = ".fedclimb-simulation"
 EVENTS = "events.jsonl"
@@ -172,6 +172,39 @@ def format_round(event: dict[str, Any], rounds: int, elapsed: float) -> str:
     return " | ".join(parts)
 
 
+@dataclass
+class PreparedRun:
+    """A run directory with data, hospitals and the resolved configuration."""
+
+    cfg: FedClimbConfig
+    run_dir: Path
+    roots: list[Path]
+    sim_root: Path
+
+    @property
+    def run_config(self) -> dict[str, str]:
+        """Flower run-config values (the same keys as [tool.flwr.app.config])."""
+        return {"config-file": str(self.run_dir / "config.yaml"), "sim-root": str(self.sim_root)}
+
+
+def prepare_run(cfg: FedClimbConfig, run_dir: Path) -> PreparedRun:
+    """Data, one folder per hospital (hospital.yaml + state/), config.yaml."""
+    run_dir = run_dir.resolve()
+    _fresh_run_dir(run_dir, cfg.server.resume)
+    roots = prepare_data(cfg, run_dir)
+    cfg.federation.domains = _domains(roots, cfg)
+    cfg.federation.min_hospitals = cfg.simulation.hospitals
+    cfg.server.run_dir = str(run_dir)
+    sim_root = _write_hospitals(cfg, roots, run_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    return PreparedRun(cfg, run_dir, roots, sim_root)
+
+
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    metrics_file = run_dir / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else []
+
+
 def run_simulation(
     cfg: FedClimbConfig,
     run_dir: Path,
@@ -182,17 +215,11 @@ def run_simulation(
 ) -> SimulationResult:
     """Prepare data and hospitals, run the federation through Flower, return its history."""
     t0 = time.perf_counter()
-    run_dir = run_dir.resolve()
-    _fresh_run_dir(run_dir, cfg.server.resume)
-    roots = prepare_data(cfg, run_dir)
-    cfg.federation.domains = _domains(roots, cfg)
-    cfg.federation.min_hospitals = cfg.simulation.hospitals
-    cfg.server.run_dir = str(run_dir)
-    sim_root = _write_hospitals(cfg, roots, run_dir)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    run = prepare_run(cfg, run_dir)
+    cfg, run_dir = run.cfg, run.run_dir
     if mode == "progress":
         out(
-            f"fedclimb simulate: {len(roots)} hospitals, domains {', '.join(cfg.federation.domains)}, "
+            f"fedclimb simulate: {len(run.roots)} hospitals, domains {', '.join(cfg.federation.domains)}, "
             f"{cfg.federation.rounds} rounds x {cfg.train.steps} local steps, "
             f"{'DP on (target eps ' + str(cfg.privacy.target_epsilon) + ')' if cfg.privacy.enabled else 'DP off'}, "
             f"{cfg.advantage.estimator.upper()}, aggregation {cfg.aggregation.mode}/{cfg.aggregation.weighting}"
@@ -210,8 +237,8 @@ def run_simulation(
         "PYTHONWARNINGS": "ignore",
     }
     spec = SimulationLaunch(
-        run_config={"config-file": toml_string(str(run_dir / "config.yaml")), "sim-root": toml_string(str(sim_root))},
-        num_supernodes=len(roots),
+        run_config={k: toml_string(v) for k, v in run.run_config.items()},
+        num_supernodes=len(run.roots),
         cpus_per_client=cfg.simulation.cpus_per_hospital,
         gpus_per_client=cfg.simulation.gpus_per_hospital,
         log_file=run_dir / "flower.log",
@@ -221,10 +248,8 @@ def run_simulation(
     progress = _Progress(run_dir / EVENTS, cfg, mode, out)
     code = launch(spec, poll=progress)
     shutil.rmtree(run_dir / ".flwr", ignore_errors=True)
-    metrics_file = run_dir / "metrics.json"
-    history = json.loads(metrics_file.read_text()) if metrics_file.is_file() else []
-    result = SimulationResult(run_dir, cfg, [f"hospital-{i}" for i in range(len(roots))],
-                              time.perf_counter() - t0, code, history)
+    result = SimulationResult(run_dir, cfg, [f"hospital-{i}" for i in range(len(run.roots))],
+                              time.perf_counter() - t0, code, _history(run_dir))
     if verbose or not result.ok:
         tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-40:]
         if not result.ok:
@@ -232,6 +257,20 @@ def run_simulation(
         for line in tail:
             out("  " + line)
     return result
+
+
+def run_inprocess(cfg: FedClimbConfig, run_dir: Path) -> SimulationResult:
+    """The same ServerApp loop and ClientApp, called in this process (no Ray)."""
+    from client.client_app import app as client_app
+    from server.federation import run_federation
+    from simulation.inprocess import InProcessGrid
+
+    t0 = time.perf_counter()
+    run = prepare_run(cfg, run_dir)
+    grid = InProcessGrid(client_app, len(run.roots), run_config=run.run_config, seed=cfg.seed)
+    run_federation(grid, run.cfg, run_dir=run.run_dir)
+    return SimulationResult(run.run_dir, run.cfg, [f"hospital-{i}" for i in range(len(run.roots))],
+                            time.perf_counter() - t0, 0, _history(run.run_dir))
 
 
 def config_for_cli(config_file: str | None, overrides: Sequence[str], *, hospitals: int | None,

@@ -125,8 +125,11 @@ def _str_list(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         return (value,)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list):
         raise RecordError(f"field '{key}' must be a list of paths (strings), got {type(value).__name__}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise RecordError(f"field '{key}' must be a list of paths (strings), got an entry {bad[0]!r}")
     return tuple(value)
 
 

@@ -73,9 +73,10 @@ def check_media(record: Record, *, video_frames: int = 4) -> None:
         if not sizes:
             raise RecordError("bbox given but the record has no image to locate it in")
         width, height = sizes[0]
+        reference = record.images[0] if record.images else record.segmentation
         for box in record.bboxes:
             if not _inside(box, width, height):
-                raise RecordError(f"bbox {list(box)} lies outside the {width}x{height} image {record.images[0]}")
+                raise RecordError(f"bbox {list(box)} lies outside the {width}x{height} image {reference}")
 
 
 def validate_root(

@@ -99,11 +99,13 @@ def load_adapter_state(peft_model: Any, state: Mapping[str, torch.Tensor]) -> No
             f"adapter does not match the model: missing {missing[:2]} unexpected {unexpected[:2]} "
             f"({len(missing)} missing, {len(unexpected)} unexpected)"
         )
+    # Check every shape before copying anything: a rejected adapter leaves the model as it was.
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(current[name].shape):
+            raise ValueError(f"adapter tensor {name} has shape {tuple(value.shape)}, model expects {tuple(current[name].shape)}")
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            if tuple(value.shape) != tuple(current[name].shape):
-                raise ValueError(f"adapter tensor {name} has shape {tuple(value.shape)}, model expects {tuple(current[name].shape)}")
             pname = name.replace(_A, ".lora_A.default.weight").replace(_B, ".lora_B.default.weight")
             params[pname].copy_(value.to(params[pname].device, params[pname].dtype))
 

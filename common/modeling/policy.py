@@ -48,7 +48,7 @@ class Policy:
 
     def __init__(self, bundle: ModelBundle, lora: LoraSettings, *, freeze_a: bool = False) -> None:
         self.bundle = bundle
-        self.peft = attach_lora(bundle.model, lora, base_model_name=bundle.name)
+        self.peft = attach_lora(bundle.model, lora)
         if freeze_a:
             freeze_lora_a(self.peft)
         self.peft.to(bundle.device)
