@@ -15,10 +15,13 @@ from client.rounds import evaluate_round, instruction_from_config, train_round
 from client.runtime import RUNTIME
 from client.site import NODE_PARTITION, Site, effective_config, resolve_site
 from common import keys
+from common.modeling.preload import preload
 from common.runconfig import config_from_run_config
 from common.wire import decode_adapter, encode_adapter
 
 log = logging.getLogger(__name__)
+
+preload()
 
 app = ClientApp()
 

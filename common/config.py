@@ -394,14 +394,18 @@ class SimulationConfig:
     # How a real CLIMB root is split into hospitals.
     partition: Literal["folders", "domain", "dirichlet"] = "folders"
     dirichlet_alpha: float = 0.5
-    # Ray resources per simulated hospital.
-    cpus_per_hospital: float = 1.0
+    # Ray resources per simulated hospital, and how many hospitals train at the same time
+    # (0 = all at once, even on fewer cores: each uses model.cpu_threads threads).
+    cpus_per_hospital: int = 1
     gpus_per_hospital: float = 0.0
+    parallel_hospitals: int = 0
 
     def __post_init__(self) -> None:
         _check(self.hospitals >= 1, "simulation.hospitals", f"must be >= 1, got {self.hospitals}")
         _check(self.synth_scale > 0, "simulation.synth_scale", f"must be > 0, got {self.synth_scale}")
         _check(self.dirichlet_alpha > 0, "simulation.dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
+        _check(self.cpus_per_hospital >= 1, "simulation.cpus_per_hospital", f"must be >= 1, got {self.cpus_per_hospital}")
+        _check(self.parallel_hospitals >= 0, "simulation.parallel_hospitals", f"must be >= 0, got {self.parallel_hospitals}")
 
 
 @dataclass

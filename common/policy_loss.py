@@ -20,11 +20,20 @@ import torch
 __all__ = ["LossStats", "low_var_kl", "ppo_token_losses", "reduce_token_mean", "reduce_per_unit"]
 
 KL_CLAMP = 10.0
+# |ref - logp| is clamped to this before exp(): the k3 value there is already far above
+# KL_CLAMP, and without it exp() overflows to inf and the backward pass yields NaN (0 * inf).
+KL_LOG_RATIO_CLAMP = 20.0
 
 
-def low_var_kl(logp: torch.Tensor, ref_logp: torch.Tensor, *, clamp: float = KL_CLAMP) -> torch.Tensor:
+def low_var_kl(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    *,
+    clamp: float = KL_CLAMP,
+    log_ratio_clamp: float = KL_LOG_RATIO_CLAMP,
+) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref) per token, clamped to [-clamp, clamp]."""
-    log_ratio = ref_logp - logp
+    log_ratio = (ref_logp - logp).clamp(-log_ratio_clamp, log_ratio_clamp)
     return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-clamp, clamp)
 
 

@@ -8,10 +8,13 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.modeling.preload import preload
 from common.runconfig import config_from_run_config
 from server.federation import run_federation
 
 log = logging.getLogger(__name__)
+
+preload()
 
 app = ServerApp()
 

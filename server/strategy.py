@@ -53,10 +53,15 @@ EVAL_METRICS: dict[str, MetricSpec] = {
 }
 
 
+def _partition(metrics: dict[str, Any]) -> int:
+    value = metrics.get(keys.SITE_PARTITION)
+    return value if type(value) is int else -1
+
+
 def node_label(node_id: int, metrics: dict[str, Any] | None) -> str:
     """A readable name: ``hospital-<i>`` in simulation, ``node-<id>`` otherwise."""
-    if metrics and keys.SITE_PARTITION in metrics:
-        return f"hospital-{int(metrics[keys.SITE_PARTITION])}"
+    if metrics and _partition(metrics) >= 0:
+        return f"hospital-{_partition(metrics)}"
     return f"node-{node_id}"
 
 
@@ -207,10 +212,14 @@ class FedClimbStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = []
         report: dict[str, Any] = {"nodes": {}, "rejected": {}, "budget_exhausted": [], "no_data": []}
+        # Replies arrive in completion order; aggregate in a fixed order (simulated
+        # hospital index, else node id) so that a run is reproducible bit for bit.
+        checked = []
         for msg in replies:
             self._received(msg)
-            node = msg.metadata.src_node_id
-            status, arrays, metrics, reason = self._check(msg)
+            checked.append((msg.metadata.src_node_id, *self._check(msg)))
+        checked.sort(key=lambda c: (_partition(c[3]), c[0]))
+        for node, status, arrays, metrics, reason in checked:
             label = node_label(node, metrics)
             report["nodes"][label] = {k: v for k, v in metrics.items()}
             if status == "ok" and arrays is not None:

@@ -65,8 +65,10 @@ class SimulationLaunch:
 
     run_config: Mapping[str, str]
     num_supernodes: int
-    cpus_per_client: float
+    cpus_per_client: int
     gpus_per_client: float
+    # CPUs Ray may hand out in total (None = what Ray detects).
+    total_cpus: int | None
     log_file: Path
     flwr_home: Path
     env: Mapping[str, str]
@@ -166,9 +168,11 @@ def launch(spec: SimulationLaunch, *, poll: Callable[[], None] | None = None, po
     run_cfg = " ".join(f"{k}={v}" for k, v in spec.run_config.items())
     fed_cfg = (
         f"num-supernodes={spec.num_supernodes} "
-        f"client-resources-num-cpus={spec.cpus_per_client:g} "
+        f"client-resources-num-cpus={spec.cpus_per_client} "
         f"client-resources-num-gpus={spec.gpus_per_client:g}"
     )
+    if spec.total_cpus:
+        fed_cfg += f" init-args-num-cpus={spec.total_cpus}"
     with _superlink(spec, port):
         with open(spec.log_file, "ab") as logf:
             cmd = [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", run_cfg,

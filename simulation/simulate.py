@@ -241,6 +241,7 @@ def run_simulation(
         num_supernodes=len(run.roots),
         cpus_per_client=cfg.simulation.cpus_per_hospital,
         gpus_per_client=cfg.simulation.gpus_per_hospital,
+        total_cpus=(cfg.simulation.parallel_hospitals or len(run.roots)) * cfg.simulation.cpus_per_hospital,
         log_file=run_dir / "flower.log",
         flwr_home=run_dir / ".flwr",
         env=env,

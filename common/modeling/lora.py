@@ -71,6 +71,20 @@ def attach_lora(model: Any, cfg: LoraSettings, *, base_model_name: str = "") -> 
     """Wrap a frozen base model with a LoRA adapter; only LoRA tensors are trainable."""
     from peft import get_peft_model
 
+    # PEFT's own error for this case names neither the setting nor what would match.
+    regex = target_regex(cfg.targets)
+    if not any(re.fullmatch(regex, name) for name, _ in model.named_modules()):
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "visual" not in n and "vision" not in n
+            }
+        )
+        raise ValueError(
+            f"lora.targets={cfg.targets} matched no language-model layer of this model; "
+            f"its language-model linear layers are named {linear}"
+        )
     peft_model = get_peft_model(model, peft_lora_config(cfg, base_model_name))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     bad = [n for n in trainable if "lora_" not in n or "visual" in n or "vision" in n]

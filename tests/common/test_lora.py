@@ -123,8 +123,12 @@ def test_target_regex_by_hand():
 
 def test_attach_rejects_targets_that_match_nothing(cfg):
     base = load_base_model(cfg.model).model
-    with pytest.raises(ValueError, match="nothing_proj"):
+    with pytest.raises(ValueError, match=r"lora.targets=\['nothing_proj'\] matched no language-model layer"):
         attach_lora(base, replace(cfg.lora, targets=["nothing_proj"]))
+    # Projections that exist only in the vision tower do not count either.
+    with pytest.raises(ValueError, match=r"lora.targets=\['qkv'\].*named \[.*'gate_proj'.*'q_proj'"):
+        attach_lora(base, replace(cfg.lora, targets=["qkv"]))
+    assert not any("lora_" in n for n, _ in base.named_parameters())
 
 
 def test_adapter_state_names_shapes_and_dtype(peft_model):
