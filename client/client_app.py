@@ -15,6 +15,7 @@ from client.rounds import evaluate_round, instruction_from_config, train_round
 from client.runtime import RUNTIME
 from client.site import NODE_PARTITION, Site, effective_config, resolve_site
 from common import keys
+from common.modeling.loader import cache_root
 from common.modeling.preload import preload
 from common.runconfig import config_from_run_config
 from common.wire import decode_adapter, encode_adapter
@@ -28,8 +29,9 @@ app = ClientApp()
 
 def _prepare(msg: Message, context: Context) -> tuple[Site, Any, Any, dict[str, Any]]:
     values: dict[str, Any] = dict(msg.content.config_records.get(keys.CONFIG, ConfigRecord()))
-    site = resolve_site(context.node_config, context.run_config)
-    cfg = effective_config(config_from_run_config(context.run_config), site, values)
+    run_cfg = config_from_run_config(context.run_config)
+    site = resolve_site(context.node_config, context.run_config, run_id=context.run_id, cache=cache_root(run_cfg.model))
+    cfg = effective_config(run_cfg, site, values)
     adapter = {k: v.float() for k, v in decode_adapter(msg.content.array_records[keys.ARRAYS]).items()}
     return site, cfg, adapter, values
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from common import keys
 from common.config import FedClimbConfig, HospitalConfig, load_hospital_config
+from common.runconfig import SIM_AUTO, auto_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class Site:
         return Path(self.hospital.state_dir)
 
 
-def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
+def resolve_site(
+    node_config: Mapping[str, Any], run_config: Mapping[str, Any], *, run_id: int = 0, cache: Path | None = None
+) -> Site:
     """Find the hospital's settings from the node's own configuration.
 
     Order: ``hospital-config`` (a YAML file), then ``data-root`` (+ ``state-dir``) with
@@ -67,6 +70,10 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     sim_root = str(run_config.get("sim-root", "") or "")
     if NODE_PARTITION in node_config and sim_root:
         pid = int(node_config[NODE_PARTITION])
+        if sim_root == SIM_AUTO:
+            if cache is None:
+                raise SiteError("sim-root=auto needs the model cache directory")
+            sim_root = str(auto_run_dir(cache, run_id) / "hospitals")
         path = Path(sim_root) / f"hospital-{pid}" / "hospital.yaml"
         if not path.is_file():
             raise SiteError(f"simulated hospital {pid}: {path} not found (was the run started by `fedclimb simulate`?)")

@@ -14,11 +14,19 @@ from typing import Any
 
 from common.config import FedClimbConfig, config_dir, load_config
 
-__all__ = ["config_from_run_config", "RUN_CONFIG_FILE", "RUN_OVERRIDES", "RUN_SIM_ROOT"]
+__all__ = ["config_from_run_config", "auto_run_dir", "RUN_CONFIG_FILE", "RUN_OVERRIDES", "RUN_SIM_ROOT", "SIM_AUTO"]
 
 RUN_CONFIG_FILE = "config-file"
 RUN_OVERRIDES = "overrides"
 RUN_SIM_ROOT = "sim-root"
+# `flwr run .` on the simulation engine: the ServerApp prepares the embedded synthetic
+# federation for however many virtual SuperNodes there are, in auto_run_dir().
+SIM_AUTO = "auto"
+
+
+def auto_run_dir(cache: Path, run_id: int) -> Path:
+    """Run directory (checkpoints, hospitals/) of a `flwr run .` simulation."""
+    return cache / "flwr-runs" / str(run_id)
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> FedClimbConfig:

@@ -9,8 +9,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.modeling.preload import preload
-from common.runconfig import config_from_run_config
-from server.federation import run_federation
+from common.config import FedClimbConfig
+from common.modeling.loader import cache_root
+from common.runconfig import RUN_SIM_ROOT, SIM_AUTO, auto_run_dir, config_from_run_config
+from server.federation import run_federation, wait_for_nodes
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +21,26 @@ preload()
 app = ServerApp()
 
 
+def _prepare_auto_simulation(grid: Grid, cfg: FedClimbConfig, run_id: int) -> tuple[FedClimbConfig, Path]:
+    """`flwr run .`: give each virtual SuperNode a synthetic hospital (data, budget, state)."""
+    from simulation.simulate import prepare_run  # the simulation layer, only for this path
+
+    nodes = wait_for_nodes(grid, 1, cfg.federation.connect_timeout_s)
+    cfg.simulation.hospitals = len(nodes)
+    run = prepare_run(cfg, auto_run_dir(cache_root(cfg.model), run_id))
+    log.info("flwr run simulation: %d synthetic hospitals prepared in %s", len(nodes), run.run_dir)
+    return run.cfg, run.run_dir
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Resolve the run configuration and run (or resume) the federation."""
     cfg = config_from_run_config(context.run_config)
-    run_dir = Path(cfg.server.run_dir).expanduser()
-    if not run_dir.is_absolute():
-        run_dir = Path.cwd() / run_dir
+    if str(context.run_config.get(RUN_SIM_ROOT, "")) == SIM_AUTO:
+        cfg, run_dir = _prepare_auto_simulation(grid, cfg, context.run_id)
+    else:
+        run_dir = Path(cfg.server.run_dir).expanduser()
+        if not run_dir.is_absolute():
+            run_dir = Path.cwd() / run_dir
     log.info("fedclimb run directory: %s", run_dir)
     run_federation(grid, cfg, run_dir=run_dir)

@@ -32,7 +32,9 @@ torch.set_num_threads(1)
 
 # Small enough that (almost) every unit's gradient is clipped.
 SMALL_CLIP = 1e-3
-BASE = ["aggregation.mode=fedit", "rollout.batch_prompts=8", "train.micro_batch=64"]
+# CPU and fp32: the checks below compare gradients to 1e-5.
+BASE = ["model.device=cpu", "model.precision=fp32", "aggregation.mode=fedit", "rollout.batch_prompts=8",
+        "train.micro_batch=64"]
 
 
 @dataclass

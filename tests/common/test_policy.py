@@ -224,9 +224,9 @@ def test_prompt_text_ends_with_the_constrained_prefix(mm):
     for p in mm.constrained:
         assert tok.decode(p.input_ids).endswith("<|im_start|>assistant\n" + PREFIX)
         assert p.response_prefix == PREFIX
-    first = tok.decode(mm.constrained[1].input_ids)
+    two_images = tok.decode(mm.constrained[1].input_ids)
     # Two images of 112 x 112: 8 x 8 patches of 14 px, merged 2 x 2 -> 16 pad tokens each.
-    assert first.count("<|image_pad|>") == 32 and first.count("<|vision_start|>") == 2
+    assert two_images.count("<|image_pad|>") == 32 and two_images.count("<|vision_start|>") == 2
 
 
 def test_constrained_generation_only_produces_the_options(mm):
