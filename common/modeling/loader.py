@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ModelBundle", "load_base_model", "cache_root", "resolve_device", "tiny_model_config"]
 
-TINY_BUILD_VERSION = "2"
+TINY_BUILD_VERSION = "3"
 
 
 @dataclass
@@ -108,7 +108,9 @@ def tiny_model_config(t: TinyModelConfig, tokenizer: Any) -> Any:
     eos = tid("<|im_end|>")
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=t.vocab_size,
+            # The BPE may stop short of the requested size on its small corpus; the model's
+            # vocabulary is the tokenizer's, so every id the model can emit decodes.
+            vocab_size=len(tokenizer),
             hidden_size=t.hidden_size,
             intermediate_size=t.intermediate_size,
             num_hidden_layers=t.num_hidden_layers,

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from common.config import LoraSettings
 from common.modeling.constrained import ConstrainedLogits, OptionTrie, allowed_mask
 from common.modeling.loader import ModelBundle
-from common.modeling.lora import adapter_state, attach_lora, freeze_lora_a, load_adapter_state
+from common.modeling.lora import (
+    adapter_shapes,
+    adapter_state,
+    attach_lora,
+    freeze_lora_a,
+    init_adapter,
+    load_adapter_state,
+)
 from common.modeling.prompts import EncodedPrompt, collate_prompts
 
 __all__ = ["Rollouts", "Policy"]
@@ -49,6 +56,9 @@ class Policy:
     def __init__(self, bundle: ModelBundle, lora: LoraSettings, *, freeze_a: bool = False) -> None:
         self.bundle = bundle
         self.peft = attach_lora(bundle.model, lora)
+        # PEFT draws lora_A from the global RNG; start from the shared seeded init instead,
+        # the same adapter the server would send (common.modeling.lora.init_adapter).
+        load_adapter_state(self.peft, init_adapter(adapter_shapes(self.peft), seed=lora.init_seed, b_std=lora.init_b_std))
         if freeze_a:
             freeze_lora_a(self.peft)
         self.peft.to(bundle.device)

@@ -53,7 +53,8 @@ class Fed:
 
 def _cfg(root: Path, *overrides: str) -> FedClimbConfig:
     return load_config(overrides=[
-        f"data.root={root}", "model.device=cpu", "model.precision=fp32", "aggregation.mode=fedit", f"rollout.batch_prompts={BATCH}", f"train.steps={STEPS}",
+        f"data.root={root}", "model.device=cpu", "model.precision=fp32", "aggregation.mode=fedit",
+        f"rollout.batch_prompts={BATCH}", f"train.steps={STEPS}",
         "privacy.enabled=true", f"privacy.target_epsilon={TARGET}", f"privacy.delta={DELTA}",
         f"privacy.stats_noise_multiplier={STATS_SIGMA}", *overrides,
     ])

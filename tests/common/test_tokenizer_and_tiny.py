@@ -114,7 +114,8 @@ def test_tiny_model_builds_offline_and_is_cached(fresh_cache, offline, monkeypat
     assert first.multimodal and first.image_processor is not None
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
     assert not any(p.requires_grad for p in first.model.parameters())
-    assert first.model.config.text_config.vocab_size == cfg.tiny.vocab_size
+    # the model's vocabulary is exactly the tokenizer's (the BPE may stop below the requested size)
+    assert first.model.config.text_config.vocab_size == len(first.tokenizer) <= cfg.tiny.vocab_size
 
 
 def test_a_different_tiny_size_gets_its_own_folder(fresh_cache):
