@@ -310,8 +310,10 @@ class PrivacyConfig:
     eval_release: Literal["exact", "none"] = "exact"
     # DRPO's domain temperature under DP: DP-released federation stats, or T_d = 1.
     domain_temperature: Literal["server", "fixed"] = "server"
-    # Draw DP noise from the OS's secure generator (not reproducible) instead of the seed.
-    secure_rng: bool = False
+    # Draw DP noise and Poisson samples from the operating system's secure generator. A
+    # seeded generator (false) makes runs reproducible, but the seed is derived from values
+    # the server knows, so the server could recompute and subtract the noise: simulation only.
+    secure_rng: bool = True
 
     def __post_init__(self) -> None:
         _check(self.target_epsilon > 0, "privacy.target_epsilon", f"must be > 0, got {self.target_epsilon}")

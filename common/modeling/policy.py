@@ -62,6 +62,10 @@ class Policy:
         if freeze_a:
             freeze_lora_a(self.peft)
         self.peft.to(bundle.device)
+        # Which tensors train is decided here, once. PEFT's disable_adapter() turns
+        # requires_grad back on for every adapter tensor when it exits (lora_A included,
+        # which would silently break `ffa`), so reference passes restore this set.
+        self._trainable = {n for n, p in self.peft.named_parameters() if p.requires_grad}
         tok = bundle.tokenizer
         self.pad_id = int(tok.pad_token_id)
         image_token = tok.convert_tokens_to_ids("<|image_pad|>") if bundle.multimodal else None
@@ -71,7 +75,17 @@ class Policy:
     # ------------------------------------------------------------------ parameters
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.peft.parameters() if p.requires_grad]
+        return [p for n, p in self.peft.named_parameters() if n in self._trainable]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The reference policy: the same weights with the adapter disabled."""
+        try:
+            with self.peft.disable_adapter():
+                yield
+        finally:
+            for n, p in self.peft.named_parameters():
+                p.requires_grad_(n in self._trainable)
 
     def get_adapter(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.peft)
@@ -178,7 +192,7 @@ class Policy:
         if not self.bundle.multimodal:
             inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
         call = module if module is not None else self.peft
-        ctx = contextlib.nullcontext() if adapter else self.peft.disable_adapter()
+        ctx = contextlib.nullcontext() if adapter else self.reference()
         with ctx, self.autocast():
             logits = call(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1, :]
         logits = logits.float() / temperature
