@@ -397,7 +397,13 @@ class LocalTrainer:
                 rows = [p * K + k for p in prompts for k in range(K)]
                 dev = policy.bundle.device
                 module = self._dp_updater.module if dp is not None else None  # type: ignore[union-attr]
-                logp = policy.token_logprobs(rollouts, rows, temperature=cfg.rollout.temperature, module=module)
+                entropy = None
+                if cfg.train.entropy_coef > 0:
+                    logp, entropy = policy.token_logprobs(
+                        rollouts, rows, temperature=cfg.rollout.temperature, module=module, with_entropy=True
+                    )
+                else:
+                    logp = policy.token_logprobs(rollouts, rows, temperature=cfg.rollout.temperature, module=module)
                 mask = mask_all[rows].to(dev)
                 old = (old_logp[rows].to(dev) if old_logp is not None else logp.detach())
                 ref = ref_logp[rows].to(dev) if ref_logp is not None else None
@@ -405,6 +411,7 @@ class LocalTrainer:
                     logp, old, ref, advantages[rows].to(dev), mask,
                     clip_low=cfg.train.clip_low, clip_high=cfg.train.clip_high,
                     dual_clip=cfg.train.dual_clip, kl_coef=cfg.train.kl_coef,
+                    entropy=entropy, entropy_coef=cfg.train.entropy_coef,
                 )
                 pg_sum += st.pg_loss
                 kl_sum += st.kl

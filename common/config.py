@@ -271,6 +271,10 @@ class TrainConfig:
     # Dual-clip bound for negative advantages (0 = off).
     dual_clip: float = 3.0
     kl_coef: float = 1e-4
+    # Entropy bonus (0 = off, as in QoQ-Med). Keeps a policy that cannot yet see the
+    # class from collapsing onto the majority answer, after which every group of K
+    # identical answers has zero advantage and learning stops.
+    entropy_coef: float = 0.0
     ppo_epochs: int = 1
     # Units (records) per forward/backward micro-batch.
     micro_batch: int = 8
@@ -282,6 +286,7 @@ class TrainConfig:
         _check(self.clip_high >= 0, "train.clip_high", f"must be >= 0, got {self.clip_high}")
         _check(self.dual_clip == 0 or self.dual_clip > 1, "train.dual_clip", f"must be 0 or > 1, got {self.dual_clip}")
         _check(self.kl_coef >= 0, "train.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _check(self.entropy_coef >= 0, "train.entropy_coef", f"must be >= 0, got {self.entropy_coef}")
         _check(self.ppo_epochs >= 1, "train.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _check(self.micro_batch >= 1, "train.micro_batch", f"must be >= 1, got {self.micro_batch}")
 

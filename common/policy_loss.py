@@ -58,10 +58,14 @@ def ppo_token_losses(
     clip_high: float,
     dual_clip: float,
     kl_coef: float,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, LossStats]:
     """Per-token losses [R, T] (zero where ``mask`` is 0) and their diagnostics.
 
     ``advantages`` is [R] (one per response, broadcast over its tokens) or [R, T].
+    ``entropy`` ([R, T], the policy's entropy at each position) with ``entropy_coef``
+    adds the bonus ``- entropy_coef * entropy`` per token.
     """
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     ratio = torch.exp(logp - old_logp)
@@ -75,6 +79,8 @@ def ppo_token_losses(
     if ref_logp is not None and kl_coef > 0:
         kl = low_var_kl(logp, ref_logp)
         loss = loss + kl_coef * kl
+    if entropy is not None and entropy_coef > 0:
+        loss = loss - entropy_coef * entropy
     loss = loss * mask
     with torch.no_grad():
         n = mask.sum().clamp(min=1.0)

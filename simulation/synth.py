@@ -59,7 +59,7 @@ __all__ = [
     "load_federation",
 ]
 
-GENERATOR_VERSION = "fedclimb-synth/1"
+GENERATOR_VERSION = "fedclimb-synth/2"
 MANIFEST_NAME = "federation.json"
 DEFAULT_PLAN = FederationPlan()
 MIN_IMAGE_SIZE = 32

@@ -173,11 +173,14 @@ class Policy:
         temperature: float,
         adapter: bool = True,
         module: Any | None = None,
-    ) -> torch.Tensor:
+        with_entropy: bool = False,
+    ) -> Any:
         """Per-token log pi(response token) for ``rows``: [len(rows), T] (0 where masked).
 
         ``adapter=False`` gives the reference policy (adapter disabled). ``module`` is the
         callable to run (e.g. an Opacus GradSampleModule wrapping the PEFT model).
+        ``with_entropy=True`` returns ``(logp, entropy)``, the entropy of the (constrained)
+        next-token distribution at every response position.
         """
         rows = list(rows)
         prompts = [rollouts.prompts[int(rollouts.prompt_index[r])] for r in rows]
@@ -204,5 +207,13 @@ class Policy:
                 ]
             ).to(logits.device)
             logits = logits.masked_fill(~mask, float("-inf"))
-        logp = torch.gather(F.log_softmax(logits, dim=-1), 2, resp.unsqueeze(-1)).squeeze(-1)
-        return torch.where(rmask > 0, logp, torch.zeros_like(logp))
+        log_probs = F.log_softmax(logits, dim=-1)
+        logp = torch.gather(log_probs, 2, resp.unsqueeze(-1)).squeeze(-1)
+        logp = torch.where(rmask > 0, logp, torch.zeros_like(logp))
+        if not with_entropy:
+            return logp
+        finite = torch.isfinite(log_probs)  # masked (disallowed) tokens are -inf
+        safe = torch.where(finite, log_probs, torch.zeros_like(log_probs))
+        plogp = torch.where(finite, safe.exp(), torch.zeros_like(safe)) * safe
+        entropy = torch.where(rmask > 0, -plogp.sum(-1), torch.zeros_like(logp))
+        return logp, entropy
