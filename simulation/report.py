@@ -68,6 +68,17 @@ def _eval_series(history: Sequence[dict[str, Any]], domain: str, field: str) -> 
     return xs, ys
 
 
+def _overall_series(history: Sequence[dict[str, Any]], field: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for entry in history:
+        doms = ((entry.get("evaluate") or {}).get("domains") or {}).values()
+        n = sum(d["records"] for d in doms)
+        if n:
+            xs.append(entry["server_round"])
+            ys.append(sum(d[field] * d["records"] for d in doms) / n)
+    return xs, ys
+
+
 def plot_learning_curves(path: Path, history: Sequence[dict[str, Any]], domains: Sequence[str], title: str) -> None:
     """Per-domain test reward and balanced accuracy over rounds, one line per domain."""
     import matplotlib
@@ -82,6 +93,10 @@ def plot_learning_curves(path: Path, history: Sequence[dict[str, Any]], domains:
             xs, ys = _eval_series(history, d, field)
             if xs:
                 ax.plot(xs, ys, marker="o", color=colors(i % 10), label=d, linewidth=2)
+    for ax, field in zip(axes[:2], ("mean_reward", "balanced_accuracy"), strict=True):
+        xs, ys = _overall_series(history, field)
+        if xs:
+            ax.plot(xs, ys, color="black", linestyle="--", linewidth=2.5, label="all domains (by records)")
     axes[0].set_title("Test reward (global adapter)")
     axes[0].set_ylabel("mean reward")
     axes[1].set_title("Test balanced accuracy (global adapter)")
@@ -95,11 +110,14 @@ def plot_learning_curves(path: Path, history: Sequence[dict[str, Any]], domains:
     ax = axes[2]
     hospitals = sorted({h for e in history for h, m in ((e.get("train") or {}).get("nodes") or {}).items()
                         if keys.EPSILON in m})
+    styles = ("-", "--", ":", "-.")
+    markers = ("o", "s", "^", "D", "v")
     for j, h in enumerate(hospitals):
         xs = [e["server_round"] for e in history if keys.EPSILON in ((e.get("train") or {}).get("nodes") or {}).get(h, {})]
         ys = [e["train"]["nodes"][h][keys.EPSILON] for e in history if e["server_round"] in xs]
-        ax.plot(xs, ys, marker="s", color=colors(j % 10), label=h, linewidth=2)
-    ax.set_title("Privacy spent per hospital")
+        ax.plot(xs, ys, marker=markers[j % len(markers)], linestyle=styles[j % len(styles)], color=colors(j % 10),
+                label=h, linewidth=2, markersize=9 - 2 * (j % 3))
+    ax.set_title("Privacy spent per hospital (equal budgets overlap)")
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon (cumulative)")
     ax.grid(alpha=0.3)
@@ -129,6 +147,10 @@ def domain_table(history: Sequence[dict[str, Any]], domains: Sequence[str]) -> l
                 "reward": (first[d]["mean_reward"], last[d]["mean_reward"]),
             })
     return out
+
+
+def _num(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def write_report(run_dir: Path, cfg: FedClimbConfig, history: Sequence[dict[str, Any]], *, seconds: float,
@@ -171,12 +193,15 @@ def write_report(run_dir: Path, cfg: FedClimbConfig, history: Sequence[dict[str,
     last_train = next((e["train"] for e in reversed(history) if (e.get("train") or {}).get("nodes")), {})
     lines += ["| hospital | epsilon spent | delta | noise multiplier | sample rate | status |", "|---|---:|---:|---:|---:|---|"]
     for h, m in sorted((last_train.get("nodes") or {}).items()):
-        status = "budget exhausted" if h in last_train.get("budget_exhausted", []) else (
-            "rejected: " + last_train["rejected"][h] if h in last_train.get("rejected", {}) else "ok")
-        eps = f"{m[keys.EPSILON]:.3f}" if keys.EPSILON in m else "-"
-        lines.append(f"| {h} | {eps} | {m.get(keys.DELTA, '-')} | {m.get(keys.NOISE_MULTIPLIER, '-'):.4}"
-                     if keys.NOISE_MULTIPLIER in m else f"| {h} | {eps} | - | -")
-        lines[-1] += f" | {m.get(keys.SAMPLE_RATE, '-'):.4} | {status} |" if keys.SAMPLE_RATE in m else f" | - | {status} |"
+        if h in last_train.get("budget_exhausted", []):
+            status = "budget exhausted"
+        elif h in last_train.get("rejected", {}):
+            status = "rejected: " + last_train["rejected"][h]
+        else:
+            status = "ok"
+        cells = [_num(m.get(keys.EPSILON), ".3f"), _num(m.get(keys.DELTA), "g"),
+                 _num(m.get(keys.NOISE_MULTIPLIER), ".4f"), _num(m.get(keys.SAMPLE_RATE), ".4f")]
+        lines.append(f"| {h} | " + " | ".join(cells) + f" | {status} |")
     lines += ["", "## Rounds", "", "| round | wall time (s) | sent (MB) | received (MB) | accepted | weights |",
               "|---:|---:|---:|---:|---:|---|"]
     sent = received = 0

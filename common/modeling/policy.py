@@ -71,6 +71,11 @@ class Policy:
         image_token = tok.convert_tokens_to_ids("<|image_pad|>") if bundle.multimodal else None
         self.image_token_id = image_token if isinstance(image_token, int) else None
         self.vocab_size = int(self.peft.get_output_embeddings().weight.shape[0])
+        # A response must never contain vision placeholders: the model would look for
+        # image features that do not exist (and a random-init model does emit them).
+        vision = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+        ids = [tok.convert_tokens_to_ids(t) for t in vision] if bundle.multimodal else []
+        self.suppressed = sorted({i for i in ids if isinstance(i, int) and i != tok.unk_token_id})
 
     # ------------------------------------------------------------------ parameters
 
@@ -142,6 +147,7 @@ class Policy:
                 top_k=0 if sampling else None,
                 max_new_tokens=max_new_tokens,
                 logits_processor=processors or None,
+                suppress_tokens=self.suppressed or None,
                 eos_token_id=self.bundle.eos_token_ids,
                 pad_token_id=self.pad_id,
                 use_cache=True,

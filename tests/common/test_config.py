@@ -10,6 +10,7 @@ from common.config import (
     ConfigError,
     FedClimbConfig,
     HospitalConfig,
+    TrainConfig,
     config_dir,
     from_yaml,
     load_config,
@@ -35,19 +36,33 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_base_yaml_selects_the_documented_presets():
-    """base.yaml: tiny model, DP on, exact aggregation, laptop federation (values from the preset files)."""
+    """base.yaml: tiny model, DP on, exact aggregation, laptop federation.
+
+    Every expected value is read from the preset file that should have supplied it.
+    """
+    from omegaconf import OmegaConf
+
+    root = config_dir()
+    base = OmegaConf.to_container(OmegaConf.load(root / "base.yaml"))
+    assert base["defaults"] == [{"model": "tiny"}, {"privacy": "dp"}, {"aggregation": "exact"}, {"federation": "laptop"}]
+    tiny = OmegaConf.to_container(OmegaConf.load(root / "model" / "tiny.yaml"))
+    dp = OmegaConf.to_container(OmegaConf.load(root / "privacy" / "dp.yaml"))
+    exact = OmegaConf.to_container(OmegaConf.load(root / "aggregation" / "exact.yaml"))
+    laptop = OmegaConf.to_container(OmegaConf.load(root / "federation" / "laptop.yaml"))
     cfg = load_config()
     assert isinstance(cfg, FedClimbConfig)
-    assert cfg.model.source == "tiny"
-    assert cfg.model.min_pixels == 12544 and cfg.model.max_pixels == 12544
-    assert cfg.prompt.constrained is True
-    assert cfg.train.lr == pytest.approx(0.005)
-    assert cfg.lora.r == 4
-    assert cfg.privacy.enabled is True
-    assert cfg.privacy.delta == pytest.approx(1e-5)
-    assert cfg.aggregation.mode == "ffa" and cfg.aggregation.weighting == "domain"
-    assert cfg.federation.rounds == 8
-    assert cfg.train.steps == 20
+    assert cfg.model.source == tiny["model"]["source"] == "tiny"
+    assert cfg.model.min_pixels == tiny["model"]["min_pixels"] and cfg.model.max_pixels == tiny["model"]["max_pixels"]
+    assert cfg.prompt.constrained is tiny["prompt"]["constrained"] is True
+    assert cfg.train.lr == pytest.approx(tiny["train"]["lr"])
+    assert cfg.lora.r == tiny["lora"]["r"]
+    assert cfg.privacy.enabled is dp["privacy"]["enabled"] is True
+    assert cfg.privacy.delta == pytest.approx(dp["privacy"]["delta"])
+    assert (cfg.aggregation.mode, cfg.aggregation.weighting) == (exact["aggregation"]["mode"], exact["aggregation"]["weighting"])
+    assert cfg.federation.rounds == laptop["federation"]["rounds"]
+    assert cfg.train.steps == laptop["train"]["steps"]
+    # a value no preset sets keeps the schema default
+    assert cfg.train.clip_low == TrainConfig().clip_low
 
 
 def test_loading_base_yaml_explicitly_equals_the_default():
@@ -165,7 +180,7 @@ def test_range_violation_of_a_file_value_is_not_blamed_on_an_unrelated_override(
 
 
 def test_cross_field_check_is_blamed_on_the_source_that_broke_it():
-    """tiny.yaml sets min_pixels = max_pixels = 12544; lowering max_pixels on the command line breaks it."""
+    """tiny.yaml sets min_pixels = max_pixels; lowering max_pixels on the command line breaks it."""
     with pytest.raises(ConfigError) as info:
         load_config(overrides=["model.max_pixels=10"])
     assert str(info.value).startswith("command line")

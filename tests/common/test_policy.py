@@ -225,8 +225,11 @@ def test_prompt_text_ends_with_the_constrained_prefix(mm):
         assert tok.decode(p.input_ids).endswith("<|im_start|>assistant\n" + PREFIX)
         assert p.response_prefix == PREFIX
     two_images = tok.decode(mm.constrained[1].input_ids)
-    # Two images of 112 x 112: 8 x 8 patches of 14 px, merged 2 x 2 -> 16 pad tokens each.
-    assert two_images.count("<|image_pad|>") == 32 and two_images.count("<|vision_start|>") == 2
+    # Two square images resized to min_pixels = max_pixels = side^2 pixels: (side / 14)^2
+    # patches of 14 px, merged 2 x 2 -> (side / 28)^2 pad tokens each (112 px -> 16, 168 px -> 36).
+    side = int(round(mm.cfg.model.max_pixels**0.5))
+    per_image = (side // 28) ** 2
+    assert two_images.count("<|image_pad|>") == 2 * per_image and two_images.count("<|vision_start|>") == 2
 
 
 def test_constrained_generation_only_produces_the_options(mm):

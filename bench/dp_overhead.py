@@ -1,0 +1,103 @@
+"""DP-SGD update cost: DP step time / non-DP step time, and peak memory ratio.
+
+    .venv/bin/python bench/dp_overhead.py --preset tiny
+    .venv/bin/python bench/dp_overhead.py --preset smollm2-135m
+
+Fixed rollout batch (8 prompts, LoRA r=16 by default), the same update run with and
+without DP-SGD (Opacus per-row gradients, per-unit clipping, noise); each mode runs in
+its own process so that peak memory is measured separately (max RSS on CPU, peak
+allocated on CUDA). Targets (issue 4): <= 1.3x time, <= 1.5x memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _measure(preset: str, dp: bool, rank: int, prompts: int, repeats: int, data: str) -> dict:
+    import torch
+
+    from client.dp_step import DPSettings, DPUpdater
+    from client.trainer import LocalTrainer
+    from common.climb.records import load_records
+    from common.config import load_config
+    from common.modeling.loader import load_base_model
+    from common.modeling.policy import Policy
+
+    cfg = load_config(overrides=[f"model={preset}", "privacy=off", f"lora.r={rank}", f"lora.alpha={2 * rank}",
+                                 f"rollout.batch_prompts={prompts}", "rollout.num_rollouts=2",
+                                 "rollout.max_new_tokens=16", "train.kl_coef=0", f"train.micro_batch={prompts}",
+                                 "aggregation.mode=fedit"])
+    bundle = load_base_model(cfg.model)
+    policy = Policy(bundle, cfg.lora)
+    trainer = LocalTrainer(policy, cfg)
+    records = [r for r in load_records(data, "train") if bundle.multimodal or not r.images][:prompts]
+    rollouts = policy.generate([trainer.encode(r) for r in records], num_rollouts=2, temperature=1.0, top_p=1.0,
+                               max_new_tokens=16, seed=0)
+    adv = torch.linspace(-1, 1, rollouts.num_rows)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
+    settings = DPSettings(1.0, 0.5, 1.0, "record", torch.Generator().manual_seed(0)) if dp else None
+    if dp:
+        updater = DPUpdater.for_policy(policy)
+        updater._num_units = prompts * 2  # noqa: SLF001 - expected batch = q * N = prompts
+        trainer._dp_updater = updater  # noqa: SLF001
+    cuda = bundle.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer._update(rollouts, adv, None, None, opt, settings, list(range(len(records))), len(records))  # noqa: SLF001
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"preset": preset, "dp": dp, "median_s": statistics.median(times), "min_s": min(times),
+            "peak_bytes": peak, "device": str(bundle.device), "trainable": sum(p.numel() for p in policy.trainable_parameters())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--data", default="")
+    p.add_argument("--mode", choices=("dp", "plain"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if not args.data:
+        from simulation.synth import generate_federation
+
+        root = Path(os.environ.get("TMPDIR", "/tmp")) / "fedclimb-bench-data"
+        if not (root / "federation.json").is_file():
+            generate_federation(root, hospitals=1, seed=0, scale=0.25, overwrite=True)
+        args.data = str(root / "hospital-0")
+    if args.mode:
+        print(json.dumps(_measure(args.preset, args.mode == "dp", args.rank, args.prompts, args.repeats, args.data)))
+        return
+    out = {}
+    for mode in ("plain", "dp"):
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--rank", str(args.rank), "--prompts",
+               str(args.prompts), "--repeats", str(args.repeats), "--data", args.data, "--mode", mode]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    ratio_t = out["dp"]["median_s"] / out["plain"]["median_s"]
+    ratio_m = out["dp"]["peak_bytes"] / out["plain"]["peak_bytes"]
+    print(json.dumps(out, indent=2))
+    print(f"{args.preset} r={args.rank} batch={args.prompts}: DP/plain update time {ratio_t:.2f}x "
+          f"(target <= 1.3x), peak memory {ratio_m:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
