@@ -92,11 +92,13 @@ def main() -> None:
                str(args.prompts), "--repeats", str(args.repeats), "--data", args.data, "--mode", mode]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
-    ratio_t = out["dp"]["median_s"] / out["plain"]["median_s"]
+    # The minimum over repeats is the least disturbed by other load on a shared machine.
+    ratio_t = out["dp"]["min_s"] / out["plain"]["min_s"]
+    ratio_med = out["dp"]["median_s"] / out["plain"]["median_s"]
     ratio_m = out["dp"]["peak_bytes"] / out["plain"]["peak_bytes"]
     print(json.dumps(out, indent=2))
-    print(f"{args.preset} r={args.rank} batch={args.prompts}: DP/plain update time {ratio_t:.2f}x "
-          f"(target <= 1.3x), peak memory {ratio_m:.2f}x (target <= 1.5x)")
+    print(f"{args.preset} r={args.rank} batch={args.prompts}: DP/plain update time {ratio_t:.2f}x by minimum "
+          f"({ratio_med:.2f}x by median; target <= 1.3x), peak memory {ratio_m:.2f}x (target <= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ result is divided by the expected batch size q * N (Poisson sampling).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +82,10 @@ class DPUpdater:
     ) -> None:
         """Backward one micro-batch (whole units only) and add its clipped unit gradients."""
         per_row = reduce_per_unit(losses, mask, unit_index, num_units)
-        per_row.sum().backward()
+        with warnings.catch_warnings():
+            # Opacus notes that no *input* needs a gradient (the base model is frozen): expected.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            per_row.sum().backward()
         per_row_grads = [p.grad_sample.float() for p in self.params]
         per_unit = group_rows_to_units(per_row_grads, unit_index, num_units)
         summed, stats = clip_and_noise(

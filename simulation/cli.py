@@ -201,7 +201,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     path = write_report(result.run_dir, result.cfg, result.history, seconds=result.seconds, command=command)
     if mode == "progress":
         print(f"done in {result.seconds:.0f} s: {path}")
-        print(path.read_text().split("## Hospitals")[0].split("## Test metrics per domain")[1].strip())
+        table = path.read_text().split("## Test metrics per domain")[1].split("![")[0]
+        print("Test metrics per domain" + table.rstrip())
     elif mode == "quiet":
         print(path)
     return 0
