@@ -42,23 +42,39 @@ def _site_metrics(site: Site, context: Context) -> dict[str, int]:
     return {}
 
 
+def _failed(msg: Message, where: str) -> Message:
+    """A numeric error reply: the exception stays in this hospital's log, never on the wire.
+
+    (Flower would otherwise send the exception text, which can hold paths, record ids or
+    exact counts, to the server.)
+    """
+    log.exception("fedclimb %s round failed; nothing but status %d is sent to the server", where, keys.STATUS_ERROR)
+    return Message(RecordDict({keys.METRICS: MetricRecord({keys.STATUS: keys.STATUS_ERROR})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local DRPO from the global adapter; reply with the new adapter and metrics."""
-    site, cfg, adapter, values = _prepare(msg, context)
-    ins = instruction_from_config(values)
-    outcome = train_round(RUNTIME, site, cfg, ins, adapter)
-    content = RecordDict({keys.METRICS: MetricRecord({**outcome.metrics, **_site_metrics(site, context)})})
-    if outcome.adapter is not None:
-        precision = str(values.get(keys.WIRE_PRECISION, "fp32"))
-        content[keys.ARRAYS] = encode_adapter(outcome.adapter, precision)  # type: ignore[arg-type]
+    try:
+        site, cfg, adapter, values = _prepare(msg, context)
+        ins = instruction_from_config(values)
+        outcome = train_round(RUNTIME, site, cfg, ins, adapter)
+        content = RecordDict({keys.METRICS: MetricRecord({**outcome.metrics, **_site_metrics(site, context)})})
+        if outcome.adapter is not None:
+            precision = str(values.get(keys.WIRE_PRECISION, "fp32"))
+            content[keys.ARRAYS] = encode_adapter(outcome.adapter, precision)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - any failure becomes a status code
+        return _failed(msg, "train")
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Per-domain held-out metrics of the global adapter."""
-    site, cfg, adapter, values = _prepare(msg, context)
-    outcome = evaluate_round(RUNTIME, site, cfg, instruction_from_config(values), adapter)
-    metrics = MetricRecord({**outcome.metrics, **_site_metrics(site, context)})
+    try:
+        site, cfg, adapter, values = _prepare(msg, context)
+        outcome = evaluate_round(RUNTIME, site, cfg, instruction_from_config(values), adapter)
+        metrics = MetricRecord({**outcome.metrics, **_site_metrics(site, context)})
+    except Exception:  # noqa: BLE001
+        return _failed(msg, "evaluate")
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)

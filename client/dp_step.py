@@ -9,6 +9,7 @@ result is divided by the expected batch size q * N (Poisson sampling).
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -30,7 +31,10 @@ class DPSettings:
     sample_rate: float
     max_grad_norm: float
     unit: str
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    # Draws the Poisson samples and the noise; by default seeded from os.urandom (a fixed
+    # or guessable seed would let the server recompute and subtract the noise).
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(
+        int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)))
 
 
 _UPDATERS: "weakref.WeakKeyDictionary[Any, DPUpdater]" = weakref.WeakKeyDictionary()
@@ -60,14 +64,32 @@ class DPUpdater:
         self._sum: list[torch.Tensor] = []
         self._clipped = 0
         self._num_units = 0
-        self.last_units = 0
 
     def sample_units(self, num_units: int, dp: DPSettings) -> list[int]:
         """Poisson sampling: each unit independently with probability q."""
         self._num_units = num_units
         chosen = poisson_sample(num_units, dp.sample_rate, dp.generator).tolist()
-        self.last_units = len(chosen)
         return chosen
+
+    def abort(self) -> None:
+        """Undo a step that failed between forward and backward (e.g. out of memory).
+
+        Opacus counts forwards per parameter and only fills ``grad_sample`` when every
+        forward got its backward; a step that dies in between would leave every later
+        step without per-sample gradients. This puts the module back in a clean state.
+        """
+        self.module.disable_hooks()
+        for module in self.module.modules():
+            if hasattr(module, "activations"):
+                module.activations = []
+        for p in self.params:
+            p.grad = None
+            p.grad_sample = None
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+            if hasattr(p, "_forward_counter"):
+                p._forward_counter = 0
+        self._sum = []
 
     def begin_step(self) -> None:
         self._sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]

@@ -8,12 +8,14 @@ held-out split. client/client_app.py turns these into Flower Messages.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 from client.dp_step import DPSettings
 from client.runtime import HospitalData, Runtime
 from client.site import Site
-from client.stats import REWARD_BOUND, domain_statistics
+from client.stats import ReleasedCounts, fingerprint, load_released, save_released, unit_domain_counts
 from client.trainer import privacy_units
 from common import keys
 from common.config import FedClimbConfig
@@ -34,14 +36,12 @@ from common.privacy.accounting import (
     effective_noise_multiplier,
 )
 from common.privacy.ledger import PrivacyLedger
-from common.privacy.release import release_counts_and_sums
+from common.privacy.release import gaussian_release
 from common.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Instruction", "TrainOutcome", "EvalOutcome", "train_round", "evaluate_round", "plan_privacy"]
-
-STATS_SENSITIVITY_BOUND = REWARD_BOUND
 
 
 @dataclass
@@ -73,30 +73,45 @@ class EvalOutcome:
 
 @dataclass
 class PrivacyPlan:
-    """The DP mechanism of one round and what the ledger will say after it."""
+    """The DP mechanisms of one round and what the ledger will say after them."""
 
     noise_multiplier: float  # per noisy update
     effective_noise_multiplier: float  # per sampled step (ppo_epochs composed)
     sample_rate: float
     steps: int
+    # The one-off release of the per-domain unit counts, if this round makes it.
     stats_noise_multiplier: float | None
     epsilon_after: float
     fits: bool
     reason: str = ""
 
 
-def plan_privacy(ledger: PrivacyLedger, cfg: FedClimbConfig, *, num_units: int, planned_rounds: int) -> PrivacyPlan:
-    """Decide sigma and q for this round and check the budget before any training."""
+def plan_privacy(
+    ledger: PrivacyLedger, cfg: FedClimbConfig, *, num_units: int, planned_rounds: int, release_counts: bool = False
+) -> PrivacyPlan:
+    """Decide sigma and q for this round and check the budget before any training.
+
+    The noise multiplier is calibrated so that this round and the remaining planned
+    rounds together end at the target epsilon; ``release_counts`` adds the one-off
+    Gaussian release of the per-domain counts (client/stats.py) to this round.
+    """
     p = cfg.privacy
     steps = cfg.train.steps
     epochs = cfg.train.ppo_epochs
     q = p.sample_rate or min(1.0, cfg.rollout.batch_prompts / max(num_units, 1))
-    stats_sigma = p.stats_noise_multiplier if p.stats_release == "dp" else None
-    per_round_extra = [(stats_sigma, 1.0, 1)] if stats_sigma else []
+    stats_sigma = p.stats_noise_multiplier if release_counts else None
+    extra = [(stats_sigma, 1.0, 1)] if stats_sigma else []
     done = sum(1 for e in ledger.entries() if e.get("kind") == "dpsgd")
-    rounds_left = max(1, (p.planned_rounds or planned_rounds or 1) - done)
+    planned = p.planned_rounds or planned_rounds or 1
+    rounds_left = max(1, planned - done)
     if p.noise_multiplier > 0:
         sigma = p.noise_multiplier
+    elif done >= planned:
+        # The budget was calibrated to last `planned` rounds and they have run; what is left
+        # would only buy rounds of pure noise.
+        return PrivacyPlan(0.0, 0.0, q, steps, stats_sigma, ledger.spent_epsilon(), False,
+                           f"the {planned} planned round(s) have run (spent {ledger.spent_epsilon():.3f} of "
+                           f"{p.target_epsilon}); raise privacy.planned_rounds and privacy.target_epsilon to train more")
     else:
         try:
             sigma_eff = calibrate_noise_multiplier(
@@ -105,14 +120,13 @@ def plan_privacy(ledger: PrivacyLedger, cfg: FedClimbConfig, *, num_units: int, 
                 sample_rate=q,
                 steps=steps * rounds_left,
                 accountant=p.accountant,
-                spent_history=list(ledger.history()) + per_round_extra * rounds_left,
+                spent_history=list(ledger.history()) + extra,
             )
         except PrivacyAccountingError as exc:
             return PrivacyPlan(0.0, 0.0, q, steps, stats_sigma, ledger.spent_epsilon(), False, str(exc))
         sigma = sigma_eff * math.sqrt(epochs)
     sigma_eff = effective_noise_multiplier(sigma, ppo_epochs=epochs)
-    mechanisms = [(sigma_eff, q, steps), *per_round_extra]
-    eps_after = ledger.epsilon_if(mechanisms)
+    eps_after = ledger.epsilon_if([(sigma_eff, q, steps), *extra])
     fits = eps_after <= p.target_epsilon * (1 + 1e-9)
     reason = "" if fits else (
         f"this round would bring epsilon to {eps_after:.3f}, above the target {p.target_epsilon} "
@@ -159,14 +173,47 @@ def _save_drpo_state(site: Site, server_round: int, state: dict[str, Any] | None
 # ------------------------------------------------------------------------- rounds
 
 
+def _warn_unknown_domains(site: Site, records: Sequence[Any], names: Sequence[str]) -> None:
+    """A local domain the federation does not list gets no statistics and no weight."""
+    if not names:
+        return
+    unknown = sorted({r.domain for r in records} - set(names))
+    if unknown:
+        log.warning("%s: domains %s are not among the federation's domains %s; they train but are not counted "
+                    "(check data.domain_key and federation.domains)", site.name, unknown, list(names))
+
+
 def _round_seed(cfg: FedClimbConfig, site: Site, ins: Instruction) -> int:
     return derive_seed(cfg.seed, ins.seed, site.name, ins.server_round)
+
+
+@contextlib.contextmanager
+def _exclusive(state_dir: Path) -> Iterator[None]:
+    """One round at a time per state directory: plan, train and ledger write are one unit."""
+    with open(state_dir / ".round.lock", "w", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another process is running a round on {state_dir}; give every SuperNode its own state_dir"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def train_round(
     runtime: Runtime, site: Site, cfg: FedClimbConfig, ins: Instruction, adapter: Mapping[str, torch.Tensor]
 ) -> TrainOutcome:
     """One round of local training for ``site`` starting from the global ``adapter``."""
+    with _exclusive(site.state_dir):
+        return _train_round(runtime, site, cfg, ins, adapter)
+
+
+def _train_round(
+    runtime: Runtime, site: Site, cfg: FedClimbConfig, ins: Instruction, adapter: Mapping[str, torch.Tensor]
+) -> TrainOutcome:
     data: HospitalData = runtime.hospital_data(site, cfg)
     policy = runtime.policy(cfg)
     if not data.train:
@@ -188,7 +235,11 @@ def train_round(
                 f"privacy.delta={cfg.privacy.delta} is not below 1/N = 1/{len(units)} privacy units; "
                 f"set it to at most {0.1 / len(units):.1e}"
             )
-        plan = plan_privacy(ledger, cfg, num_units=len(units), planned_rounds=ins.planned_rounds)
+        fp = fingerprint([r.id for r in data.train], cfg.privacy.unit, ins.domain_names)
+        released = load_released(site.state_dir, fp)
+        release_now = cfg.privacy.stats_release == "dp" and bool(ins.domain_names) and released is None
+        plan = plan_privacy(ledger, cfg, num_units=len(units), planned_rounds=ins.planned_rounds,
+                            release_counts=release_now)
         if not plan.fits:
             log.warning("%s: not training round %d: %s", site.name, ins.server_round, plan.reason)
             return TrainOutcome(
@@ -200,6 +251,7 @@ def train_round(
             )
         dp = DPSettings(plan.noise_multiplier, plan.sample_rate, cfg.privacy.max_grad_norm, cfg.privacy.unit,
                         _dp_generator(cfg, seed))
+    _warn_unknown_domains(site, data.train, ins.domain_names)
     drpo_state = _load_drpo_state(site, ins.server_round) if cfg.advantage.history == "run" and dp is None else None
     result = data.trainer.train(
         data.train,
@@ -215,38 +267,34 @@ def train_round(
         keys.ROLLOUT_SECONDS: round(result.rollout_s, 3),
         keys.UPDATE_SECONDS: round(result.update_s, 3),
     }
-    counts, sums = domain_statistics(result.uses, result.units, ins.domain_names)
+    counts = unit_domain_counts([r.domain for r in data.train], result.units, ins.domain_names)
     if dp is not None and ledger is not None and plan is not None:
         ledger.record(round=ins.server_round, kind="dpsgd", sample_rate=plan.sample_rate,
                       noise_multiplier=plan.effective_noise_multiplier, steps=plan.steps)
-        if plan.stats_noise_multiplier is not None and ins.domain_names:
+        if release_now and plan.stats_noise_multiplier is not None:
             rng = np.random.default_rng(
                 int.from_bytes(os.urandom(8), "little") if cfg.privacy.secure_rng else derive_seed(seed, "stats")
             )
-            counts, sums = release_counts_and_sums(
-                counts, sums, noise_multiplier=plan.stats_noise_multiplier, sum_bound=STATS_SENSITIVITY_BOUND, rng=rng
-            )
+            noisy = gaussian_release(counts, l2_sensitivity=1.0, noise_multiplier=plan.stats_noise_multiplier, rng=rng)
+            released = ReleasedCounts(fp, list(ins.domain_names), plan.stats_noise_multiplier, [float(x) for x in noisy])
             ledger.record(round=ins.server_round, kind="stats_release", sample_rate=1.0,
                           noise_multiplier=plan.stats_noise_multiplier, steps=1)
+            save_released(site.state_dir, released)
         metrics.update({keys.EPSILON: ledger.spent_epsilon(), keys.DELTA: cfg.privacy.delta,
                         keys.NOISE_MULTIPLIER: plan.noise_multiplier, keys.SAMPLE_RATE: plan.sample_rate})
-        # Only the Gaussian-noised per-domain statistics may leave; without domain names
-        # nothing was released, so no exact count or mean reward may be sent either.
-        releasable = plan.stats_noise_multiplier is not None and bool(ins.domain_names)
+        # Only DP-released values may leave: the released counts (once released), never
+        # exact counts, sampled sizes or training rewards.
+        if released is not None and cfg.privacy.stats_release == "dp":
+            metrics[keys.D_COUNT] = list(released.counts)
+            metrics[keys.NUM_EXAMPLES] = max(int(round(float(np.clip(released.counts, 0, None).sum()))), 0)
+        else:
+            metrics[keys.NUM_EXAMPLES] = 0
     else:
-        releasable = True
         _save_drpo_state(site, ins.server_round, result.drpo_state)
-    if releasable and ins.domain_names:
-        metrics[keys.D_COUNT] = [float(x) for x in counts]
-        metrics[keys.D_REWARD_SUM] = [float(x) for x in sums]
-        total = float(np.clip(counts, 0, None).sum())
-        metrics[keys.NUM_EXAMPLES] = max(int(round(total)), 0)
-        metrics[keys.REWARD_MEAN] = float(np.clip(sums, 0, None).sum() / total) if total > 0 else 0.0
-    elif releasable:
-        metrics[keys.NUM_EXAMPLES] = len(result.uses)
+        if ins.domain_names:
+            metrics[keys.D_COUNT] = [float(x) for x in counts]
+        metrics[keys.NUM_EXAMPLES] = len(data.train)
         metrics[keys.REWARD_MEAN] = float(result.mean_reward)
-    else:
-        metrics[keys.NUM_EXAMPLES] = 0
     out = result.adapter
     if ins.only_lora_b:
         out = {k: v for k, v in out.items() if k.endswith(".lora_B.weight")}
@@ -288,7 +336,9 @@ def instruction_from_config(values: Mapping[str, Any]) -> Instruction:
     means: Sequence[float] = values.get(keys.DOMAIN_MEAN, [])
     stats = {}
     if len(counts) == len(names) == len(means):
-        stats = {d: (float(n), float(m)) for d, n, m in zip(names, counts, means, strict=True) if float(n) > 0}
+        # A domain is usable once it has a count and an evaluated mean (-1 = not yet).
+        stats = {d: (float(n), float(m)) for d, n, m in zip(names, counts, means, strict=True)
+                 if float(n) > 0 and float(m) >= 0}
     return Instruction(
         server_round=int(values.get(keys.SERVER_ROUND, 0)),
         seed=int(values.get(keys.SEED, 0)),

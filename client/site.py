@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from common import keys
 from common.config import FedClimbConfig, HospitalConfig, load_hospital_config
 from common.runconfig import SIM_AUTO, auto_run_dir
@@ -81,7 +84,7 @@ def resolve_site(
         return Site(hospital.name, _checked(hospital), simulated=True)
     raise SiteError(
         "this SuperNode has no hospital settings: start it with "
-        "--node-config 'hospital-config=\"/path/to/hospital.yaml\"' (see docs/deploy.md)"
+        "--node-config 'hospital-config=\"/path/to/hospital.yaml\"' (see docs/deploy.md and configs/hospital.example.yaml)"
     )
 
 
@@ -96,11 +99,17 @@ def _checked(h: HospitalConfig) -> HospitalConfig:
     return h
 
 
-def _set(cfg: FedClimbConfig, dotted: str, value: Any) -> None:
-    section, name = dotted.split(".", 1)
-    obj = getattr(cfg, section)
-    current = getattr(obj, name)
-    setattr(obj, name, type(current)(value))
+def _with_hparam(cfg: FedClimbConfig, dotted: str, value: Any) -> FedClimbConfig | None:
+    """``cfg`` with one value replaced, type-checked and range-checked like a config file."""
+    node = OmegaConf.structured(cfg)
+    try:
+        OmegaConf.update(node, dotted, value, merge=False)
+        out = OmegaConf.to_object(node)
+    except (OmegaConfBaseException, ValueError) as exc:
+        log.warning("ignoring %s=%r from the server: %s", dotted, value, str(exc).splitlines()[0])
+        return None
+    assert isinstance(out, FedClimbConfig)
+    return out
 
 
 def effective_config(run_cfg: FedClimbConfig, site: Site, instruction: Mapping[str, Any]) -> FedClimbConfig:
@@ -118,7 +127,7 @@ def effective_config(run_cfg: FedClimbConfig, site: Site, instruction: Mapping[s
         if name not in keys.TUNABLE:
             log.warning("ignoring %s=%r from the server: not a tunable hyper-parameter", key, value)
             continue
-        _set(cfg, name, value)
+        cfg = _with_hparam(cfg, name, value) or cfg
     lim = site.hospital.limits
     clamps = (
         ("train.steps", lim.max_local_steps),
@@ -126,6 +135,7 @@ def effective_config(run_cfg: FedClimbConfig, site: Site, instruction: Mapping[s
         ("rollout.batch_prompts", lim.max_batch_prompts),
         ("rollout.max_new_tokens", lim.max_new_tokens),
         ("train.lr", lim.max_lr),
+        ("train.ppo_epochs", lim.max_ppo_epochs),
     )
     for dotted, bound in clamps:
         section, name = dotted.split(".")

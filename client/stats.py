@@ -1,64 +1,100 @@
-"""Per-domain statistics a hospital may send, with a bounded contribution per privacy unit.
+"""The per-domain statistic a hospital may send: how many privacy units it holds per domain.
 
-During a round a record may be sampled in several steps, so "rollouts per domain" would
-let one record move the totals by up to steps x K. The released statistics are defined
-per *used unit* instead: every privacy unit used in the round spreads a total weight of 1
-over the records of it that were used (1 each for record units), and contributes, per
-domain d, ``n_d = sum of its weights there`` and ``s_d = sum of weight x the record's mean
-reward`` (rewards lie in [0, 1]). One unit therefore changes the joint vector (n, s) by at
-most 1 in L1 over n and at most 1 over s, so its L2 sensitivity is sqrt(1 + 1) = sqrt(2)
-under add/remove-one-unit (common/privacy/release.py).
+The federation needs, per domain d, a size N_d (for DRPO's temperature and the server's
+domain-aware weights). A hospital contributes ``n_d``: every privacy unit of its training
+split spreads a total weight of 1 over its records (1 each for record units, 1/m each for
+a patient with m records), so n_d is the weighted number of units in domain d. One unit
+changes the vector n by at most 1 in L1, hence at most 1 in L2: the L2 sensitivity under
+add/remove-one-unit is 1.
+
+The statistic covers the whole training split, not the units sampled in a round, so it
+does not depend on (or reveal) the Poisson samples that DP-SGD's amplification relies on.
+Under DP it is released once with the Gaussian mechanism, recorded in the ledger, and the
+noisy value is kept in the hospital's state directory and re-sent every round (re-sending
+a released value is post-processing; a changed training split is released anew).
+The domains' difficulty (mean reward) comes from the evaluation of the global adapter on
+the held-out split instead (docs/privacy.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["RecordUse", "domain_statistics", "REWARD_BOUND"]
+__all__ = ["unit_domain_counts", "ReleasedCounts", "load_released", "save_released", "fingerprint"]
 
-# Rewards are convex combinations of terms in [0, 1].
-REWARD_BOUND = 1.0
-
-
-@dataclass
-class RecordUse:
-    """How one record was used in a round."""
-
-    domain: str
-    rollouts: int
-    reward_sum: float
-
-    @property
-    def mean_reward(self) -> float:
-        return self.reward_sum / self.rollouts if self.rollouts else 0.0
+RELEASE_FILE = "released_domain_counts.json"
 
 
-def domain_statistics(
-    uses: Mapping[int, RecordUse],
-    units: Sequence[Sequence[int]],
-    domain_names: Sequence[str],
-) -> tuple[np.ndarray, np.ndarray]:
-    """(n_d, s_d) aligned with ``domain_names``; domains not listed are left out.
+def unit_domain_counts(
+    domains: Sequence[str], units: Sequence[Sequence[int]], domain_names: Sequence[str]
+) -> np.ndarray:
+    """n_d aligned with ``domain_names``: each unit spreads a weight of 1 over its records.
 
-    ``uses`` maps record index -> its use this round; ``units`` lists the record indices
-    of each privacy unit.
+    ``domains[i]`` is record i's domain; ``units`` lists the record indices of each unit.
+    Records of domains not in ``domain_names`` keep their share of the unit's weight but
+    are not counted anywhere (the vector's L1 norm per unit stays <= 1).
     """
     index = {d: i for i, d in enumerate(domain_names)}
     n = np.zeros(len(domain_names))
-    s = np.zeros(len(domain_names))
     for unit in units:
-        used = [r for r in unit if r in uses]
-        if not used:
+        if not unit:
             continue
-        w = 1.0 / len(used)
-        for r in used:
-            u = uses[r]
-            i = index.get(u.domain)
-            if i is None:
-                continue
-            n[i] += w
-            s[i] += w * min(max(u.mean_reward, 0.0), REWARD_BOUND)
-    return n, s
+        w = 1.0 / len(unit)
+        for r in unit:
+            i = index.get(domains[r])
+            if i is not None:
+                n[i] += w
+    return n
+
+
+def fingerprint(record_ids: Sequence[str], unit: str, domain_names: Sequence[str]) -> str:
+    """Identifies the training split, the unit and the domain list a release is about."""
+    h = hashlib.sha256()
+    for part in (unit, *domain_names, "|", *sorted(record_ids)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class ReleasedCounts:
+    """A DP-released n (or None if nothing was released for this split yet)."""
+
+    fingerprint: str
+    domain_names: list[str]
+    noise_multiplier: float
+    counts: list[float]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def load_released(state_dir: Path, fp: str) -> ReleasedCounts | None:
+    """The stored release for this exact split, if there is one."""
+    path = Path(state_dir) / RELEASE_FILE
+    if not path.is_file():
+        return None
+    data: Mapping[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("fingerprint") != fp:
+        return None
+    return ReleasedCounts(data["fingerprint"], list(data["domain_names"]), float(data["noise_multiplier"]),
+                          [float(x) for x in data["counts"]])
+
+
+def save_released(state_dir: Path, release: ReleasedCounts) -> None:
+    """Write atomically (temp file, fsync, rename)."""
+    path = Path(state_dir) / RELEASE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(release.to_json(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

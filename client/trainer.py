@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 
 from client.dp_step import DPSettings, DPUpdater
-from client.stats import RecordUse
 from common.advantages import DRPOState, drpo_advantages, grpo_advantages
 from common.climb.errors import MediaError
 from common.climb.inputs import load_visuals
@@ -80,9 +80,10 @@ class LocalResult:
     history: list[StepLog] = field(default_factory=list)
     drpo_state: dict[str, Any] | None = None
     dp_steps: int = 0
-    # Record index -> how it was used; and the privacy units (lists of record indices).
-    uses: dict[int, RecordUse] = field(default_factory=dict)
+    # The privacy units (lists of record indices) the round sampled from.
     units: list[list[int]] = field(default_factory=list)
+    # Prompts processed (counting repeats): 0 for a round of empty Poisson batches.
+    prompts: int = 0
 
     @property
     def mean_reward(self) -> float:
@@ -125,19 +126,24 @@ class LocalTrainer:
     def __init__(self, policy: Policy, cfg: FedClimbConfig) -> None:
         self.policy = policy
         self.cfg = cfg
-        self._prompts: dict[str, EncodedPrompt] = {}
+        self._prompts: OrderedDict[str, EncodedPrompt] = OrderedDict()
+        self._masks: dict[str, np.ndarray] = {}
         self.weights = RewardWeights(accuracy=cfg.reward.accuracy, iou=cfg.reward.iou, format=cfg.reward.format)
         self._dp_updater: DPUpdater | None = None
 
     # ------------------------------------------------------------------ inputs
 
     def encode(self, record: Record) -> EncodedPrompt:
-        """The record's encoded prompt (media decoded once per trainer and cached)."""
+        """The record's encoded prompt (decoded media cached, least recently used first out)."""
         hit = self._prompts.get(record.id)
-        if hit is None:
-            visuals = load_visuals(record, video_frames=self.cfg.data.video_frames, ecg_px_per_mm=self.cfg.data.ecg_px_per_mm)
-            hit = encode_prompt(self.policy.bundle, record, visuals, self.cfg.prompt)
-            self._prompts[record.id] = hit
+        if hit is not None:
+            self._prompts.move_to_end(record.id)
+            return hit
+        visuals = load_visuals(record, video_frames=self.cfg.data.video_frames, ecg_px_per_mm=self.cfg.data.ecg_px_per_mm)
+        hit = encode_prompt(self.policy.bundle, record, visuals, self.cfg.prompt)
+        self._prompts[record.id] = hit
+        while len(self._prompts) > self.cfg.data.prompt_cache:
+            self._prompts.popitem(last=False)
         return hit
 
     def usable(self, records: Sequence[Record]) -> list[Record]:
@@ -155,10 +161,14 @@ class LocalTrainer:
     def _mask_for(self, record: Record) -> np.ndarray | None:
         if record.segmentation is None:
             return None
-        from PIL import Image
+        hit = self._masks.get(record.id)
+        if hit is None:
+            from PIL import Image
 
-        with Image.open(record.media_path(record.segmentation)) as im:
-            return np.asarray(im.convert("L")) > 0
+            with Image.open(record.media_path(record.segmentation)) as im:
+                hit = np.asarray(im.convert("L")) > 0
+            self._masks[record.id] = hit
+        return hit
 
     def score(self, record: Record, text: str) -> Any:
         return total_reward(
@@ -187,6 +197,8 @@ class LocalTrainer:
         if a.estimator == "grpo":
             return grpo_advantages(rewards, eps=a.eps), state
         stats = global_stats if (a.global_domain_stats or dp) else None
+        if stats:  # every batch domain gets a federation temperature (none falls back to local)
+            stats = _complete_stats(stats, domains, eps=a.eps)
         options: dict[str, Any] = dict(
             eps=a.eps,
             history=a.history,
@@ -205,8 +217,6 @@ class LocalTrainer:
             # Every factor must depend on this record alone or on DP-released values
             # (docs/privacy.md, "DRPO under differential privacy").
             use_server = self.cfg.privacy.domain_temperature == "server" and bool(stats)
-            if use_server and stats is not None:
-                stats = _complete_stats(stats, domains, eps=a.eps)
             options.update(
                 clustering=False,
                 restandardize=False,
@@ -253,7 +263,6 @@ class LocalTrainer:
         if dp is not None and self._dp_updater is None:
             self._dp_updater = DPUpdater.for_policy(policy)
         stats: dict[str, DomainStats] = {}
-        uses: dict[int, RecordUse] = {}
         history: list[StepLog] = []
         order: list[int] = []
         t_roll = t_upd = 0.0
@@ -264,9 +273,7 @@ class LocalTrainer:
             if dp is not None:
                 chosen_units = self._dp_updater.sample_units(len(units), dp)  # type: ignore[union-attr]
             else:
-                if len(order) < cfg.rollout.batch_prompts:
-                    order += rng.permutation(len(units)).tolist()
-                chosen_units, order = order[: cfg.rollout.batch_prompts], order[cfg.rollout.batch_prompts :]
+                chosen_units, order = _next_batch(order, cfg.rollout.batch_prompts, len(units), rng)
             batch = [(u, i) for u in chosen_units for i in units[u]]
             t0 = time.perf_counter()
             log_entry = StepLog(step=step, prompts=len(batch), reward=0.0, accuracy=0.0, rollout_s=0.0, update_s=0.0)
@@ -284,10 +291,7 @@ class LocalTrainer:
                 scored = [self.score(recs[int(rollouts.prompt_index[j])], t) for j, t in enumerate(rollouts.texts)]
                 rewards = torch.tensor([s.total for s in scored], dtype=torch.float32).view(len(recs), K)
                 accs = torch.tensor([s.accuracy for s in scored], dtype=torch.float32).view(len(recs), K)
-                for (_, idx), r, rew, acc in zip(batch, recs, rewards, accs, strict=True):
-                    use = uses.setdefault(idx, RecordUse(r.domain, 0, 0.0))
-                    use.rollouts += K
-                    use.reward_sum += float(rew.sum())
+                for r, rew, acc in zip(recs, rewards, accs, strict=True):
                     d = stats.setdefault(r.domain, DomainStats())
                     d.records += 1
                     d.rollouts += K
@@ -303,7 +307,14 @@ class LocalTrainer:
                 )
                 t1 = time.perf_counter()
                 unit_of_prompt = [u for u, _ in batch]
-                loss_stats = self._update(rollouts, adv.flatten(), old_logp, ref_logp, optimizer, dp, unit_of_prompt, len(units))
+                try:
+                    loss_stats = self._update(
+                        rollouts, adv.flatten(), old_logp, ref_logp, optimizer, dp, unit_of_prompt, len(units)
+                    )
+                except BaseException:
+                    if dp is not None:
+                        self._dp_updater.abort()  # type: ignore[union-attr]
+                    raise
                 t2 = time.perf_counter()
                 log_entry.reward, log_entry.accuracy = float(rewards.mean()), float(accs.mean())
                 log_entry.rollout_s, log_entry.update_s = t1 - t0, t2 - t1
@@ -332,7 +343,7 @@ class LocalTrainer:
             history=history,
             drpo_state=state.to_json() if state is not None else None,
             dp_steps=steps if dp is not None else 0,
-            uses=uses,
+            prompts=sum(s.records for s in stats.values()),
             units=units,
         )
 
@@ -476,6 +487,19 @@ class LocalTrainer:
                 predictions=histogram,
             )
         return EvalResult(out, time.perf_counter() - t0)
+
+
+def _next_batch(order: list[int], size: int, n: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """The next ``size`` indices of a shuffled epoch order, refilled without repeats in a batch."""
+    batch = order[:size]
+    rest = order[size:]
+    if len(batch) < size:
+        taken = set(batch)
+        fresh = [i for i in rng.permutation(n).tolist() if i not in taken]
+        need = min(size, n) - len(batch)
+        batch += fresh[:need]
+        rest = fresh[need:]
+    return batch, rest
 
 
 def _complete_stats(

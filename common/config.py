@@ -158,13 +158,17 @@ class DataConfig:
     max_images: int = 4
     # Paper-style ECG rendering size, pixels per millimetre.
     ecg_px_per_mm: float = 2.0
-    # Cap on records read per split (0 = all); handy for smoke runs.
+    # Cap on records read per split (0 = all, else evenly spaced); handy for smoke runs.
     max_records: int = 0
+    # Encoded prompts (with decoded images) kept in memory per hospital; older ones are
+    # decoded again when needed (about 0.1 MB each at 168 px, 12 MB at 524,288 pixels).
+    prompt_cache: int = 4096
 
     def __post_init__(self) -> None:
         _check(self.video_frames >= 1, "data.video_frames", f"must be >= 1, got {self.video_frames}")
         _check(self.max_images >= 1, "data.max_images", f"must be >= 1, got {self.max_images}")
         _check(self.max_records >= 0, "data.max_records", f"must be >= 0, got {self.max_records}")
+        _check(self.prompt_cache >= 1, "data.prompt_cache", f"must be >= 1, got {self.prompt_cache}")
 
 
 QOQ_FORMAT_INSTRUCTION = (
@@ -307,17 +311,19 @@ class PrivacyConfig:
     # Poisson sampling rate of units per step (0 = rollout.batch_prompts / number of units).
     sample_rate: float = 0.0
     accountant: Literal["rdp", "prv"] = "rdp"
-    # Per-domain counts / reward sums sent to the server: Gaussian-noised or not sent.
+    # Per-domain counts of the training split's units (the federation's N_d): released once
+    # with the Gaussian mechanism (sensitivity 1; noise std = stats_noise_multiplier) and
+    # re-sent every round, or not sent at all.
     stats_release: Literal["dp", "none"] = "dp"
-    stats_noise_multiplier: float = 5.0
+    stats_noise_multiplier: float = 8.0
     # Held-out evaluation metrics (valid/test split, never trained on): sent exactly —
     # aggregate per-domain numbers, outside the training split's DP guarantee — or not at all.
     eval_release: Literal["exact", "none"] = "exact"
     # DRPO's domain temperature under DP: DP-released federation stats, or T_d = 1.
     domain_temperature: Literal["server", "fixed"] = "server"
-    # Draw DP noise and Poisson samples from the operating system's secure generator. A
-    # seeded generator (false) makes runs reproducible, but the seed is derived from values
-    # the server knows, so the server could recompute and subtract the noise: simulation only.
+    # Seed the generator of DP noise and Poisson samples from os.urandom (true), or from the
+    # run's seed (false: reproducible, but that seed is derived from values the server knows,
+    # so the server could recompute and subtract the noise: simulations only).
     secure_rng: bool = True
 
     def __post_init__(self) -> None:
@@ -444,6 +450,7 @@ class HospitalLimits:
     max_batch_prompts: int = 64
     max_new_tokens: int = 4096
     max_lr: float = 0.05
+    max_ppo_epochs: int = 4
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -17,8 +17,8 @@ SEED = "seed"
 PLANNED_ROUNDS = "planned-rounds"
 WIRE_PRECISION = "wire-precision"
 DOMAIN_NAMES = "domain-names"
-DOMAIN_COUNT = "domain-count"  # federation-wide N_d (cumulative)
-DOMAIN_MEAN = "domain-mean"  # federation-wide mu_d (running mean reward)
+DOMAIN_COUNT = "domain-count"  # federation-wide N_d (sum of the hospitals' unit counts)
+DOMAIN_MEAN = "domain-mean"  # federation-wide mu_d (held-out reward of the global adapter; -1 unknown)
 HPARAM_PREFIX = "hp."  # e.g. "hp.train.lr": hyper-parameters within the hospital's limits
 ONLY_B = "only-lora-b"  # ffa: reply with lora_B tensors only
 
@@ -26,6 +26,8 @@ ONLY_B = "only-lora-b"  # ffa: reply with lora_B tensors only
 STATUS_OK = 0
 STATUS_BUDGET_EXHAUSTED = 1
 STATUS_NO_DATA = 2
+# The round failed at the hospital; the details stay in its own log (no text is sent).
+STATUS_ERROR = 3
 
 # Train reply metrics (hospital -> server).
 STATUS = "status"
@@ -33,15 +35,16 @@ NUM_EXAMPLES = "num-examples"
 LOCAL_STEPS = "train.steps"
 ROLLOUT_SECONDS = "train.rollout-s"
 UPDATE_SECONDS = "train.update-s"
-REWARD_MEAN = "train.reward-mean"
+REWARD_MEAN = "train.reward-mean"  # without DP only
 EPSILON = "dp.epsilon"
 DELTA = "dp.delta"
 NOISE_MULTIPLIER = "dp.noise-multiplier"
 SAMPLE_RATE = "dp.sample-rate"
 # Simulation only: the virtual node's partition id, so reports can name hospitals.
 SITE_PARTITION = "site.partition"
-D_COUNT = "domain.count"  # per domain, aligned with DOMAIN_NAMES (DP-noised under DP)
-D_REWARD_SUM = "domain.reward-sum"
+# Per domain, aligned with DOMAIN_NAMES: privacy units of the training split (client/stats.py),
+# released once with the Gaussian mechanism under DP.
+D_COUNT = "domain.count"
 
 # Evaluate reply metrics: per domain lists aligned with DOMAIN_NAMES.
 E_RECORDS = "eval.records"
@@ -54,7 +57,7 @@ E_ACCURACY = "eval.accuracy"
 
 TRAIN_SCALARS = (STATUS, NUM_EXAMPLES, LOCAL_STEPS, ROLLOUT_SECONDS, UPDATE_SECONDS, REWARD_MEAN,
                  EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, SITE_PARTITION)
-TRAIN_PER_DOMAIN = (D_COUNT, D_REWARD_SUM)
+TRAIN_PER_DOMAIN = (D_COUNT,)
 EVAL_SCALARS = (STATUS, NUM_EXAMPLES, SITE_PARTITION)
 EVAL_PER_DOMAIN = (E_RECORDS, E_BALANCED_ACCURACY, E_MACRO_F1, E_MEAN_IOU, E_FORMAT_RATE, E_MEAN_REWARD, E_ACCURACY)
 

@@ -14,6 +14,8 @@ and byte length are checked against its payload.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import math
 from typing import Literal
 
@@ -46,7 +48,10 @@ class WireError(ValueError):
 
 
 def encode_adapter(
-    tensors: dict[str, torch.Tensor], precision: WirePrecision = "fp32"
+    tensors: dict[str, torch.Tensor],
+    precision: WirePrecision = "fp32",
+    *,
+    exact: Collection[str] = (),
 ) -> ArrayRecord:
     """Encode named adapter tensors into a Flower ``ArrayRecord``.
 
@@ -59,6 +64,9 @@ def encode_adapter(
         Wire precision. Each tensor is cast to ``WIRE_DTYPES[precision]`` first
         (round to nearest); fp32 and fp16 travel as NumPy arrays, bf16 as raw
         little-endian 16-bit words.
+    exact : collection of str
+        Names that always travel in fp32 (e.g. ``ffa``'s frozen lora_A, which every
+        party must hold bit for bit).
 
     Returns
     -------
@@ -85,8 +93,9 @@ def encode_adapter(
                 f"adapter tensor {name!r} must be a floating-point torch.Tensor, "
                 f"got {kind}."
             )
-        cast = tensor.detach().to(device="cpu", dtype=wire_dtype).contiguous()
-        if precision == "bf16":
+        dtype = torch.float32 if name in exact else wire_dtype
+        cast = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        if cast.dtype == torch.bfloat16:
             record[name] = _bf16_to_array(cast)
         else:
             record[name] = Array(cast.numpy())

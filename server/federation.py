@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import FedClimbConfig, to_yaml
-from common.modeling.lora import init_adapter, read_peft_folder
+from common.modeling.lora import init_adapter, is_lora_a, read_peft_folder
 from common.modeling.shapes import adapter_shapes_for
 from common.wire import encode_adapter
 from server.checkpoint import load_latest, save_round, write_json_atomic
@@ -62,9 +62,14 @@ def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
         f.flush()
 
 
+def _encode_global(strategy: FedClimbStrategy) -> ArrayRecord:
+    """The global adapter at wire precision; in ffa the frozen A always travels in fp32."""
+    exact = [k for k in strategy.global_adapter if is_lora_a(k)] if strategy.only_b else []
+    return encode_adapter(strategy.global_adapter, strategy.cfg.federation.wire_precision, exact=exact)
+
+
 def _evaluate(strategy: FedClimbStrategy, grid: Grid, rnd: int, timeout: float) -> None:
-    cfg = strategy.cfg
-    arrays = encode_adapter(strategy.global_adapter, cfg.federation.wire_precision)
+    arrays = _encode_global(strategy)
     replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
     strategy.aggregate_evaluate(rnd, replies)
 
@@ -78,6 +83,13 @@ def run_federation(
 ) -> FedClimbStrategy:
     """Run (or resume) ``cfg.federation.rounds`` rounds; checkpoints go to ``run_dir``."""
     run_dir = Path(run_dir)
+    if not cfg.federation.domains:
+        if cfg.aggregation.weighting == "domain":
+            raise ValueError(
+                "federation.domains is empty, but aggregation.weighting=domain needs the federation's domain "
+                "names: set federation.domains=[...] (dataset names; modality folders with data.domain_key=modality)"
+            )
+        log.warning("federation.domains is empty: no federation-wide DRPO statistics will be broadcast")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     history: list[dict[str, Any]] = []
@@ -128,7 +140,7 @@ def run_federation(
         rlog = RoundLog(server_round=rnd)
         strategy.current = rlog
         t0 = time.perf_counter()
-        arrays = encode_adapter(strategy.global_adapter, fed.wire_precision)
+        arrays = _encode_global(strategy)
         messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
         strategy.aggregate_train(rnd, replies)

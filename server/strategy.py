@@ -44,7 +44,6 @@ TRAIN_METRICS: dict[str, MetricSpec] = {
     keys.SAMPLE_RATE: MetricSpec("float"),
     keys.SITE_PARTITION: MetricSpec("int"),
     keys.D_COUNT: MetricSpec("per_domain_float"),
-    keys.D_REWARD_SUM: MetricSpec("per_domain_float"),
 }
 EVAL_METRICS: dict[str, MetricSpec] = {
     keys.NUM_EXAMPLES: MetricSpec("int", required=True),
@@ -85,10 +84,11 @@ class FedClimbStrategy(Strategy):
         self.domains = list(cfg.federation.domains)
         self.global_adapter = {k: v.float() for k, v in global_adapter.items()}
         self.only_b = cfg.aggregation.mode == "ffa"
-        # Federation-wide domain statistics: N_d (cumulative unit-weighted count) and the
-        # running reward sum S_d, so mu_d = S_d / N_d.
-        self.domain_count = {d: 0.0 for d in self.domains}
-        self.domain_reward = {d: 0.0 for d in self.domains}
+        # Federation-wide domain statistics. N_d: the sum of every hospital's latest
+        # (DP-released) count of training units in domain d. mu_d: the global adapter's
+        # mean held-out reward in domain d at the latest evaluation (-1 = not known yet).
+        self.hospital_counts: dict[str, list[float]] = {}
+        self.domain_mu = {d: -1.0 for d in self.domains}
         self.current: RoundLog | None = None
         self.rejected_total = 0
 
@@ -97,8 +97,8 @@ class FedClimbStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {
             "domains": self.domains,
-            "domain_count": self.domain_count,
-            "domain_reward": self.domain_reward,
+            "hospital_counts": self.hospital_counts,
+            "domain_mu": self.domain_mu,
             "rejected_total": self.rejected_total,
         }
 
@@ -108,22 +108,27 @@ class FedClimbStrategy(Strategy):
                 f"checkpoint domains {state.get('domains')} differ from federation.domains {self.domains}; "
                 "resume with the same configuration"
             )
-        self.domain_count = {d: float(v) for d, v in state["domain_count"].items()}
-        self.domain_reward = {d: float(v) for d, v in state["domain_reward"].items()}
+        self.hospital_counts = {h: [float(x) for x in c] for h, c in state["hospital_counts"].items()}
+        self.domain_mu = {d: float(v) for d, v in state["domain_mu"].items()}
         self.rejected_total = int(state.get("rejected_total", 0))
 
-    def domain_means(self) -> dict[str, float]:
+    @property
+    def domain_count(self) -> dict[str, float]:
+        """N_d: the hospitals' latest unit counts, each clamped at 0 once (they may be noisy)."""
         return {
-            d: min(max(self.domain_reward[d] / self.domain_count[d], 0.0), 1.0) if self.domain_count[d] > 0 else 0.0
-            for d in self.domains
+            d: sum(max(float(c[i]), 0.0) for c in self.hospital_counts.values())
+            for i, d in enumerate(self.domains)
         }
 
+    def domain_means(self) -> dict[str, float]:
+        return dict(self.domain_mu)
+
     def temperatures(self) -> dict[str, float]:
-        """Federation-wide T_d = max(sqrt(N_d) mu_d, eps) for domains seen so far."""
-        seen = [d for d in self.domains if self.domain_count[d] > 0]
-        mu = self.domain_means()
+        """Federation-wide T_d = max(sqrt(N_d) mu_d, eps) for domains with both statistics."""
+        n, mu = self.domain_count, self.domain_mu
+        known = [d for d in self.domains if n[d] > 0 and mu[d] >= 0]
         return domain_temperatures(
-            {d: self.domain_count[d] for d in seen}, {d: mu[d] for d in seen}, eps=self.cfg.aggregation.temperature_eps
+            {d: n[d] for d in known}, {d: mu[d] for d in known}, eps=self.cfg.aggregation.temperature_eps
         )
 
     # ----------------------------------------------------------------- messages
@@ -131,6 +136,7 @@ class FedClimbStrategy(Strategy):
     def _instruction(self, server_round: int) -> ConfigRecord:
         cfg = self.cfg
         mu = self.domain_means()
+        n = self.domain_count
         values: dict[str, Any] = {
             keys.SERVER_ROUND: server_round,
             keys.SEED: cfg.seed,
@@ -138,7 +144,7 @@ class FedClimbStrategy(Strategy):
             keys.WIRE_PRECISION: cfg.federation.wire_precision,
             keys.ONLY_B: self.only_b,
             keys.DOMAIN_NAMES: self.domains,
-            keys.DOMAIN_COUNT: [float(self.domain_count[d]) for d in self.domains],
+            keys.DOMAIN_COUNT: [float(n[d]) for d in self.domains],
             keys.DOMAIN_MEAN: [float(mu[d]) for d in self.domains],
         }
         for name in keys.TUNABLE:
@@ -187,8 +193,11 @@ class FedClimbStrategy(Strategy):
             return "error", None, {}, f"the hospital reported an error: {msg.error.reason}"
         content = msg.content
         metrics = dict(content.metric_records[keys.METRICS]) if keys.METRICS in content.metric_records else {}
-        if metrics.get(keys.STATUS) == keys.STATUS_NO_DATA and keys.ARRAYS not in content.array_records:
+        no_arrays = keys.ARRAYS not in content.array_records
+        if metrics.get(keys.STATUS) == keys.STATUS_NO_DATA and no_arrays:
             return "no_data", None, metrics, "the hospital has no usable training records"
+        if metrics.get(keys.STATUS) == keys.STATUS_ERROR and no_arrays:
+            return "error", None, metrics, "the hospital's round failed (the details are in its own log)"
         try:
             arrays = decode_adapter(content.array_records[keys.ARRAYS]) if keys.ARRAYS in content.array_records else None
         except Exception as exc:  # a hostile or broken payload must not stop the round
@@ -203,6 +212,8 @@ class FedClimbStrategy(Strategy):
             global_adapter=self.global_adapter,
             num_domains=len(self.domains),
         )
+        if verdict.ok and int(metrics.get(keys.LOCAL_STEPS, 0)) < 1:
+            return "rejected", None, metrics, f"metric {keys.LOCAL_STEPS!r} must be >= 1"
         if verdict.ok:
             return "ok", arrays, metrics, ""
         return verdict.status, None, metrics, verdict.reason or "rejected"
@@ -244,15 +255,20 @@ class FedClimbStrategy(Strategy):
             report["aggregated"] = False
             return None, None
         self._update_domain_stats(accepted)
-        weights = self._weights(accepted)
-        agg = aggregate(
-            self.global_adapter,
-            [a for _, a, _ in accepted],
-            weights,
-            mode=self.cfg.aggregation.mode,
-            local_steps=[int(m.get(keys.LOCAL_STEPS, 1)) for _, _, m in accepted],
-            fednova=self.cfg.aggregation.fednova,
-        )
+        try:
+            weights = self._weights(accepted)
+            agg = aggregate(
+                self.global_adapter,
+                [a for _, a, _ in accepted],
+                weights,
+                mode=self.cfg.aggregation.mode,
+                local_steps=[int(m.get(keys.LOCAL_STEPS, 1)) for _, _, m in accepted],
+                fednova=self.cfg.aggregation.fednova,
+            )
+        except (ValueError, ArithmeticError, RuntimeError) as exc:  # never crash the server on replies
+            log.error("round %d: aggregation failed (%s); the global adapter is unchanged", server_round, exc)
+            report.update(aggregated=False, error=str(exc))
+            return None, None
         self.global_adapter = {k: v.float() for k, v in agg.adapter.items()}
         report.update(
             aggregated=True,
@@ -270,18 +286,18 @@ class FedClimbStrategy(Strategy):
         return encode_adapter(self.global_adapter, "fp32"), MetricRecord(summary)
 
     def _update_domain_stats(self, accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]]) -> None:
-        for _, _, m in accepted:
-            counts, sums = m.get(keys.D_COUNT), m.get(keys.D_REWARD_SUM)
-            if counts is None or sums is None:
-                continue
-            for d, n, s in zip(self.domains, counts, sums, strict=True):
-                n = max(float(n), 0.0)
-                self.domain_count[d] += n
-                self.domain_reward[d] += min(max(float(s), 0.0), n)
+        for node, _, m in accepted:
+            counts = m.get(keys.D_COUNT)
+            if counts is not None:
+                self.hospital_counts[node_label(node, m)] = [float(x) for x in counts]
 
     def _weights(self, accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]]) -> list[float]:
         mode = self.cfg.aggregation.weighting
         cap = self.cfg.aggregation.weight_cap or None
+        if cap is not None and cap * len(accepted) < 1:
+            log.warning("aggregation.weight_cap=%s cannot hold with %d replies; using 1/%d this round",
+                        cap, len(accepted), len(accepted))
+            cap = 1.0 / len(accepted)
         examples = [max(float(m.get(keys.NUM_EXAMPLES, 0)), 0.0) for _, _, m in accepted]
         counts = [m.get(keys.D_COUNT) for _, _, m in accepted]
         if mode == "domain" and any(c is None for c in counts):
@@ -319,11 +335,17 @@ class FedClimbStrategy(Strategy):
                 has_arrays=bool(content.array_records),
             )
             label = node_label(msg.metadata.src_node_id, metrics)
+            if metrics.get(keys.STATUS) in (keys.STATUS_NO_DATA, keys.STATUS_ERROR) and not content.array_records:
+                log.info("round %d: %s sent no evaluation (status %s)", server_round, label, metrics.get(keys.STATUS))
+                continue
             if not verdict.ok:
                 log.warning("round %d: dropped evaluation of %s: %s", server_round, label, verdict.reason)
                 continue
             per_node[label] = metrics
         combined = self._combine_eval(per_node)
+        for d, row in combined.items():
+            if d in self.domain_mu and "mean_reward" in row:
+                self.domain_mu[d] = min(max(float(row["mean_reward"]), 0.0), 1.0)
         if self.current is not None:
             self.current.evaluate = {"nodes": per_node, "domains": combined}
         flat = {f"{k}/{d}": v for d, row in combined.items() for k, v in row.items() if k != "records"}

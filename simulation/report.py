@@ -29,16 +29,17 @@ def metric_rows(history: Sequence[dict[str, Any]], domains: Sequence[str]) -> li
     for entry in history:
         rnd = entry["server_round"]
         for hospital, m in sorted(((entry.get("train") or {}).get("nodes") or {}).items()):
-            counts, sums = m.get(keys.D_COUNT), m.get(keys.D_REWARD_SUM)
-            if not counts or not sums:
+            counts = m.get(keys.D_COUNT)
+            if not counts:
                 continue
-            for d, n, s in zip(domains, counts, sums, strict=True):
+            for d, n in zip(domains, counts, strict=True):
                 if n <= 0:
                     continue
-                row = {"round": rnd, "hospital": hospital, "domain": d, "phase": "train", "records": n,
-                       "mean_reward": min(max(s / n, 0.0), 1.0)}
-                if keys.EPSILON in m:
-                    row["epsilon"] = m[keys.EPSILON]
+                # units of the training split (DP-released under DP), the round's privacy spend
+                row = {"round": rnd, "hospital": hospital, "domain": d, "phase": "train", "units": n}
+                for key, name in ((keys.EPSILON, "epsilon"), (keys.REWARD_MEAN, "hospital_train_reward")):
+                    if key in m:
+                        row[name] = m[key]
                 rows.append(row)
         for hospital, m in sorted(((entry.get("evaluate") or {}).get("nodes") or {}).items()):
             if keys.E_RECORDS not in m:

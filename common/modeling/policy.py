@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
 from common.config import LoraSettings
 from common.modeling.constrained import ConstrainedLogits, OptionTrie, allowed_mask
@@ -45,9 +46,6 @@ class Rollouts:
     @property
     def num_rows(self) -> int:
         return int(self.responses.shape[0])
-
-    def rows_of(self, prompt: int) -> list[int]:
-        return (self.prompt_index == prompt).nonzero().flatten().tolist()
 
 
 class Policy:
@@ -137,21 +135,22 @@ class Policy:
             max_new_tokens = max(len(s) for p in rows for s in (p.answer_sequences or []))
         torch.manual_seed(seed)
         sampling = temperature > 0
+        # A fresh GenerationConfig: no repetition penalty or other processor inherited from
+        # the checkpoint, so rollouts come from the same distribution token_logprobs scores.
+        gen = GenerationConfig(
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            top_k=0 if sampling else None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.bundle.eos_token_ids,
+            pad_token_id=self.pad_id,
+            suppress_tokens=self.suppressed or None,
+            use_cache=True,
+        )
         self.peft.eval()
         with self.autocast():
-            out = self.peft.generate(
-                **inputs,
-                do_sample=sampling,
-                temperature=temperature if sampling else None,
-                top_p=top_p if sampling else None,
-                top_k=0 if sampling else None,
-                max_new_tokens=max_new_tokens,
-                logits_processor=processors or None,
-                suppress_tokens=self.suppressed or None,
-                eos_token_id=self.bundle.eos_token_ids,
-                pad_token_id=self.pad_id,
-                use_cache=True,
-            )
+            out = self.peft.generate(**inputs, generation_config=gen, logits_processor=processors or None)
         responses = out[:, prompt_len:].cpu()
         mask = self._response_mask(responses)
         responses = responses.masked_fill(mask == 0, self.pad_id)
@@ -205,6 +204,8 @@ class Policy:
         with ctx, self.autocast():
             logits = call(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1, :]
         logits = logits.float() / temperature
+        if self.suppressed:  # never sampled (see generate), so never scored either
+            logits[..., self.suppressed] = float("-inf")
         if all(p.answer_sequences for p in prompts):
             mask = torch.stack(
                 [

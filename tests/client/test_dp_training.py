@@ -368,7 +368,7 @@ def test_empty_poisson_batch_takes_pure_noise_steps(env: Env, use_cfg: Callable[
         result = env.trainer.train(env.records, steps=steps, seed=0,
                                    dp=_settings(sigma=sigma, q=q, clip=clip, unit="record", seed=1))
     assert [h.prompts for h in result.history] == [0] * steps
-    assert result.uses == {} and result.dp_steps == steps
+    assert result.prompts == 0 and result.dp_steps == steps
     # One noisy update per PPO epoch, as for a non-empty sample.
     assert len(spy.steps) == steps * epochs
     noise = torch.stack(spy.steps).double()
@@ -414,7 +414,7 @@ def _adv(trainer: LocalTrainer, rewards: list[list[float]], domains: list[str], 
 
 def test_dp_advantages_by_hand(env: Env, use_cfg: Callable[..., FedClimbConfig]) -> None:
     """Clustering, re-standardisation and damping are on in the config but off under DP."""
-    cfg = use_cfg()
+    cfg = use_cfg("advantage.kl_damping=true")
     assert cfg.advantage.clustering and cfg.advantage.restandardize and cfg.advantage.kl_damping
     trainer = env.trainer
     fixed = _adv(trainer, REWARDS, DOMAINS, None, True)

@@ -20,8 +20,8 @@ import client.rounds as rounds
 from client.rounds import Instruction, plan_privacy, train_round
 from client.runtime import Runtime
 from client.site import Site
-from client.stats import RecordUse, domain_statistics
-from client.trainer import LocalResult, LocalTrainer
+from client.stats import unit_domain_counts
+from client.trainer import LocalResult, LocalTrainer, privacy_units
 from common import keys
 from common.config import FedClimbConfig, HospitalConfig, load_config
 from common.modeling.lora import adapter_shapes, init_adapter
@@ -188,7 +188,8 @@ def test_calibration_spreads_the_budget_over_the_planned_rounds(fed: Fed, tmp_pa
     assert spent[2] >= TARGET - 0.02  # ... and the planned rounds used (almost) all of it
     assert max(sigmas) / min(sigmas) < 1.1
     entries = _entries(tmp_path)
-    assert [e["kind"] for e in entries] == ["dpsgd", "stats_release"] * 3
+    # the per-domain counts are released once (round 1), then re-sent without new spending
+    assert [e["kind"] for e in entries] == ["dpsgd", "stats_release", "dpsgd", "dpsgd"]
     assert entries[-1]["epsilon"] == pytest.approx(_fresh_epsilon(entries), rel=1e-9)
     # A fourth round does not fit: refused before training, ledger untouched.
     before = (tmp_path / LEDGER).read_bytes()
@@ -274,70 +275,56 @@ def test_dp_with_seeded_noise_is_reproducible(fed: Fed, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- released statistics
 
 
-def test_domain_statistics_by_hand() -> None:
-    """Patient units spanning two domains: every used unit has total weight 1."""
-    uses = {
-        0: RecordUse("A", 4, 2.0),  # mean 0.5
-        1: RecordUse("B", 4, 4.0),  # mean 1.0
-        3: RecordUse("A", 8, 1.6),  # mean 0.2
-        4: RecordUse("B", 4, 6.0),  # mean 1.5: outside [0, 1], clipped to 1
-        6: RecordUse("C", 4, 1.0),  # a domain the server did not list
-    }
-    units = [[0, 1], [2], [3, 4, 5], [6]]  # unit [2] was not sampled; record 5 was not
-    n, s = domain_statistics(uses, units, ["A", "B"])
-    np.testing.assert_allclose(n, [0.5 + 0.5, 0.5 + 0.5])
-    np.testing.assert_allclose(s, [0.5 * 0.5 + 0.5 * 0.2, 0.5 * 1.0 + 0.5 * 1.0])
-    n_all, _ = domain_statistics(uses, units, ["A", "B", "C"])
-    assert n_all.sum() == pytest.approx(3.0)  # three used units, weight 1 each
-    # Removing any one unit moves (n, s) by at most sqrt(2) in L2 (the release's sensitivity).
-    joint = np.concatenate(domain_statistics(uses, units, ["A", "B", "C"]))
+def test_unit_domain_counts_by_hand() -> None:
+    """Patient units spanning two domains: every unit has total weight 1, sensitivity 1."""
+    domains = ["A", "B", "A", "A", "B", "C", "C"]
+    units = [[0, 1], [2], [3, 4, 5], [6]]
+    n = unit_domain_counts(domains, units, ["A", "B"])
+    # unit [0, 1]: A 1/2, B 1/2; [2]: A 1; [3, 4, 5]: A 1/3, B 1/3 (C not listed); [6]: C only
+    np.testing.assert_allclose(n, [0.5 + 1 + 1 / 3, 0.5 + 1 / 3])
+    n_all = unit_domain_counts(domains, units, ["A", "B", "C"])
+    assert n_all.sum() == pytest.approx(len(units))  # weight 1 per unit
+    # Removing any one unit moves n by at most 1 in L2 (the release's sensitivity) ...
     for k in range(len(units)):
         rest = units[:k] + units[k + 1 :]
-        moved = joint - np.concatenate(domain_statistics(uses, rest, ["A", "B", "C"]))
-        assert np.linalg.norm(moved) <= math.sqrt(2) + 1e-12
-    # The bound is tight: one record with reward 1.
-    one = np.concatenate(domain_statistics({0: RecordUse("A", 2, 2.0)}, [[0]], ["A"]))
-    assert np.linalg.norm(one) == pytest.approx(math.sqrt(2))
+        assert np.linalg.norm(n_all - unit_domain_counts(domains, rest, ["A", "B", "C"])) <= 1 + 1e-12
+    # ... and the bound is reached by a one-record unit.
+    assert np.linalg.norm(unit_domain_counts(["A"], [[0]], ["A"])) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("unit", ["record", "patient"])
-def test_train_round_releases_noised_unit_statistics(fed: Fed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     unit: str) -> None:
-    results: list[LocalResult] = []
+def test_counts_are_released_once_from_the_whole_training_split(
+    fed: Fed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unit: str
+) -> None:
     releases: list[dict[str, Any]] = []
-    real_train, real_release = LocalTrainer.train, rounds.release_counts_and_sums
+    real_release = rounds.gaussian_release
 
-    def train(self: LocalTrainer, *args: Any, **kwargs: Any) -> LocalResult:
-        results.append(real_train(self, *args, **kwargs))
-        return results[-1]
-
-    def release(counts: np.ndarray, sums: np.ndarray, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        out = real_release(counts, sums, **kwargs)
-        releases.append(dict(counts=counts.copy(), sums=sums.copy(), out=out, **kwargs))
+    def release(values: np.ndarray, **kwargs: Any) -> np.ndarray:
+        out = real_release(values, **kwargs)
+        releases.append(dict(values=np.array(values, copy=True), out=out, **kwargs))
         return out
 
-    monkeypatch.setattr(LocalTrainer, "train", train)
-    monkeypatch.setattr(rounds, "release_counts_and_sums", release)
-    out = _run(fed, _cfg(fed.root, f"privacy.unit={unit}", FIXED_SIGMA), tmp_path, _ins(fed))
-    assert out.status == keys.STATUS_OK and len(results) == len(releases) == 1
-    result, rel = results[0], releases[0]
-    # The exact statistics that went into the Gaussian mechanism.
-    exact_n, exact_s = domain_statistics(result.uses, result.units, fed.names)
-    np.testing.assert_array_equal(rel["counts"], exact_n)
-    np.testing.assert_array_equal(rel["sums"], exact_s)
-    used = {fed.train[i].patient_id if unit == "patient" else i for i in result.uses}
-    assert rel["counts"].sum() == pytest.approx(len(used))
-    assert rel["noise_multiplier"] == STATS_SIGMA and rel["sum_bound"] == 1.0
-    assert rel.get("max_records_per_unit", 1) == 1  # weights keep the sensitivity at sqrt(2)
-    # What is sent is the noised vector, and the ledger accounts for it.
-    assert out.metrics[keys.D_COUNT] == [float(x) for x in rel["out"][0]]
-    assert out.metrics[keys.D_REWARD_SUM] == [float(x) for x in rel["out"][1]]
-    assert not np.allclose(rel["out"][0], exact_n)
-    assert [e["kind"] for e in _entries(tmp_path)] == ["dpsgd", "stats_release"]
+    monkeypatch.setattr(rounds, "gaussian_release", release)
+    cfg = _cfg(fed.root, f"privacy.unit={unit}", FIXED_SIGMA, "privacy.target_epsilon=20")
+    first = _run(fed, cfg, tmp_path, _ins(fed, 1, planned=2))
+    second = _run(fed, cfg, tmp_path, _ins(fed, 2, planned=2))
+    assert first.status == second.status == keys.STATUS_OK
+    assert len(releases) == 1  # released once ...
+    rel = releases[0]
+    # ... from every unit of the training split (not the units a round happened to sample),
+    units = privacy_units(fed.train, unit)
+    exact = unit_domain_counts([r.domain for r in fed.train], units, fed.names)
+    np.testing.assert_array_equal(rel["values"], exact)
+    assert rel["values"].sum() == pytest.approx(len(units))
+    assert rel["l2_sensitivity"] == 1.0 and rel["noise_multiplier"] == STATS_SIGMA
+    # ... and only the noised vector is ever sent, the same in both rounds.
+    assert first.metrics[keys.D_COUNT] == second.metrics[keys.D_COUNT] == [float(x) for x in rel["out"]]
+    assert not np.allclose(rel["out"], exact)
+    assert [e["kind"] for e in _entries(tmp_path)] == ["dpsgd", "stats_release", "dpsgd"]
     allowed = {keys.STATUS, keys.LOCAL_STEPS, keys.ROLLOUT_SECONDS, keys.UPDATE_SECONDS, keys.EPSILON, keys.DELTA,
-               keys.NOISE_MULTIPLIER, keys.SAMPLE_RATE, keys.D_COUNT, keys.D_REWARD_SUM, keys.NUM_EXAMPLES,
-               keys.REWARD_MEAN}
-    assert set(out.metrics) <= allowed
+               keys.NOISE_MULTIPLIER, keys.SAMPLE_RATE, keys.D_COUNT, keys.NUM_EXAMPLES}
+    assert set(first.metrics) <= allowed  # no training reward, no exact count under DP
+    assert first.metrics[keys.NUM_EXAMPLES] == max(round(float(np.clip(rel["out"], 0, None).sum())), 0)
 
 
 @pytest.mark.parametrize("case", ["stats_off", "no_domain_names"])
@@ -346,6 +333,6 @@ def test_nothing_exact_is_sent_without_a_stats_release(fed: Fed, tmp_path: Path,
     out = _run(fed, cfg, tmp_path, _ins(fed, names=fed.names if case == "stats_off" else []))
     assert out.status == keys.STATUS_OK
     assert out.metrics[keys.NUM_EXAMPLES] == 0
-    for key in (keys.D_COUNT, keys.D_REWARD_SUM, keys.REWARD_MEAN):
+    for key in (keys.D_COUNT, keys.REWARD_MEAN):
         assert key not in out.metrics
     assert [e["kind"] for e in _entries(tmp_path)] == ["dpsgd"]

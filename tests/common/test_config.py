@@ -313,3 +313,10 @@ def test_hospital_config_errors_name_the_source(tmp_path):
     assert str(info.value).startswith("command line") and "limits.max_lr" in str(info.value)
     with pytest.raises(ConfigError, match="command line"):
         load_hospital_config(ok, ["limits.max_lr=[1"])
+
+
+def test_the_example_hospital_config_is_valid():
+    hospital = load_hospital_config(config_dir() / "hospital.example.yaml")
+    assert hospital.privacy.enabled and hospital.privacy.secure_rng
+    assert hospital.privacy.unit == "patient"
+    assert hospital.limits.max_ppo_epochs >= 1

@@ -197,6 +197,7 @@ def _reference_from_generate(
             logits_processor=processors,
             eos_token_id=policy.bundle.eos_token_ids,
             pad_token_id=policy.pad_id,
+            suppress_tokens=policy.suppressed or None,
             output_logits=True,
             return_dict_in_generate=True,
         )
@@ -305,6 +306,8 @@ def test_token_logprobs_equal_the_generation_scores(request, which, constrained)
             if mask[i, t] == 0:
                 continue
             scores = out.logits[t][i].float() / TEMPERATURE
+            # vision placeholders are never sampled nor scored (Policy.suppressed)
+            scores[policy.suppressed] = float("-inf")
             if constrained:
                 allowed = _allowed_by_hand(p.answer_sequences or [], tokens[:t])
                 keep = torch.full_like(scores, float("-inf"))
@@ -351,6 +354,7 @@ def _base_logprobs_by_hand(base, policy: Policy, rollouts, rows: list[int], prom
             mm_token_type_ids=(ids == image).long(),
         ).logits
     scores = logits[:, length - 1 : length + steps - 1].float() / TEMPERATURE
+    scores[..., policy.suppressed] = float("-inf")  # never sampled nor scored (Policy.suppressed)
     logp = F.log_softmax(scores, dim=-1).gather(2, resp.unsqueeze(-1)).squeeze(-1)
     return torch.where(rmask > 0, logp, torch.zeros_like(logp))
 

@@ -35,7 +35,7 @@ def _strategy(**over: object) -> FedClimbStrategy:
 
 def _metrics(**extra: object) -> dict[str, object]:
     m: dict[str, object] = {keys.STATUS: 0, keys.NUM_EXAMPLES: 10, keys.LOCAL_STEPS: 2,
-                            keys.D_COUNT: [6.0, 4.0], keys.D_REWARD_SUM: [3.0, 1.0]}
+                            keys.D_COUNT: [6.0, 4.0]}
     m.update(extra)
     return m
 
@@ -77,9 +77,10 @@ def test_every_malformed_reply_is_dropped_and_the_round_completes() -> None:
     assert torch.equal(out[A], torch.ones(2, 3))  # A frozen in ffa
     assert metrics["accepted"] == 2
     assert s.rejected_total == 9  # 3..7, 9, 10, 11 and the error reply
-    # Federation-wide domain statistics come from the valid replies only: 6+6, 3+3 ...
+    # Federation-wide domain counts come from the valid replies only: 6 + 6 and 4 + 4;
+    # the mean rewards are unknown until an evaluation.
     assert s.domain_count == {"cxr": 12.0, "ecg": 8.0}
-    assert s.domain_means() == {"cxr": 0.5, "ecg": 0.25}
+    assert s.domain_means() == {"cxr": -1.0, "ecg": -1.0}
 
 
 def test_round_without_enough_valid_replies_keeps_the_adapter() -> None:
@@ -91,10 +92,11 @@ def test_round_without_enough_valid_replies_keeps_the_adapter() -> None:
 
 def test_domain_weighting_uses_the_federation_temperatures() -> None:
     s = _strategy(**{"aggregation.weighting": "domain"})
-    # Hospital 1 holds only cxr, hospital 2 only ecg; after this round N = {cxr: 6, ecg: 4},
-    # mu = {cxr: 3/6, ecg: 2/4}: T_cxr = sqrt(6) * 0.5, T_ecg = sqrt(4) * 0.5 = 1.
-    r1 = _reply(1, _b(1.0), _metrics(**{keys.D_COUNT: [6.0, 0.0], keys.D_REWARD_SUM: [3.0, 0.0]}))
-    r2 = _reply(2, _b(3.0), _metrics(**{keys.D_COUNT: [0.0, 4.0], keys.D_REWARD_SUM: [0.0, 2.0]}))
+    s.domain_mu = {"cxr": 0.5, "ecg": 0.5}  # as after an evaluation
+    # Hospital 1 holds only cxr, hospital 2 only ecg: N = {cxr: 6, ecg: 4},
+    # T_cxr = sqrt(6) * 0.5, T_ecg = sqrt(4) * 0.5 = 1.
+    r1 = _reply(1, _b(1.0), _metrics(**{keys.D_COUNT: [6.0, 0.0]}))
+    r2 = _reply(2, _b(3.0), _metrics(**{keys.D_COUNT: [0.0, 4.0]}))
     arrays, _ = s.aggregate_train(1, [r1, r2])
     w1 = 6 / (math.sqrt(6) * 0.5)
     w2 = 4 / 1.0
@@ -103,14 +105,34 @@ def test_domain_weighting_uses_the_federation_temperatures() -> None:
     assert torch.allclose(got, torch.full((4, 2), expected), atol=1e-6)
 
 
+def test_a_noisy_count_is_clamped_once_and_replaced_not_accumulated() -> None:
+    s = _strategy()
+    s.aggregate_train(1, [_reply(1, _b(1.0), _metrics(**{keys.D_COUNT: [5.0, -2.0]}))])
+    s.aggregate_train(2, [_reply(1, _b(1.0), _metrics(**{keys.D_COUNT: [5.0, -2.0]}))])
+    assert s.domain_count == {"cxr": 5.0, "ecg": 0.0}  # the hospital's latest value, clamped at 0
+
+
+def test_evaluation_sets_the_domain_means() -> None:
+    s = _strategy()
+    m = {keys.STATUS: 0, keys.NUM_EXAMPLES: 30, keys.E_RECORDS: [10.0, 20.0], keys.E_MEAN_REWARD: [0.2, 0.8],
+         **{k: [0.0, 0.0] for k in keys.EVAL_PER_DOMAIN if k not in (keys.E_RECORDS, keys.E_MEAN_REWARD)}}
+    m2 = {**m, keys.E_RECORDS: [30.0, 0.0], keys.E_MEAN_REWARD: [0.6, 0.0]}
+    instr = [Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=n, message_type=MessageType.EVALUATE)
+             for n in (1, 2)]
+    replies = [Message(RecordDict({keys.METRICS: MetricRecord(mm)}), reply_to=i) for mm, i in zip((m, m2), instr)]
+    s.aggregate_evaluate(1, replies)
+    # cxr: (10 * 0.2 + 30 * 0.6) / 40 = 0.5; ecg: only hospital 1 holds it: 0.8
+    assert s.domain_means() == pytest.approx({"cxr": 0.5, "ecg": 0.8})
+
+
 def test_instruction_broadcasts_domain_stats_and_tunable_hparams() -> None:
     s = _strategy()
-    s.domain_count = {"cxr": 10.0, "ecg": 0.0}
-    s.domain_reward = {"cxr": 4.0, "ecg": 0.0}
+    s.hospital_counts = {"hospital-0": [6.0, 0.0], "hospital-1": [4.0, 0.0]}
+    s.domain_mu = {"cxr": 0.4, "ecg": -1.0}
     values = dict(s._instruction(3))
     assert values[keys.DOMAIN_NAMES] == DOMAINS
     assert values[keys.DOMAIN_COUNT] == [10.0, 0.0]
-    assert values[keys.DOMAIN_MEAN] == [0.4, 0.0]
+    assert values[keys.DOMAIN_MEAN] == [0.4, -1.0]
     assert values[keys.SERVER_ROUND] == 3
     assert values[keys.ONLY_B] is True
     hps = {k for k in values if k.startswith(keys.HPARAM_PREFIX)}
