@@ -9,7 +9,6 @@ Under DP the update is DP-SGD over whole units (client/dp_step.py).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from client.dp_step import DPSettings, DPUpdater
-from common.advantages import DRPOState, drpo_advantages, grpo_advantages
+from common.advantages import DRPOState, domain_temperature, drpo_advantages, grpo_advantages
 from common.climb.errors import MediaError
 from common.climb.inputs import load_visuals
 from common.climb.records import Record
@@ -171,11 +170,23 @@ class LocalTrainer:
         return hit
 
     def score(self, record: Record, text: str) -> Any:
+        """The response's reward; localisation targets are moved into the model's image frame."""
+        boxes, mask = list(record.bboxes) or None, self._mask_for(record)
+        frame = self.encode(record).box_frame if (boxes or mask is not None) else None
+        if frame is not None:
+            ow, oh, mw, mh = frame
+            if boxes:
+                sx, sy = mw / ow, mh / oh
+                boxes = [(x1 * sx, y1 * sy, x2 * sx, y2 * sy) for x1, y1, x2, y2 in boxes]
+            if mask is not None and mask.shape != (mh, mw):
+                from PIL import Image
+
+                mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((mw, mh), Image.NEAREST)) > 0
         return total_reward(
             text,
             true_labels=record.answers,
-            target_boxes=list(record.bboxes) or None,
-            target_mask=self._mask_for(record),
+            target_boxes=boxes,
+            target_mask=mask,
             expect_boxes=record.has_localisation,
             weights=self.weights,
             iou_reduce=self.cfg.reward.iou_reduce,
@@ -231,7 +242,7 @@ class LocalTrainer:
             # Without batch re-standardisation the advantages shrink by 1/T_d; rescale by
             # the mean federation temperature (a function of broadcast, DP-released
             # values only) so that rarity stays relative and the scale stays ~1.
-            temps = [max(math.sqrt(max(n, 0.0)) * mu, a.eps) for n, mu in options["domain_stats"].values()]
+            temps = [domain_temperature(n, mu, eps_t=a.eps) for n, mu in options["domain_stats"].values()]
             adv = adv * (sum(temps) / len(temps))
         return adv, state
 
@@ -510,7 +521,7 @@ def _complete_stats(
     A domain the federation has no statistics for yet gets the mean federation
     temperature (as N = T_mean^2, mu = 1), i.e. neither up- nor down-weighted.
     """
-    temps = [max(math.sqrt(max(n, 0.0)) * mu, eps) for n, mu in stats.values()]
+    temps = [domain_temperature(n, mu, eps_t=eps) for n, mu in stats.values()]
     t_mean = sum(temps) / len(temps)
     out = dict(stats)
     for d in domains:

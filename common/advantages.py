@@ -226,8 +226,9 @@ class _DomainScale:
     stats: dict[str, Any]
 
 
-def _domain_temperature(n_d: float, mu_d: float, *, eps_t: float) -> float:
-    return max(math.sqrt(n_d) * mu_d, eps_t)
+def domain_temperature(n_d: float, mu_d: float, *, eps_t: float) -> float:
+    """DRPO's domain temperature ``T_d = max(sqrt(N_d) * mu_d, eps_t)`` (N_d clamped at 0)."""
+    return max(math.sqrt(max(n_d, 0.0)) * mu_d, eps_t)
 
 
 def _is_number(value: object) -> bool:
@@ -305,7 +306,7 @@ def _scale_domain(
             use_weighted = domain_mean == "cluster_weighted" and weighted_mu is not None
             mu_d = weighted_mu if use_weighted else float(hist.mean())
             source = "local"
-        t_d = _domain_temperature(n_d, mu_d, eps_t=eps_t)
+        t_d = domain_temperature(n_d, mu_d, eps_t=eps_t)
         stats = {"n_d": n_d, "mu_d": mu_d, "source": source}
     stats.update({"n_prompts": n_current, "t_d": t_d, "k": k})
     return _DomainScale(t_d=t_d, t_c=t_c, stats=stats)

@@ -29,6 +29,9 @@ class EncodedPrompt:
     answer_sequences: list[list[int]] | None
     # Text that the response implicitly starts with (the constrained prefix).
     response_prefix: str = ""
+    # (original width, height, model width, height) of the record's first image: the model
+    # answers boxes in the resized frame, the record's bbox/mask are in the original one.
+    box_frame: tuple[int, int, int, int] | None = None
 
 
 def chat_messages(record: Record, visuals: RecordVisuals, cfg: PromptConfig, *, multimodal: bool) -> list[dict[str, Any]]:
@@ -91,13 +94,20 @@ def encode_prompt(bundle: Any, record: Record, visuals: RecordVisuals, cfg: Prom
         if len(parts) - 1 != len(counts):
             raise ValueError(f"{record.id}: {len(parts) - 1} image slots in the prompt but {len(counts)} images")
         text = parts[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, parts[1:], strict=True))
+    box_frame = None
+    if images and record.images and visuals.leading < len(images):
+        first = visuals.leading  # ECG renderings come first; then the record's images
+        _, gh, gw = (int(x) for x in grid[first].tolist())
+        patch = int(bundle.image_processor.patch_size)
+        ow, oh = images[first].size
+        box_frame = (ow, oh, gw * patch, gh * patch)
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     seqs = None
     if cfg.constrained:
         eos = tok.convert_tokens_to_ids("<|im_end|>")
         eos = eos if isinstance(eos, int) and eos != tok.unk_token_id else tok.eos_token_id
         seqs = answer_sequences(tok, record.options, cfg, eos)
-    return EncodedPrompt(record.id, ids, pixel_values, grid, seqs, prefix)
+    return EncodedPrompt(record.id, ids, pixel_values, grid, seqs, prefix, box_frame)
 
 
 def collate_prompts(prompts: list[EncodedPrompt], *, pad_id: int, image_token_id: int | None) -> dict[str, torch.Tensor]:

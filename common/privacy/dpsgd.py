@@ -142,10 +142,12 @@ def clip_and_noise(
     out = []
     for g in per_unit_grads:
         clipped_sum = torch.einsum("u,u...->...", scale.to(g.dtype), g)  # (*shape)
-        noise = torch.randn(
-            g.shape[1:], generator=generator, dtype=g.dtype, device=g.device
-        )  # (*shape)
-        out.append((clipped_sum + noise_std * noise) / expected_batch_size)
+        if noise_std > 0:
+            noise = torch.randn(
+                g.shape[1:], generator=generator, dtype=g.dtype, device=g.device
+            )  # (*shape)
+            clipped_sum = clipped_sum + noise_std * noise
+        out.append(clipped_sum / expected_batch_size)
 
     stats = DPStepStats(
         num_units=int(num_units),

@@ -1,0 +1,43 @@
+"""Rewards on localisation records compare boxes in the frame the model sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from client.trainer import LocalTrainer
+from common.climb.records import load_records
+from common.config import load_config
+from common.modeling.loader import load_base_model
+from common.modeling.policy import Policy
+
+
+def test_targets_are_scaled_into_the_model_image_frame(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    folder = tmp_path / "data" / "chest_xray" / "toy"
+    (folder / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "images" / "a.png")
+    record = {"conversations": [{"from": "human", "value": "<image>\\nWhere? Answer with one phrase from the following:\\nNormal\\nOpacity"},
+                                {"from": "gpt", "value": "Opacity"}],
+              "images": ["chest_xray/toy/images/a.png"], "bbox": [16, 16, 48, 32]}
+    (folder / "annotation_train.jsonl").write_text(json.dumps(record) + "\n")
+    cfg = load_config(overrides=["privacy=off", "prompt.constrained=false", f"model.cache_dir={tmp_path / 'cache'}"])
+    bundle = load_base_model(cfg.model)
+    trainer = LocalTrainer(Policy(bundle, cfg.lora), cfg)
+    rec = load_records(tmp_path / "data", "train")[0]
+    ow, oh, mw, mh = trainer.encode(rec).box_frame  # type: ignore[misc]
+    assert (ow, oh) == (64, 64) and mw == mh == int(round(cfg.model.max_pixels**0.5))  # 168 x 168
+    s = mw / 64  # 2.625
+    in_model_frame = f'```json\\n[{{"bbox_2d": [{16 * s}, {16 * s}, {48 * s}, {32 * s}], "label": "Opacity"}}]\\n```'
+    in_original_frame = '```json\\n[{"bbox_2d": [16, 16, 48, 32], "label": "Opacity"}]\\n```'
+    right = trainer.score(rec, f"<think>x</think>{in_model_frame}\\\\boxed{{Opacity}}")
+    wrong = trainer.score(rec, f"<think>x</think>{in_original_frame}\\\\boxed{{Opacity}}")
+    assert right.iou == pytest.approx(1.0)
+    # the unscaled box [16, 16, 48, 32] misses the scaled target [42, 42, 126, 84]: y-ranges
+    # [16, 32] and [42, 84] do not overlap
+    assert wrong.iou == 0.0
