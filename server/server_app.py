@@ -32,15 +32,38 @@ def _prepare_auto_simulation(grid: Grid, cfg: FedClimbConfig, run_id: int) -> tu
     return run.cfg, run.run_dir
 
 
+def on_simulation_engine(grid: Grid) -> bool:
+    """True when the ServerApp runs on Flower's simulation engine (in-memory grid)."""
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # a Flower without the simulation engine
+        return False
+    return isinstance(grid, InMemoryGrid)
+
+
+def resolve_run(grid: Grid, context: Context) -> tuple[FedClimbConfig, Path]:
+    """The configuration and run directory for this run.
+
+    ``sim-root = "auto"`` (the pyproject default, for `flwr run .` on a laptop) prepares
+    synthetic hospitals only on Flower's simulation engine. In a deployment (a real
+    SuperLink with hospitals' SuperNodes) it is ignored: the coordinator's configuration
+    (``federation.domains``, ``server.run_dir``) is used as written.
+    """
+    cfg = config_from_run_config(context.run_config)
+    if str(context.run_config.get(RUN_SIM_ROOT, "")) == SIM_AUTO:
+        if on_simulation_engine(grid):
+            return _prepare_auto_simulation(grid, cfg, context.run_id)
+        log.info("sim-root=auto applies only to Flower's simulation engine; this is a "
+                 "deployment, so the configuration's federation.domains and server.run_dir are used")
+    run_dir = Path(cfg.server.run_dir).expanduser()
+    if not run_dir.is_absolute():
+        run_dir = Path.cwd() / run_dir
+    return cfg, run_dir
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Resolve the run configuration and run (or resume) the federation."""
-    cfg = config_from_run_config(context.run_config)
-    if str(context.run_config.get(RUN_SIM_ROOT, "")) == SIM_AUTO:
-        cfg, run_dir = _prepare_auto_simulation(grid, cfg, context.run_id)
-    else:
-        run_dir = Path(cfg.server.run_dir).expanduser()
-        if not run_dir.is_absolute():
-            run_dir = Path.cwd() / run_dir
+    cfg, run_dir = resolve_run(grid, context)
     log.info("fedclimb run directory: %s", run_dir)
     run_federation(grid, cfg, run_dir=run_dir)

@@ -484,7 +484,9 @@ class PrivacyLedger:
         try:
             ledger = read_ledger(path)
         except FileNotFoundError:
-            if any(directory.iterdir()):
+            # Hidden files (lock files, interrupted temporaries) say nothing about past
+            # training; anything else in the directory suggests a lost ledger.
+            if any(not f.name.startswith(".") for f in directory.iterdir()):
                 logger.warning(
                     "State directory %s has files but no %s: starting a new ledger with "
                     "nothing spent. If this hospital trained before, stop and restore "

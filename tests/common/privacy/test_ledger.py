@@ -213,6 +213,15 @@ def test_new_ledger_in_a_used_directory_warns(tmp_path, caplog):
     assert "restore the ledger from a backup" in caplog.text
 
 
+def test_new_ledger_beside_only_a_lock_file_does_not_warn(tmp_path, caplog):
+    """A fresh hospital's round lock (a hidden file) is not evidence of a lost ledger."""
+    (tmp_path / ".round.lock").write_text("")
+    with caplog.at_level(logging.WARNING, logger="common.privacy.ledger"):
+        open_ledger(tmp_path)
+    assert "restore the ledger" not in caplog.text
+    assert (tmp_path / LEDGER_FILENAME).exists()
+
+
 def test_stray_temporary_files_are_removed_on_open(tmp_path):
     """A write killed before its rename leaves a temporary file; the next open deletes it."""
     record_some(open_ledger(tmp_path))
