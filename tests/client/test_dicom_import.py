@@ -297,8 +297,9 @@ def test_pure_helpers_hand_values() -> None:
     assert age_from_dates("2001", "20010101") is None and age_from_dates("20020101", "20010101") is None
     assert [report_age(a) for a in (None, 0, 89, 90, 104)] == [None, 0, 89, "90+", "90+"]
     assert build_prompt("Q?", ["a", "b"], 2) == "<image>\n<image>\nQ?\na\nb"
-    assert pseudonym(b"k", "123") == pseudonym(b"k", "123") != pseudonym(b"j", "123")
-    assert len(pseudonym(b"k", "123")) == 16
+    # HMAC-SHA256(key b"k", message b"123"), first 16 hex digits, computed with the hmac module.
+    assert pseudonym(b"k", "123") == "54536c9357ebad32"
+    assert pseudonym(b"j", "123") != pseudonym(b"k", "123") != pseudonym(b"k", "124")
     assert assign_split("0" * 16) == "train" and assign_split("f" * 16) == "test"
     assert assign_split("e" + "0" * 15) == "valid"  # 0xe / 0x10 = 0.875 lies in [0.8, 0.9)
     assert assign_split("f" * 16, (1.0, 0.0, 0.0)) == "train"

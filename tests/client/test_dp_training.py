@@ -25,6 +25,7 @@ from common.config import FedClimbConfig, load_config
 from common.modeling.loader import load_base_model
 from common.modeling.lora import adapter_shapes, init_adapter
 from common.modeling.policy import Policy, Rollouts
+from common.privacy.dpsgd import clip_and_noise
 from common.policy_loss import ppo_token_losses
 from simulation.synth import generate_federation
 
@@ -93,7 +94,7 @@ class StepCapture:
     chosen: list[int] = field(default_factory=list)
     update: dict[str, Any] = field(default_factory=dict)
     row_grads: list[tuple[list[torch.Tensor], torch.Tensor]] = field(default_factory=list)
-    unit_calls: list[tuple[list[torch.Tensor], list[torch.Tensor], float]] = field(default_factory=list)
+    unit_calls: list[tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]] = field(default_factory=list)
 
 
 def _instrumented_step(env: Env, monkeypatch: pytest.MonkeyPatch, dp: DPSettings, seed: int) -> StepCapture:
@@ -111,7 +112,7 @@ def _instrumented_step(env: Env, monkeypatch: pytest.MonkeyPatch, dp: DPSettings
         out, stats = real_clip(per_unit, **kw)
         if per_unit[0].shape[0] > 0:  # the accumulate calls (finish_step passes 0 units)
             cap.unit_calls.append(([g.detach().clone() for g in per_unit], [o.detach().clone() for o in out],
-                                   kw["max_grad_norm"]))
+                                   dict(kw)))
         return out, stats
 
     def sample(self: DPUpdater, num_units: int, settings: DPSettings) -> list[int]:
@@ -206,21 +207,33 @@ def patient_step(env: Env) -> tuple[StepCapture, list[torch.Tensor]]:
 
 
 def _check_clipping(cap: StepCapture) -> None:
+    """Every unit's share of what the real step adds has norm <= C, and the shares add up.
+
+    A unit's share is the real clip_and_noise applied to that unit alone (same settings as
+    the step's call); the batch call must equal the sum of the shares, and each share must
+    equal the hand formula min(1, C / ||g_u||) g_u.
+    """
     assert cap.unit_calls, "the DP step clipped nothing"
     raw_norms = []
-    for per_unit, summed, clip in cap.unit_calls:
+    for per_unit, summed, kw in cap.unit_calls:
+        clip = kw["max_grad_norm"]
         assert clip == SMALL_CLIP
+        assert kw["noise_multiplier"] == 0  # accumulation calls: the noise comes once per step
+        scale = kw["expected_batch_size"]
         units = per_unit[0].shape[0]
-        total = torch.zeros_like(torch.cat([s.reshape(-1) for s in summed]))
+        total = torch.zeros_like(torch.cat([s.reshape(-1) for s in summed]), dtype=torch.float64)
         for u in range(units):
+            share, _ = clip_and_noise([g[u:u + 1] for g in per_unit], **kw)
+            share = torch.cat([t.reshape(-1) for t in share]).double() * scale
+            assert float(share.norm()) <= clip * (1 + 1e-5)
             g = _flat(per_unit, u).double()
             norm = float(g.norm())
             raw_norms.append(norm)
-            contribution = g * min(1.0, clip / (norm + 1e-6))
-            assert float(contribution.norm()) <= clip * (1 + 1e-5)
-            total += contribution.float()
+            torch.testing.assert_close(share, g * min(1.0, clip / (norm + 1e-6)), rtol=1e-4, atol=1e-9)
+            total += share
         # What the step adds is exactly the sum of the individually clipped units.
-        torch.testing.assert_close(torch.cat([s.reshape(-1) for s in summed]), total, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(torch.cat([s.reshape(-1) for s in summed]).double() * scale, total,
+                                   rtol=1e-5, atol=1e-9)
     assert max(raw_norms) > 10 * SMALL_CLIP, "clipping was never active: the test would be vacuous"
 
 

@@ -85,15 +85,26 @@ def test_voi_lut_sequence_when_no_window() -> None:
     assert voi_to_uint8(modality_values(stored, ds), ds).tolist() == [[0, 100], [200, 255]]
 
 
-def test_ct_small_real_slice_is_rescaled_and_not_constant() -> None:
+def test_ct_small_real_slice_is_min_max_scaled_and_not_constant() -> None:
     path = get_testdata_file("CT_small.dcm")
     (frame,) = dicom_frames(path)
     assert frame.shape == (128, 128) and frame.dtype == np.uint8
     assert frame.min() == 0 and frame.max() == 255  # no window in the file: min-max
     assert len(np.unique(frame)) > 50
-    ds = pydicom.dcmread(path)
-    hounsfield = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    assert np.array_equal(frame, voi_to_uint8(hounsfield, ds))
+
+
+def test_ct_small_window_applies_to_hounsfield_units(tmp_path: Path) -> None:
+    """A soft-tissue window (40/400 HU) only fits if the intercept of -1024 was applied first."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert float(ds.RescaleIntercept) == -1024.0 and float(ds.RescaleSlope) == 1.0
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    windowed = tmp_path / "ct_windowed.dcm"
+    ds.save_as(windowed)
+    (frame,) = dicom_frames(windowed)
+    hounsfield = ds.pixel_array.astype(np.float64) - 1024.0
+    assert np.array_equal(frame, window_linear(hounsfield, 40, 400))
+    raw = window_linear(ds.pixel_array.astype(np.float64), 40, 400)
+    assert not np.array_equal(frame, raw)  # the window on stored values gives another image
 
 
 def test_mr_small_uses_its_window() -> None:

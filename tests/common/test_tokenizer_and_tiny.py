@@ -118,12 +118,15 @@ def test_tiny_model_builds_offline_and_is_cached(fresh_cache, offline, monkeypat
     assert first.model.config.text_config.vocab_size == len(first.tokenizer) <= cfg.tiny.vocab_size
 
 
-def test_a_different_tiny_size_gets_its_own_folder(fresh_cache):
+def test_a_different_tiny_size_or_seed_gets_its_own_folder(fresh_cache):
     a = ModelConfig(cache_dir=str(fresh_cache))
-    b = ModelConfig(cache_dir=str(fresh_cache))
-    b.tiny.init_seed = 1
-    assert loader._tiny_folder(a) != loader._tiny_folder(b)  # noqa: SLF001
-    assert (loader._tiny_folder(b) / "done").is_file()  # noqa: SLF001
+    other_seed = ModelConfig(cache_dir=str(fresh_cache))
+    other_seed.tiny.init_seed = 1
+    other_size = ModelConfig(cache_dir=str(fresh_cache))
+    other_size.tiny.num_hidden_layers = 1
+    folders = [loader._tiny_folder(c) for c in (a, other_seed, other_size)]  # noqa: SLF001
+    assert len(set(folders)) == 3
+    assert all((f / "done").is_file() for f in folders)
 
 
 def test_chat_template_renders_an_image_part(fresh_cache):

@@ -53,11 +53,24 @@ def test_sigma_zero_sum_equals_the_sum_of_independently_clipped_units():
     flat = torch.cat([g.reshape(units, -1) for g in grads], dim=1)  # (U, P)
     norms = flat.norm(dim=1)
     clipped = flat * torch.clamp(clip / (norms + 1e-6), max=1.0).unsqueeze(1)
-    assert bool((clipped.norm(dim=1) <= clip).all())
     assert 0 < stats.num_clipped < units
     assert stats.num_clipped == int((norms > clip).sum())
     expected = clipped.sum(dim=0) / batch
     torch.testing.assert_close(torch.cat([o.reshape(-1) for o in out]), expected)
+
+
+def test_each_unit_alone_contributes_at_most_c():
+    """One unit at a time through the real function: norm(out) * B <= C, equal to C when clipped."""
+    gen = torch.Generator().manual_seed(1)
+    clip, batch = 0.7, 3.0
+    for scale in (0.01, 0.3, 5.0, 1e4):
+        grads = [torch.randn((1, 6, 5), generator=gen, dtype=torch.float64) * scale,
+                 torch.randn((1, 9), generator=gen, dtype=torch.float64) * scale]
+        raw = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+        out, _ = clip_and_noise(grads, max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=batch)
+        contribution = float(torch.cat([o.reshape(-1) for o in out]).norm()) * batch
+        assert contribution <= clip * (1 + 1e-9)
+        assert contribution == pytest.approx(min(raw, clip), rel=1e-5)
 
 
 def test_noise_std_is_sigma_c_over_b():

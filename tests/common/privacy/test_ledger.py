@@ -267,11 +267,13 @@ def test_format_report_by_hand():
 
 def test_report_reads_the_state_directory(tmp_path):
     """report(state_dir) formats the file; a directory without a ledger is an error."""
-    ledger = open_ledger(tmp_path)
-    record_some(ledger)
-    assert report(tmp_path).splitlines()[-1].startswith(
-        f"spent eps = {ledger.spent_epsilon():.4f} of target 8 at delta = 1e-05"
-    )
+    record_some(open_ledger(tmp_path))
+    entries = json.loads((tmp_path / LEDGER_FILENAME).read_text())["entries"]
+    spent = fresh_epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries], "rdp")
+    lines = report(tmp_path).splitlines()
+    assert lines[-1].startswith(f"spent eps = {spent:.4f} of target 8 at delta = 1e-05")
+    rows = [line.split()[:2] for line in lines[3:-1]]
+    assert rows == [[str(e["round"]), e["kind"]] for e in entries]
     empty = tmp_path / "other"
     empty.mkdir()
     with pytest.raises(LedgerError, match="no privacy ledger"):
