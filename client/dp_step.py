@@ -35,6 +35,11 @@ class DPSettings:
     # or guessable seed would let the server recompute and subtract the noise).
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(
         int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)))
+    # Seeds the rollouts' sampling (and anything else on torch's global RNG in the step).
+    # It must be secret too: with a seed the server knows, adding one unit to the batch
+    # shifts the random draws of every unit after it, so other units' gradients would
+    # depend on it. None = derive from the run seed (simulations with secure_rng off).
+    rollout_seed: int | None = None
 
 
 _UPDATERS: "weakref.WeakKeyDictionary[Any, DPUpdater]" = weakref.WeakKeyDictionary()

@@ -135,9 +135,14 @@ def plan_privacy(
     return PrivacyPlan(sigma, sigma_eff, q, steps, stats_sigma, eps_after, fits, reason)
 
 
+def _secret_seed() -> int:
+    """A seed from the operating system's secure generator (nobody else can know it)."""
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
 def _dp_generator(cfg: FedClimbConfig, seed: int) -> torch.Generator:
     if cfg.privacy.secure_rng:
-        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+        return torch.Generator().manual_seed(_secret_seed())
     return torch.Generator().manual_seed(derive_seed(seed, "dp-noise"))
 
 
@@ -250,7 +255,11 @@ def _train_round(
                 plan.reason,
             )
         dp = DPSettings(plan.noise_multiplier, plan.sample_rate, cfg.privacy.max_grad_norm, cfg.privacy.unit,
-                        _dp_generator(cfg, seed))
+                        _dp_generator(cfg, seed), _secret_seed() if cfg.privacy.secure_rng else None)
+        # Charged before training: a round that fails half-way (its error status is
+        # visible to the server) has already run part of the mechanism.
+        ledger.record(round=ins.server_round, kind="dpsgd", sample_rate=plan.sample_rate,
+                      noise_multiplier=plan.effective_noise_multiplier, steps=plan.steps)
     _warn_unknown_domains(site, data.train, ins.domain_names)
     drpo_state = _load_drpo_state(site, ins.server_round) if cfg.advantage.history == "run" and dp is None else None
     result = data.trainer.train(
@@ -269,8 +278,6 @@ def _train_round(
     }
     counts = unit_domain_counts([r.domain for r in data.train], result.units, ins.domain_names)
     if dp is not None and ledger is not None and plan is not None:
-        ledger.record(round=ins.server_round, kind="dpsgd", sample_rate=plan.sample_rate,
-                      noise_multiplier=plan.effective_noise_multiplier, steps=plan.steps)
         if release_now and plan.stats_noise_multiplier is not None:
             rng = np.random.default_rng(
                 int.from_bytes(os.urandom(8), "little") if cfg.privacy.secure_rng else derive_seed(seed, "stats")

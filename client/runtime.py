@@ -80,7 +80,7 @@ class Runtime:
         train = trainer.usable(spread(load_records(root, cfg.data.train_split, domain_key=cfg.data.domain_key),
                                       cfg.data.max_records))
         evaluation = trainer.usable(spread(load_records(root, cfg.data.eval_split, domain_key=cfg.data.domain_key),
-                                           cfg.federation.eval_max_records or cfg.data.max_records))
+                                           cfg.federation.eval_max_records))
         log.info("%s: %d training and %d evaluation records", site.name, len(train), len(evaluation))
         hit = HospitalData(trainer, train, evaluation)
         self._data[key] = hit

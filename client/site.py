@@ -143,9 +143,13 @@ def effective_config(run_cfg: FedClimbConfig, site: Site, instruction: Mapping[s
         if value > bound:
             log.warning("%s=%s exceeds this hospital's limit %s; using the limit", dotted, value, bound)
             setattr(getattr(cfg, section), name, type(value)(bound))
-    cfg.privacy = copy.deepcopy(site.hospital.privacy)
-    cfg.data.root = site.hospital.data_root
-    cfg.data.domain_key = site.hospital.domain_key
+    hospital = site.hospital
+    cfg.privacy = copy.deepcopy(hospital.privacy)
+    cfg.data.root = hospital.data_root
+    cfg.data.domain_key = hospital.domain_key
+    cfg.data.train_split, cfg.data.eval_split = hospital.train_split, hospital.eval_split
+    cfg.data.max_records = hospital.max_train_records
+    cfg.federation.eval_max_records = hospital.max_eval_records
     if site.hospital.device != "auto":
         cfg.model.device = site.hospital.device
     return cfg

@@ -296,7 +296,7 @@ class LocalTrainer:
                     temperature=cfg.rollout.temperature,
                     top_p=cfg.rollout.top_p,
                     max_new_tokens=cfg.rollout.max_new_tokens,
-                    seed=derive_seed(seed, "rollout", step),
+                    seed=derive_seed(_rollout_base(seed, dp), "rollout", step),
                 )
                 K = cfg.rollout.num_rollouts
                 scored = [self.score(recs[int(rollouts.prompt_index[j])], t) for j, t in enumerate(rollouts.texts)]
@@ -532,6 +532,13 @@ def _complete_stats(
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     size = max(1, int(size))
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _rollout_base(seed: int, dp: DPSettings | None) -> int:
+    """The base of the rollout seeds: the hospital's secret one under DP with a secure RNG."""
+    if dp is not None and dp.rollout_seed is not None:
+        return dp.rollout_seed
+    return seed
 
 
 def _progress(total: int, enabled: bool) -> Any:

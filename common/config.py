@@ -468,6 +468,28 @@ class HospitalConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     limits: HospitalLimits = field(default_factory=HospitalLimits)
     domain_key: Literal["dataset", "modality"] = "dataset"
+    # Which records the hospital trains and evaluates on: never the server's choice
+    # (a server that could evaluate on the training split would read exact, un-noised
+    # metrics of training records).
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_records: int = 0  # 0 = all; > 0 only without DP (see below)
+    max_eval_records: int = 0   # 0 = all
+
+    def __post_init__(self) -> None:
+        _check(bool(self.train_split) and bool(self.eval_split), "train_split",
+               "train_split and eval_split must name splits (e.g. train, test)")
+        _check(self.train_split != self.eval_split, "eval_split",
+               f"must differ from train_split ({self.train_split!r}): evaluation metrics leave the hospital "
+               "without DP noise, so they must come from held-out records")
+        _check(self.max_train_records >= 0, "max_train_records", f"must be >= 0, got {self.max_train_records}")
+        _check(self.max_eval_records >= 0, "max_eval_records", f"must be >= 0, got {self.max_eval_records}")
+        # Evenly spaced subsampling picks records by position: adding one record shifts which
+        # others are picked, so the selected set is not a neighbouring dataset and the DP
+        # guarantee (stated per record or patient of the hospital's data) would not hold.
+        _check(not (self.privacy.enabled and self.max_train_records > 0), "max_train_records",
+               "must be 0 when privacy.enabled is true (a positional subsample breaks the DP guarantee); "
+               "export a smaller training split instead")
 
 
 # --------------------------------------------------------------------------------------

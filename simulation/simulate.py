@@ -107,6 +107,10 @@ def _write_hospitals(cfg: FedClimbConfig, roots: Sequence[Path], run_dir: Path) 
             state_dir=str((folder / "state").resolve()),
             privacy=cfg.privacy,
             domain_key=cfg.data.domain_key,
+            train_split=cfg.data.train_split,
+            eval_split=cfg.data.eval_split,
+            max_train_records=cfg.data.max_records,
+            max_eval_records=cfg.federation.eval_max_records,
         )
         (folder / "hospital.yaml").write_text(to_yaml(hospital), encoding="utf-8")
     return sim_root

@@ -25,6 +25,7 @@ from client.trainer import LocalResult, LocalTrainer, privacy_units
 from common import keys
 from common.config import FedClimbConfig, HospitalConfig, load_config
 from common.modeling.lora import adapter_shapes, init_adapter
+from common.modeling.policy import Policy
 from common.privacy.ledger import PrivacyLedger
 from common.seeding import derive_seed
 from simulation.synth import generate_federation
@@ -270,6 +271,41 @@ def test_dp_with_seeded_noise_is_reproducible(fed: Fed, tmp_path: Path) -> None:
     c = _run(fed, _cfg(fed.root, "privacy.secure_rng=true", FIXED_SIGMA), tmp_path / "c", _ins(fed))
     assert c.adapter is not None
     assert not _same(a.adapter, c.adapter)
+
+
+def test_a_round_that_fails_while_training_is_still_charged(fed: Fed, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spend is on the ledger before training: a failure half-way cannot be retried for free."""
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory half-way through the round")
+
+    monkeypatch.setattr(LocalTrainer, "train", fail)
+    with pytest.raises(RuntimeError, match="half-way"):
+        _run(fed, _cfg(fed.root, FIXED_SIGMA), tmp_path, _ins(fed))
+    entries = _entries(tmp_path)
+    assert [e["kind"] for e in entries] == ["dpsgd"]
+    assert entries[0]["epsilon"] == pytest.approx(_fresh_epsilon(entries), rel=1e-9) and entries[0]["epsilon"] > 0
+
+
+def test_rollout_seeds_are_secret_with_the_secure_generator(fed: Fed, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DP with secure_rng the rollouts are not seeded from anything the server knows."""
+    seen: list[int] = []
+    real_generate = Policy.generate
+
+    def record(self: Policy, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["seed"])
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Policy, "generate", record)
+    cfg = _cfg(fed.root, "privacy.secure_rng=false", FIXED_SIGMA, "train.steps=1")
+    _run(fed, cfg, tmp_path / "a", _ins(fed))
+    _run(fed, cfg, tmp_path / "b", _ins(fed))
+    assert len(seen) == 2 and seen[0] == seen[1]  # seeded simulation: derived from the run seed
+    secure = _cfg(fed.root, "privacy.secure_rng=true", FIXED_SIGMA, "train.steps=1")
+    _run(fed, secure, tmp_path / "c", _ins(fed))
+    _run(fed, secure, tmp_path / "d", _ins(fed))
+    assert len(seen) == 4 and len({seen[0], seen[2], seen[3]}) == 3
 
 
 # --------------------------------------------------------------------------- released statistics
