@@ -98,10 +98,17 @@ def _pooled_site(run_dir: Path, sites: list[Site], cfg: FedClimbConfig) -> Site:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "a", encoding="utf-8") as f:
                 f.write(path.read_text(encoding="utf-8"))
-            for entry in path.parent.iterdir():
-                link = target.parent / entry.name
-                if not entry.name.startswith("annotation_") and not link.exists():
-                    os.symlink(entry.resolve(), link)
+            for entry in path.parent.rglob("*"):
+                if entry.is_dir() or entry.name.startswith("annotation_"):
+                    continue
+                # Link file by file: every hospital has e.g. a signals/ folder of its own.
+                link = target.parent / entry.relative_to(path.parent)
+                if link.is_symlink() or link.exists():
+                    if link.resolve() != entry.resolve():
+                        raise FileExistsError(f"two hospitals hold {entry.relative_to(src)}; cannot pool them")
+                    continue
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(entry.resolve(), link)
     state = run_dir / "pooled-state"
     state.mkdir(parents=True, exist_ok=True)
     hospital = copy.deepcopy(sites[0].hospital)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
+from client.site import Site
+from common.climb.validate import validate_root
+from common.config import HospitalConfig, load_config
 from simulation.cli import main
-from simulation.compare import ARMS, run_compare, summarise
+from simulation.compare import ARMS, _pooled_site, run_compare, summarise
 from simulation.synth import generate_federation
 
 
@@ -27,6 +29,21 @@ def test_summarise_means_and_stds_by_hand() -> None:
     assert s["worst"] == pytest.approx((0.6, 0.0))  # worst per run: 0.6 and 0.6
     # records-weighted reward per run: (5 + 21) / 40 = 0.65 and (6 + 27) / 40 = 0.825
     assert s["reward"][0] == pytest.approx((0.65 + 0.825) / 2)
+
+
+def test_pooled_data_holds_every_hospitals_records_and_media(tmp_path: Path) -> None:
+    """Every hospital has its own media folders (signals/, images/): all of them reach the pool."""
+    fed = generate_federation(tmp_path / "fed", hospitals=3, seed=0, scale=0.25)
+    sites = [Site(f"hospital-{i}", HospitalConfig(name=f"hospital-{i}", data_root=str(root), state_dir=str(tmp_path)),
+                  True) for i, root in enumerate(fed.hospital_roots)]
+    pooled = _pooled_site(tmp_path / "run", sites, load_config())
+    report = validate_root(pooled.hospital.data_root)
+    assert report.ok, report.invalid[:3]
+    separate = [validate_root(root) for root in fed.hospital_roots]
+    assert report.valid == sum(r.valid for r in separate) > 0
+    ecg = [r.counts.get("train", {}).get("synth_ecg", 0) for r in separate]
+    assert sum(n > 0 for n in ecg) >= 2  # the case that used to lose a hospital's signals
+    assert report.counts["train"]["synth_ecg"] == sum(ecg)
 
 
 @pytest.mark.slow
