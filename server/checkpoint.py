@@ -8,8 +8,11 @@ Layout::
     RUN_DIR/latest -> round-0003                         the last *complete* round
     RUN_DIR/metrics.json                                 metrics history (all rounds)
 
-A round folder is written under a temporary name and renamed into place, then ``latest``
-is swapped atomically, so a crash leaves either the previous or the new round complete.
+A round folder is written under a temporary name, its files and folders fsynced, and
+renamed into place; ``metrics.json`` is written next, and ``latest`` is swapped last. A
+crash (or a power loss) leaves ``latest`` at either the previous or the new round, both
+complete, and ``metrics.json`` holding at least every round up to ``latest`` (a resume
+drops any round after it).
 """
 
 from __future__ import annotations
@@ -37,8 +40,17 @@ def round_dir(run_dir: Path, server_round: int) -> Path:
     return Path(run_dir) / f"round-{server_round:04d}"
 
 
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file + fsync + rename."""
+    """Write JSON via a temp file + fsync + rename (+ fsync of the folder)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -47,6 +59,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_path(path.parent)
 
 
 @dataclass
@@ -72,17 +85,21 @@ def save_round(
     final = round_dir(run_dir, server_round)
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_peft_folder(tmp / "adapter", adapter, lora, base_model_name=base_model_name)
+    adapter_dir = save_peft_folder(tmp / "adapter", adapter, lora, base_model_name=base_model_name)
+    for path in (*adapter_dir.iterdir(), adapter_dir):
+        _fsync_path(path)
     write_json_atomic(tmp / "state.json", {"server_round": server_round, **state})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync_path(run_dir)
+    if metrics_history is not None:
+        write_json_atomic(run_dir / "metrics.json", metrics_history)
     link_tmp = run_dir / "latest.tmp"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
     link_tmp.symlink_to(final.name)
     os.replace(link_tmp, run_dir / "latest")
-    if metrics_history is not None:
-        write_json_atomic(run_dir / "metrics.json", metrics_history)
+    _fsync_path(run_dir)
     return final
 
 

@@ -101,6 +101,10 @@ def run_federation(
         metrics_file = run_dir / "metrics.json"
         history = json.loads(metrics_file.read_text()) if metrics_file.is_file() else []
         history = [h for h in history if h["server_round"] <= ckpt.server_round]
+        # The event stream restarts from the checkpointed history (a crash may have cut it
+        # short, or left rounds after the checkpoint that will now run again).
+        with open(run_dir / EVENTS_FILE, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(h, sort_keys=True) + "\n" for h in history)
         start = ckpt.server_round + 1
         log.info("resuming after round %d from %s", ckpt.server_round, run_dir)
     else:

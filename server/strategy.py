@@ -32,24 +32,35 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FedClimbStrategy", "TRAIN_METRICS", "EVAL_METRICS", "node_label"]
 
+# Plausibility bounds of what a hospital may report. Counts beyond MAX_COUNT (records,
+# units, examples) are hostile or broken, and unbounded ones could overflow the server's
+# sums to inf; seconds beyond a year likewise. Noisy (DP) counts may be negative.
+MAX_COUNT = 1e9
+MAX_SECONDS = 3.2e7
+MAX_PARTITION = 1_000_000
+
 TRAIN_METRICS: dict[str, MetricSpec] = {
-    keys.NUM_EXAMPLES: MetricSpec("int", required=True),
-    keys.LOCAL_STEPS: MetricSpec("int", required=True),
-    keys.ROLLOUT_SECONDS: MetricSpec("float"),
-    keys.UPDATE_SECONDS: MetricSpec("float"),
-    keys.REWARD_MEAN: MetricSpec("float"),
-    keys.EPSILON: MetricSpec("float"),
-    keys.DELTA: MetricSpec("float"),
-    keys.NOISE_MULTIPLIER: MetricSpec("float"),
-    keys.SAMPLE_RATE: MetricSpec("float"),
-    keys.SITE_PARTITION: MetricSpec("int"),
-    keys.D_COUNT: MetricSpec("per_domain_float"),
+    keys.NUM_EXAMPLES: MetricSpec("int", required=True, low=0, high=MAX_COUNT),
+    keys.LOCAL_STEPS: MetricSpec("int", required=True, low=1, high=MAX_COUNT),
+    keys.ROLLOUT_SECONDS: MetricSpec("float", low=0, high=MAX_SECONDS),
+    keys.UPDATE_SECONDS: MetricSpec("float", low=0, high=MAX_SECONDS),
+    keys.REWARD_MEAN: MetricSpec("float", low=-MAX_COUNT, high=MAX_COUNT),
+    keys.EPSILON: MetricSpec("float", low=0, high=MAX_COUNT),
+    keys.DELTA: MetricSpec("float", low=0, high=1),
+    keys.NOISE_MULTIPLIER: MetricSpec("float", low=0, high=MAX_COUNT),
+    keys.SAMPLE_RATE: MetricSpec("float", low=0, high=1),
+    keys.SITE_PARTITION: MetricSpec("int", low=0, high=MAX_PARTITION),
+    keys.D_COUNT: MetricSpec("per_domain_float", low=-MAX_COUNT, high=MAX_COUNT),
 }
+_RATES = {keys.E_BALANCED_ACCURACY, keys.E_MACRO_F1, keys.E_MEAN_IOU, keys.E_FORMAT_RATE, keys.E_ACCURACY}
 EVAL_METRICS: dict[str, MetricSpec] = {
-    keys.NUM_EXAMPLES: MetricSpec("int", required=True),
-    keys.SITE_PARTITION: MetricSpec("int"),
-    **{k: MetricSpec("per_domain_float") for k in keys.EVAL_PER_DOMAIN},
+    keys.NUM_EXAMPLES: MetricSpec("int", required=True, low=0, high=MAX_COUNT),
+    keys.SITE_PARTITION: MetricSpec("int", low=0, high=MAX_PARTITION),
+    keys.E_RECORDS: MetricSpec("per_domain_float", low=0, high=MAX_COUNT),
+    **{k: MetricSpec("per_domain_float", low=0, high=1) for k in _RATES},
+    keys.E_MEAN_REWARD: MetricSpec("per_domain_float", low=-MAX_COUNT, high=MAX_COUNT),
 }
+assert set(EVAL_METRICS) == {keys.NUM_EXAMPLES, keys.SITE_PARTITION, *keys.EVAL_PER_DOMAIN}
 
 
 def _partition(metrics: dict[str, Any]) -> int:
@@ -91,6 +102,12 @@ class FedClimbStrategy(Strategy):
         self.domain_mu = {d: -1.0 for d in self.domains}
         self.current: RoundLog | None = None
         self.rejected_total = 0
+        # Who is who in this process: a reply's name (hospital-<i>) comes from its
+        # metrics, so each name is bound to the first node that used it and each node
+        # to its first name. A node cannot then speak for another hospital or for several
+        # (which would add its counts to N_d several times).
+        self._owner_of_label: dict[str, int] = {}
+        self._label_of_node: dict[int, str] = {}
 
     # ----------------------------------------------------------------- state
 
@@ -131,6 +148,21 @@ class FedClimbStrategy(Strategy):
             {d: n[d] for d in known}, {d: mu[d] for d in known}, eps=self.cfg.aggregation.temperature_eps
         )
 
+    def _claim(self, node: int, metrics: dict[str, Any]) -> str | None:
+        """Bind the reply's name to its node; the reason when it belongs to another."""
+        label = node_label(node, metrics)
+        previous = self._label_of_node.get(node)
+        if _partition(metrics) < 0:  # unnamed: known by its node id, unique by construction
+            return None if previous is None else f"node {node} was {previous!r} and now sends no name"
+        owner = self._owner_of_label.get(label)
+        if owner is not None and owner != node:
+            return f"node {node} claims the name {label!r} of node {owner}"
+        if previous is not None and previous != label:
+            return f"node {node} was {previous!r} and now claims to be {label!r}"
+        self._owner_of_label[label] = node
+        self._label_of_node[node] = label
+        return None
+
     # ----------------------------------------------------------------- messages
 
     def _instruction(self, server_round: int) -> ConfigRecord:
@@ -164,7 +196,10 @@ class FedClimbStrategy(Strategy):
         out = []
         for node in nodes:
             content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
-            out.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)))
+            # A message lives as long as the round waits for it (Flower's default TTL of
+            # 12 h would silently cut a longer round_timeout_s short).
+            out.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd),
+                               ttl=float(self.cfg.federation.round_timeout_s)))
         if self.current is not None:
             self.current.bytes_sent += arrays.count_bytes() * len(nodes)
         return out
@@ -212,8 +247,16 @@ class FedClimbStrategy(Strategy):
             global_adapter=self.global_adapter,
             num_domains=len(self.domains),
         )
-        if verdict.ok and int(metrics.get(keys.LOCAL_STEPS, 0)) < 1:
-            return "rejected", None, metrics, f"metric {keys.LOCAL_STEPS!r} must be >= 1"
+        if verdict.ok and int(metrics[keys.LOCAL_STEPS]) > self.cfg.train.steps:
+            # A hospital's limits only ever lower the steps; more would inflate FedNova's
+            # weight of this update.
+            return "rejected", None, metrics, (
+                f"metric {keys.LOCAL_STEPS!r} is {metrics[keys.LOCAL_STEPS]}, more than the "
+                f"{self.cfg.train.steps} steps the server asked for")
+        if verdict.ok and self.cfg.aggregation.weighting == "domain" and keys.D_COUNT not in metrics:
+            return "rejected", None, metrics, (
+                f"aggregation.weighting=domain needs the hospital's per-domain counts ({keys.D_COUNT!r}); "
+                "this hospital sends none (its privacy.stats_release is 'none'?): it cannot be weighted")
         if verdict.ok:
             return "ok", arrays, metrics, ""
         return verdict.status, None, metrics, verdict.reason or "rejected"
@@ -231,8 +274,13 @@ class FedClimbStrategy(Strategy):
             checked.append((msg.metadata.src_node_id, *self._check(msg)))
         checked.sort(key=lambda c: (_partition(c[3]), c[0]))
         for node, status, arrays, metrics, reason in checked:
-            label = node_label(node, metrics)
-            report["nodes"][label] = {k: v for k, v in metrics.items()}
+            clash = self._claim(node, metrics) if status == "ok" or _partition(metrics) >= 0 else None
+            if clash is not None:
+                status, arrays, reason = "rejected", None, clash
+                label = f"node-{node}"
+            else:
+                label = node_label(node, metrics)
+                report["nodes"][label] = {k: v for k, v in metrics.items()}
             if status == "ok" and arrays is not None:
                 accepted.append((node, arrays, metrics))
             elif status == "budget_exhausted":
@@ -256,6 +304,7 @@ class FedClimbStrategy(Strategy):
             return None, None
         self._update_domain_stats(accepted)
         try:
+            temperatures = self.temperatures()
             weights = self._weights(accepted)
             agg = aggregate(
                 self.global_adapter,
@@ -275,7 +324,7 @@ class FedClimbStrategy(Strategy):
             weights={node_label(n, m): w for (n, _, m), w in zip(accepted, weights, strict=True)},
             fedit_error=agg.fedit_error,
             svd_truncation_error=agg.svd_truncation_error,
-            temperatures=self.temperatures(),
+            temperatures=temperatures,
         )
         if self.cfg.aggregation.mode == "fedit" and agg.fedit_error is not None:
             log.info("round %d: fedit aggregation error ||sum w BA - B_avg A_avg|| / ||sum w BA|| = %.4g",
@@ -293,11 +342,6 @@ class FedClimbStrategy(Strategy):
 
     def _weights(self, accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]]) -> list[float]:
         mode = self.cfg.aggregation.weighting
-        cap = self.cfg.aggregation.weight_cap or None
-        if cap is not None and cap * len(accepted) < 1:
-            log.warning("aggregation.weight_cap=%s cannot hold with %d replies; using 1/%d this round",
-                        cap, len(accepted), len(accepted))
-            cap = 1.0 / len(accepted)
         examples = [max(float(m.get(keys.NUM_EXAMPLES, 0)), 0.0) for _, _, m in accepted]
         counts = [m.get(keys.D_COUNT) for _, _, m in accepted]
         if mode == "domain" and any(c is None for c in counts):
@@ -311,13 +355,25 @@ class FedClimbStrategy(Strategy):
             domain_counts = [dict(zip(self.domains, (float(x) for x in c), strict=True)) for c in counts if c is not None]
             if all(sum(max(v, 0.0) for v in dc.values()) <= 0 for dc in domain_counts):
                 mode, domain_counts = "uniform", None
-        return client_weights(
-            mode,
-            num_examples=examples,
-            domain_counts=domain_counts,
-            domain_temperature=self.temperatures() if mode == "domain" else None,
-            cap=cap,
-        )
+        def weights(cap: float | None) -> list[float]:
+            return client_weights(
+                mode,
+                num_examples=examples,
+                domain_counts=domain_counts,
+                domain_temperature=self.temperatures() if mode == "domain" else None,
+                cap=cap,
+            )
+
+        cap = self.cfg.aggregation.weight_cap or None
+        if cap is None:
+            return weights(None)
+        # Only hospitals with a positive weight can take a share of the excess.
+        positive = sum(w > 0 for w in weights(None))
+        if positive and cap * positive < 1:
+            log.warning("aggregation.weight_cap=%s cannot hold with %d weighted replies; using 1/%d this round",
+                        cap, positive, positive)
+            cap = 1.0 / positive
+        return weights(cap)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         per_node: dict[str, dict[str, Any]] = {}
@@ -340,6 +396,15 @@ class FedClimbStrategy(Strategy):
                 continue
             if not verdict.ok:
                 log.warning("round %d: dropped evaluation of %s: %s", server_round, label, verdict.reason)
+                continue
+            partial = [k for k in keys.EVAL_PER_DOMAIN if k not in metrics]
+            if keys.E_RECORDS in metrics and partial:
+                log.warning("round %d: dropped evaluation of %s: it lacks %s", server_round, label, partial)
+                continue
+            clash = self._claim(msg.metadata.src_node_id, metrics)
+            if clash is not None:
+                log.warning("round %d: dropped evaluation of node %s: %s", server_round,
+                            msg.metadata.src_node_id, clash)
                 continue
             per_node[label] = metrics
         combined = self._combine_eval(per_node)

@@ -55,17 +55,25 @@ class MetricSpec:
         never qualify, and every number must be finite.
     required : bool
         Whether a reply that carries an update must include the metric.
+    low, high : float | None
+        Inclusive bounds on every number of the metric (None: unbounded). Counts and
+        rates have natural bounds; a value outside them is hostile or broken, and
+        unbounded counts could overflow the server's sums.
     """
 
     kind: MetricKind
     required: bool = False
+    low: float | None = None
+    high: float | None = None
 
     def __post_init__(self) -> None:
-        """Reject an unknown kind."""
+        """Reject an unknown kind or empty bounds."""
         if self.kind not in _KINDS:
             raise ValueError(
                 f"`MetricSpec.kind` must be one of {_KINDS}, got {self.kind!r}."
             )
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"`MetricSpec` bounds are empty: low {self.low} > high {self.high}.")
 
 
 @dataclass(frozen=True)
@@ -305,30 +313,33 @@ def _check_metrics(
     if unknown:
         return f"metrics {_some(unknown)} are not in the whitelist"
     for key, value in metrics.items():
-        problem = _metric_problem(value, specs[key].kind, num_domains=num_domains)
+        problem = _metric_problem(value, specs[key], num_domains=num_domains)
         if problem is not None:
             return f"metric {key!r} {problem}"
     return None
 
 
-def _metric_problem(value: object, kind: MetricKind, *, num_domains: int) -> str | None:
-    """Describe how ``value`` fails ``kind``, or return None if it fits."""
+def _metric_problem(value: object, spec: MetricSpec, *, num_domains: int) -> str | None:
+    """Describe how ``value`` fails ``spec``, or return None if it fits."""
+    kind = spec.kind
     if kind in ("int", "float"):
-        return _number_problem(value, integer=kind == "int")
+        return _number_problem(value, integer=kind == "int", low=spec.low, high=spec.high)
     if not isinstance(value, list | tuple):
         kind_name = type(value).__name__
         return f"has type {kind_name}, expected a list of {num_domains} numbers"
     if len(value) != num_domains:
         return f"has {len(value)} entries, expected {num_domains} (one per domain)"
     for i, item in enumerate(value):
-        problem = _number_problem(item, integer=kind == "per_domain_int")
+        problem = _number_problem(item, integer=kind == "per_domain_int", low=spec.low, high=spec.high)
         if problem is not None:
             return f"entry {i} {problem}"
     return None
 
 
-def _number_problem(value: object, *, integer: bool) -> str | None:
-    """Describe how ``value`` fails to be a finite int (or float), or return None."""
+def _number_problem(
+    value: object, *, integer: bool, low: float | None = None, high: float | None = None
+) -> str | None:
+    """Describe how ``value`` fails to be a finite int (or float) in [low, high], or None."""
     # bool is a subclass of int but never a valid metric value.
     allowed: tuple[type, ...] = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, allowed):
@@ -336,6 +347,8 @@ def _number_problem(value: object, *, integer: bool) -> str | None:
         return f"has type {type(value).__name__}, expected {expected}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"is {value!r}, expected a finite number"
+    if (low is not None and value < low) or (high is not None and value > high):
+        return f"is {_quote(value)}, outside [{low}, {high}]"
     return None
 
 

@@ -138,3 +138,89 @@ def test_instruction_broadcasts_domain_stats_and_tunable_hparams() -> None:
     hps = {k for k in values if k.startswith(keys.HPARAM_PREFIX)}
     assert hps == {keys.HPARAM_PREFIX + k for k in keys.TUNABLE}
     assert not any("privacy" in k or "data" in k for k in values)
+
+
+# --------------------------------------------------------------------------- hostile values
+
+
+def _eval_reply(node: int, metrics: dict[str, object]) -> Message:
+    instr = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.EVALUATE)
+    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=instr)  # type: ignore[arg-type]
+
+
+def _eval_metrics(reward: list[float], records: list[float]) -> dict[str, object]:
+    return {keys.STATUS: 0, keys.NUM_EXAMPLES: 8, keys.E_RECORDS: records, keys.E_MEAN_REWARD: reward,
+            **{k: [0.5, 0.5] for k in keys.EVAL_PER_DOMAIN if k not in (keys.E_RECORDS, keys.E_MEAN_REWARD)}}
+
+
+def test_a_partial_or_out_of_range_evaluation_is_dropped_not_fatal() -> None:
+    s = _strategy()
+    partial = {keys.STATUS: 0, keys.NUM_EXAMPLES: 1, keys.E_RECORDS: [5.0, 0.0]}  # no per-domain results
+    huge = _eval_metrics([1.0, 1.0], [1e308, 1e308])  # would make mu = inf / inf = NaN
+    rate = {**_eval_metrics([0.3, 0.3], [5.0, 5.0]), keys.E_BALANCED_ACCURACY: [7.0, 0.5]}  # a rate above 1
+    good = _eval_metrics([0.25, 0.75], [4.0, 4.0])
+    s.aggregate_evaluate(1, [_eval_reply(n, m) for n, m in ((1, partial), (2, huge), (3, rate), (4, good))])
+    assert s.domain_means() == {"cxr": 0.25, "ecg": 0.75}  # the one complete, plausible reply
+
+
+def test_implausible_counts_and_step_counts_are_rejected() -> None:
+    s = _strategy(**{"aggregation.fednova": "true", "train.steps": 4})
+    replies = [
+        _reply(1, _b(1.0), _metrics()),
+        _reply(2, _b(1.0), _metrics(**{keys.D_COUNT: [1e308, 1.0]})),  # would overflow N_d to inf
+        _reply(3, _b(1.0), _metrics(**{keys.NUM_EXAMPLES: 2**62})),  # would take all the weight
+        _reply(4, _b(1.0), _metrics(**{keys.LOCAL_STEPS: 2**62})),  # would scale FedNova's update
+        _reply(5, _b(1.0), _metrics(**{keys.LOCAL_STEPS: 5})),  # more steps than asked for (4)
+    ]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None and metrics["accepted"] == 1
+    assert s.rejected_total == 4
+    assert s.domain_count == {"cxr": 6.0, "ecg": 4.0}
+    assert torch.allclose(arrays.to_torch_state_dict()[B].float(), torch.ones(4, 2))
+
+
+def test_a_node_cannot_speak_for_another_hospital_or_for_several() -> None:
+    s = _strategy()
+    as_zero = {keys.SITE_PARTITION: 0, keys.D_COUNT: [100.0, 0.0]}
+    s.aggregate_train(1, [_reply(1, _b(1.0), _metrics(**as_zero)),
+                          _reply(2, _b(1.0), _metrics(**{keys.SITE_PARTITION: 0, keys.D_COUNT: [50.0, 0.0]}))])
+    assert s.domain_count == {"cxr": 100.0, "ecg": 0.0}  # node 2's claim to hospital-0 was refused
+    s.aggregate_train(2, [_reply(1, _b(1.0), _metrics(**{keys.SITE_PARTITION: 1, keys.D_COUNT: [100.0, 0.0]}))])
+    assert s.domain_count == {"cxr": 100.0, "ecg": 0.0}  # node 1 cannot add its counts again as hospital-1
+    assert s.rejected_total == 2
+    s.aggregate_train(3, [_reply(1, _b(1.0), _metrics(**{keys.SITE_PARTITION: 0, keys.D_COUNT: [80.0, 0.0]}))])
+    assert s.domain_count == {"cxr": 80.0, "ecg": 0.0}  # its own name: the latest value replaces the old
+
+
+def test_an_infeasible_cap_is_relaxed_over_the_hospitals_that_have_weight() -> None:
+    """Examples [5, 5, 0] with cap 0.4: only two hospitals can share; 1/2 each, not a skipped round."""
+    s = _strategy(**{"aggregation.weight_cap": 0.4})
+    replies = [_reply(1, _b(1.0), _metrics(**{keys.NUM_EXAMPLES: 5})),
+               _reply(2, _b(3.0), _metrics(**{keys.NUM_EXAMPLES: 5})),
+               _reply(3, _b(2.0), _metrics(**{keys.NUM_EXAMPLES: 0}))]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None and metrics["accepted"] == 3
+    assert torch.allclose(arrays.to_torch_state_dict()[B].float(), torch.full((4, 2), 2.0))
+
+
+def test_domain_weighting_rejects_a_reply_without_counts_instead_of_switching_off() -> None:
+    s = _strategy(**{"aggregation.weighting": "domain"})
+    no_counts = {k: v for k, v in _metrics().items() if k != keys.D_COUNT}
+    arrays, metrics = s.aggregate_train(1, [_reply(1, _b(1.0), _metrics(**{keys.D_COUNT: [6.0, 0.0]})),
+                                            _reply(2, _b(3.0), _metrics(**{keys.D_COUNT: [0.0, 4.0]})),
+                                            _reply(3, _b(1.0), no_counts)])
+    assert metrics is not None and metrics["accepted"] == 2 and s.rejected_total == 1
+    # T = 1 for both domains before any evaluation: weights 6 and 4 -> (6 * 1 + 4 * 3) / 10 = 1.8
+    assert torch.allclose(arrays.to_torch_state_dict()[B].float(), torch.full((4, 2), 1.8))  # type: ignore[union-attr]
+
+
+def test_messages_live_as_long_as_the_round_waits() -> None:
+    s = _strategy(**{"federation.round_timeout_s": 86400})
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [3, 1]
+
+    msgs = list(s.configure_train(1, encode_adapter(s.global_adapter), ConfigRecord(), Grid()))  # type: ignore[arg-type]
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 3]
+    assert all(m.metadata.ttl == 86400 for m in msgs)
