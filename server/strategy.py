@@ -68,6 +68,14 @@ def _partition(metrics: dict[str, Any]) -> int:
     return value if type(value) is int else -1
 
 
+def _extra_records(content: RecordDict) -> str | None:
+    """A reply holds at most the adapter and the metrics; anything else is refused."""
+    extra = [f"array record {k!r}" for k in content.array_records if k != keys.ARRAYS]
+    extra += [f"metric record {k!r}" for k in content.metric_records if k != keys.METRICS]
+    extra += [f"config record {k!r}" for k in content.config_records]
+    return f"the reply carries more than the adapter and metrics: {', '.join(extra[:3])}" if extra else None
+
+
 def node_label(node_id: int, metrics: dict[str, Any] | None) -> str:
     """A readable name: ``hospital-<i>`` in simulation, ``node-<id>`` otherwise."""
     if metrics and _partition(metrics) >= 0:
@@ -228,6 +236,9 @@ class FedClimbStrategy(Strategy):
             return "error", None, {}, f"the hospital reported an error: {msg.error.reason}"
         content = msg.content
         metrics = dict(content.metric_records[keys.METRICS]) if keys.METRICS in content.metric_records else {}
+        extra = _extra_records(content)
+        if extra is not None:
+            return "rejected", None, metrics, extra
         no_arrays = keys.ARRAYS not in content.array_records
         if metrics.get(keys.STATUS) == keys.STATUS_NO_DATA and no_arrays:
             return "no_data", None, metrics, "the hospital has no usable training records"
@@ -384,6 +395,10 @@ class FedClimbStrategy(Strategy):
                 continue
             content = msg.content
             metrics = dict(content.metric_records[keys.METRICS]) if keys.METRICS in content.metric_records else {}
+            extra = _extra_records(content)
+            if extra is not None:
+                log.warning("round %d: dropped evaluation of node %s: %s", server_round, msg.metadata.src_node_id, extra)
+                continue
             verdict = validate_metrics_reply(
                 metrics,
                 allowed_metric_keys=EVAL_METRICS,

@@ -214,6 +214,18 @@ def test_domain_weighting_rejects_a_reply_without_counts_instead_of_switching_of
     assert torch.allclose(arrays.to_torch_state_dict()[B].float(), torch.full((4, 2), 1.8))  # type: ignore[union-attr]
 
 
+def test_a_reply_with_extra_records_is_rejected() -> None:
+    """Only the adapter and the whitelisted metrics may travel: a side channel is refused."""
+    s = _strategy()
+    smuggler = _reply(2, _b(3.0), _metrics())
+    smuggler.content["notes"] = ConfigRecord({"patient": "Jane Doe"})
+    second = _reply(3, _b(3.0), _metrics())
+    second.content["more"] = MetricRecord({"x": 1.0})
+    arrays, metrics = s.aggregate_train(1, [_reply(1, _b(1.0), _metrics()), smuggler, second])
+    assert metrics is not None and metrics["accepted"] == 1 and s.rejected_total == 2
+    assert torch.allclose(arrays.to_torch_state_dict()[B].float(), torch.ones(4, 2))  # type: ignore[union-attr]
+
+
 def test_messages_live_as_long_as_the_round_waits() -> None:
     s = _strategy(**{"federation.round_timeout_s": 86400})
 
