@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 
 from common.climb.records import load_records
-from common.config import FedClimbConfig, HospitalConfig, load_config, to_yaml
+from common.config import ConfigError, FedClimbConfig, HospitalConfig, load_config, to_yaml
 from common.modeling.loader import cache_root
 from simulation.launcher import SimulationLaunch, launch, toml_string
 
@@ -288,5 +288,11 @@ def config_for_cli(config_file: str | None, overrides: Sequence[str], *, hospita
         extra.append(f"simulation.data_root={data}")
     if seed is not None:
         extra.append(f"seed={seed}")
-    return load_config(config_file, [*overrides, *extra])
+    cfg = load_config(config_file, [*overrides, *extra])
+    if cfg.privacy.enabled and cfg.data.max_records > 0:
+        # The simulated hospitals would refuse it (HospitalConfig.max_train_records).
+        raise ConfigError("data.max_records: must be 0 when privacy.enabled is true (an evenly spaced "
+                          "subsample breaks the DP guarantee); use simulation.synth_scale for less data, "
+                          "or privacy=off")
+    return cfg
 

@@ -158,3 +158,13 @@ def test_from_dicom_missing_inputs_exit_2(tmp_path, dicom_folder, capsys):
     # A salt file whose folder does not exist is an argument problem, not a crash.
     assert main(from_dicom_args(folder, labels, tmp_path / "o3", tmp_path / "no" / "such" / "salt.hex")) == 2
     assert "salt.hex" in capsys.readouterr().err
+
+
+def test_simulate_refuses_bad_settings_before_doing_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Usage errors exit 2 with one line naming the key; nothing is written."""
+    out = tmp_path / "run"
+    assert main(["simulate", "--out", str(out), "data.max_records=50"]) == 2
+    assert "data.max_records" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(out), "federation.no_such_key=1"]) == 2
+    assert "federation.no_such_key" in capsys.readouterr().err
+    assert not out.exists()
