@@ -158,7 +158,8 @@ class DataConfig:
     max_images: int = 4
     # Paper-style ECG rendering size, pixels per millimetre.
     ecg_px_per_mm: float = 2.0
-    # Cap on records read per split (0 = all, else evenly spaced); handy for smoke runs.
+    # Cap on the training records read (0 = all, else evenly spaced; refused under DP);
+    # also on evaluation records unless federation.eval_max_records is set. Smoke runs.
     max_records: int = 0
     # Encoded prompts (with decoded images) kept in memory per hospital; older ones are
     # decoded again when needed (about 0.1 MB each at 168 px, 12 MB at 524,288 pixels).

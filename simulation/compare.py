@@ -87,6 +87,34 @@ def _local_rounds(runtime: Runtime, site: Site, cfg: FedClimbConfig, rounds: int
     return ev.per_domain
 
 
+def _media_entries(folder: Path) -> list[Path]:
+    """The media under a dataset folder: every file, and every symlinked folder as a whole.
+
+    Real folders are walked (every hospital has e.g. its own signals/ folder, so they are
+    merged file by file); a symlinked folder (a partition of one shared root links its
+    media folders) is one entry, since its target is the same for every hospital.
+    """
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # does not descend into symlinks
+        base = Path(dirpath)
+        out += [base / d for d in dirnames if (base / d).is_symlink()]
+        out += [base / f for f in filenames if not (base == folder and f.startswith("annotation_"))]
+    return sorted(out)
+
+
+def _link_into_pool(entry: Path, link: Path, pool: Path, src: Path) -> None:
+    """Symlink ``entry`` at ``link``; the same target twice is fine, a different one is not."""
+    if link.is_symlink() or link.exists():
+        if link.resolve() != entry.resolve():
+            raise FileExistsError(f"two hospitals hold different {entry.relative_to(src)}; cannot pool them")
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.parent.resolve().is_relative_to(pool.resolve()):
+        # A folder linked by one hospital and real at another: never write into the source.
+        raise FileExistsError(f"{entry.relative_to(src)} would land inside another hospital's linked folder")
+    os.symlink(entry.resolve(), link)
+
+
 def _pooled_site(run_dir: Path, sites: list[Site], cfg: FedClimbConfig) -> Site:
     """One site whose data root holds every hospital's records (symlinked media)."""
     pool = run_dir / "pooled-data"
@@ -98,17 +126,8 @@ def _pooled_site(run_dir: Path, sites: list[Site], cfg: FedClimbConfig) -> Site:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "a", encoding="utf-8") as f:
                 f.write(path.read_text(encoding="utf-8"))
-            for entry in path.parent.rglob("*"):
-                if entry.is_dir() or entry.name.startswith("annotation_"):
-                    continue
-                # Link file by file: every hospital has e.g. a signals/ folder of its own.
-                link = target.parent / entry.relative_to(path.parent)
-                if link.is_symlink() or link.exists():
-                    if link.resolve() != entry.resolve():
-                        raise FileExistsError(f"two hospitals hold {entry.relative_to(src)}; cannot pool them")
-                    continue
-                link.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(entry.resolve(), link)
+            for entry in _media_entries(path.parent):
+                _link_into_pool(entry, target.parent / entry.relative_to(path.parent), pool, src)
     state = run_dir / "pooled-state"
     state.mkdir(parents=True, exist_ok=True)
     hospital = copy.deepcopy(sites[0].hospital)

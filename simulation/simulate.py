@@ -110,7 +110,7 @@ def _write_hospitals(cfg: FedClimbConfig, roots: Sequence[Path], run_dir: Path) 
             train_split=cfg.data.train_split,
             eval_split=cfg.data.eval_split,
             max_train_records=cfg.data.max_records,
-            max_eval_records=cfg.federation.eval_max_records,
+            max_eval_records=cfg.federation.eval_max_records or cfg.data.max_records,
         )
         (folder / "hospital.yaml").write_text(to_yaml(hospital), encoding="utf-8")
     return sim_root

@@ -12,6 +12,7 @@ from common.climb.validate import validate_root
 from common.config import HospitalConfig, load_config
 from simulation.cli import main
 from simulation.compare import ARMS, _pooled_site, run_compare, summarise
+from simulation.partition import partition_root
 from simulation.synth import generate_federation
 
 
@@ -44,6 +45,18 @@ def test_pooled_data_holds_every_hospitals_records_and_media(tmp_path: Path) -> 
     ecg = [r.counts.get("train", {}).get("synth_ecg", 0) for r in separate]
     assert sum(n > 0 for n in ecg) >= 2  # the case that used to lose a hospital's signals
     assert report.counts["train"]["synth_ecg"] == sum(ecg)
+
+
+def test_pooled_data_from_a_partitioned_root_keeps_its_linked_media(tmp_path: Path) -> None:
+    """Hospitals cut from one real root link its media folders; the pool must keep them."""
+    fed = generate_federation(tmp_path / "fed", hospitals=1, seed=0, scale=0.25)
+    roots = partition_root(fed.hospital_roots[0], tmp_path / "parts", hospitals=2, mode="domain", seed=0)
+    assert any(p.is_symlink() and p.is_dir() for root in roots for p in root.rglob("*"))  # the case at stake
+    sites = [Site(f"hospital-{i}", HospitalConfig(name=f"hospital-{i}", data_root=str(root), state_dir=str(tmp_path)),
+                  True) for i, root in enumerate(roots)]
+    report = validate_root(_pooled_site(tmp_path / "run", sites, load_config()).hospital.data_root)
+    assert report.ok, report.invalid[:3]
+    assert report.valid == sum(validate_root(root).valid for root in roots) > 0
 
 
 @pytest.mark.slow
