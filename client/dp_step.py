@@ -9,7 +9,6 @@ result is divided by the expected batch size q * N (Poisson sampling).
 
 from __future__ import annotations
 
-import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 
 from common.policy_loss import reduce_per_unit
 from common.privacy.dpsgd import clip_and_noise, group_rows_to_units, poisson_sample
+from common.seeding import secret_seed
 
 __all__ = ["DPSettings", "DPUpdater"]
 
@@ -33,8 +33,7 @@ class DPSettings:
     unit: str
     # Draws the Poisson samples and the noise; by default seeded from os.urandom (a fixed
     # or guessable seed would let the server recompute and subtract the noise).
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(
-        int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)))
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(secret_seed()))
     # Seeds the rollouts' sampling (and anything else on torch's global RNG in the step).
     # It must be secret too: with a seed the server knows, adding one unit to the batch
     # shifts the random draws of every unit after it, so other units' gradients would

@@ -13,7 +13,6 @@ import fcntl
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from client.stats import ReleasedCounts, fingerprint, load_released, save_releas
 from client.trainer import privacy_units
 from common import keys
 from common.config import FedClimbConfig
+from common.files import write_text_atomic
 from common.privacy.accounting import (
     PrivacyAccountingError,
     calibrate_noise_multiplier,
@@ -37,7 +37,7 @@ from common.privacy.accounting import (
 )
 from common.privacy.ledger import PrivacyLedger
 from common.privacy.release import gaussian_release
-from common.seeding import derive_seed
+from common.seeding import derive_seed, secret_seed
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,9 @@ def plan_privacy(
     return PrivacyPlan(sigma, sigma_eff, q, steps, stats_sigma, eps_after, fits, reason)
 
 
-def _secret_seed() -> int:
-    """A seed from the operating system's secure generator (nobody else can know it)."""
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-
-
 def _dp_generator(cfg: FedClimbConfig, seed: int) -> torch.Generator:
     if cfg.privacy.secure_rng:
-        return torch.Generator().manual_seed(_secret_seed())
+        return torch.Generator().manual_seed(secret_seed())
     return torch.Generator().manual_seed(derive_seed(seed, "dp-noise"))
 
 
@@ -170,9 +165,7 @@ def _save_drpo_state(site: Site, server_round: int, state: dict[str, Any] | None
         return
     folder = _drpo_dir(site)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".round-{server_round:04d}.json.tmp"
-    tmp.write_text(json.dumps(state), encoding="utf-8")
-    os.replace(tmp, folder / f"round-{server_round:04d}.json")
+    write_text_atomic(folder / f"round-{server_round:04d}.json", json.dumps(state))
 
 
 # ------------------------------------------------------------------------- rounds
@@ -255,7 +248,7 @@ def _train_round(
                 plan.reason,
             )
         dp = DPSettings(plan.noise_multiplier, plan.sample_rate, cfg.privacy.max_grad_norm, cfg.privacy.unit,
-                        _dp_generator(cfg, seed), _secret_seed() if cfg.privacy.secure_rng else None)
+                        _dp_generator(cfg, seed), secret_seed() if cfg.privacy.secure_rng else None)
         # Charged before training: a round that fails half-way (its error status is
         # visible to the server) has already run part of the mechanism.
         ledger.record(round=ins.server_round, kind="dpsgd", sample_rate=plan.sample_rate,
@@ -280,7 +273,7 @@ def _train_round(
     if dp is not None and ledger is not None and plan is not None:
         if release_now and plan.stats_noise_multiplier is not None:
             rng = np.random.default_rng(
-                int.from_bytes(os.urandom(8), "little") if cfg.privacy.secure_rng else derive_seed(seed, "stats")
+                secret_seed() if cfg.privacy.secure_rng else derive_seed(seed, "stats")
             )
             noisy = gaussian_release(counts, l2_sensitivity=1.0, noise_multiplier=plan.stats_noise_multiplier, rng=rng)
             released = ReleasedCounts(fp, list(ins.domain_names), plan.stats_noise_multiplier, [float(x) for x in noisy])

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common.files import write_text_atomic
 
 __all__ = ["unit_domain_counts", "ReleasedCounts", "load_released", "save_released", "fingerprint"]
 
@@ -90,11 +91,5 @@ def load_released(state_dir: Path, fp: str) -> ReleasedCounts | None:
 
 
 def save_released(state_dir: Path, release: ReleasedCounts) -> None:
-    """Write atomically (temp file, fsync, rename)."""
-    path = Path(state_dir) / RELEASE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(release.to_json(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write crash-safely (``common.files.write_text_atomic``)."""
+    write_text_atomic(Path(state_dir) / RELEASE_FILE, json.dumps(release.to_json()))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from common.config import LoraSettings
+from common.files import fsync_path, write_text_atomic
 from common.modeling.lora import read_peft_folder, save_peft_folder
 
 __all__ = ["Checkpoint", "save_round", "load_latest", "write_json_atomic", "round_dir"]
@@ -40,26 +41,9 @@ def round_dir(run_dir: Path, server_round: int) -> Path:
     return Path(run_dir) / f"round-{server_round:04d}"
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's entries to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file + fsync + rename (+ fsync of the folder)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    """Write JSON crash-safely (``common.files.write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -87,11 +71,11 @@ def save_round(
     shutil.rmtree(tmp, ignore_errors=True)
     adapter_dir = save_peft_folder(tmp / "adapter", adapter, lora, base_model_name=base_model_name)
     for path in (*adapter_dir.iterdir(), adapter_dir):
-        _fsync_path(path)
+        fsync_path(path)
     write_json_atomic(tmp / "state.json", {"server_round": server_round, **state})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_path(run_dir)
+    fsync_path(run_dir)
     if metrics_history is not None:
         write_json_atomic(run_dir / "metrics.json", metrics_history)
     link_tmp = run_dir / "latest.tmp"
@@ -99,7 +83,7 @@ def save_round(
         link_tmp.unlink()
     link_tmp.symlink_to(final.name)
     os.replace(link_tmp, run_dir / "latest")
-    _fsync_path(run_dir)
+    fsync_path(run_dir)
     return final
 
 

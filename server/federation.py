@@ -24,7 +24,7 @@ from common.config import FedClimbConfig, to_yaml
 from common.modeling.lora import init_adapter, is_lora_a, read_peft_folder
 from common.modeling.shapes import adapter_shapes_for
 from common.wire import encode_adapter
-from server.checkpoint import load_latest, save_round, write_json_atomic
+from server.checkpoint import load_latest, save_round
 from server.strategy import FedClimbStrategy, RoundLog
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,12 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
+from common.files import write_text_atomic
 from common.privacy.accounting import ACCOUNTANTS, Accountant, Mechanism, epsilon_for
 
 __all__ = [
@@ -350,42 +350,14 @@ def read_ledger(path: Path) -> dict[str, Any]:
     return validate_ledger(data, source=str(path))
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_ledger_atomic(path: Path, ledger: dict[str, Any]) -> None:
     """Replace ``path`` with ``ledger`` so that readers see the old or the new file whole.
 
-    Writes a temporary file in the same directory, flushes and fsyncs it, renames it
-    over ``path`` (``os.replace`` is atomic on POSIX and Windows within one file
-    system), then fsyncs the directory so the rename survives a power loss. A crash
-    can leave a stray ``.privacy_ledger.json.*.tmp`` file, never a partial ledger.
+    ``common.files.write_text_atomic``: temporary file, fsync, rename, fsync of the
+    directory, readable by the owner only. A crash can leave a stray
+    ``.privacy_ledger.json.*.tmp`` file, never a partial ledger.
     """
-    path = Path(path)
-    text = json.dumps(ledger, indent=2) + "\n"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(path.parent)
+    write_text_atomic(path, json.dumps(ledger, indent=2) + "\n", mode=0o600)
 
 
 def _remove_stray_temporaries(path: Path) -> None:
