@@ -21,7 +21,7 @@ from common.modeling.policy import Policy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HospitalData", "Runtime", "RUNTIME", "spread"]
+__all__ = ["HospitalData", "Runtime", "RUNTIME"]
 
 
 @dataclass
@@ -31,14 +31,6 @@ class HospitalData:
     trainer: LocalTrainer
     train: list[Record]
     evaluation: list[Record]
-
-
-def spread(records: list[Record], limit: int) -> list[Record]:
-    """At most ``limit`` records (0 = all), evenly spaced so every file (domain) is represented."""
-    if not limit or len(records) <= limit:
-        return records
-    step = len(records) / limit
-    return [records[int(i * step)] for i in range(limit)]
 
 
 def _key(*parts: object) -> str:
@@ -77,10 +69,10 @@ class Runtime:
         policy = self.policy(cfg)
         trainer = LocalTrainer(policy, cfg)
         root = cfg.data.root
-        train = trainer.usable(spread(load_records(root, cfg.data.train_split, domain_key=cfg.data.domain_key),
-                                      cfg.data.max_records))
-        evaluation = trainer.usable(spread(load_records(root, cfg.data.eval_split, domain_key=cfg.data.domain_key),
-                                           cfg.federation.eval_max_records))
+        train = trainer.usable(load_records(root, cfg.data.train_split, domain_key=cfg.data.domain_key,
+                                            max_records=cfg.data.max_records))
+        evaluation = trainer.usable(load_records(root, cfg.data.eval_split, domain_key=cfg.data.domain_key,
+                                                 max_records=cfg.federation.eval_max_records))
         log.info("%s: %d training and %d evaluation records", site.name, len(train), len(evaluation))
         hit = HospitalData(trainer, train, evaluation)
         self._data[key] = hit

@@ -81,8 +81,11 @@ class LocalResult:
     dp_steps: int = 0
     # The privacy units (lists of record indices) the round sampled from.
     units: list[list[int]] = field(default_factory=list)
-    # Prompts processed (counting repeats): 0 for a round of empty Poisson batches.
-    prompts: int = 0
+
+    @property
+    def prompts(self) -> int:
+        """Prompts processed (counting repeats): 0 for a round of empty Poisson batches."""
+        return sum(s.records for s in self.domain_stats.values())
 
     @property
     def mean_reward(self) -> float:
@@ -354,7 +357,6 @@ class LocalTrainer:
             history=history,
             drpo_state=state.to_json() if state is not None else None,
             dp_steps=steps if dp is not None else 0,
-            prompts=sum(s.records for s in stats.values()),
             units=units,
         )
 

@@ -14,9 +14,8 @@ and byte length are checked against its payload.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import math
+from collections.abc import Collection
 from typing import Literal
 
 import numpy as np

@@ -316,7 +316,7 @@ class FedClimbStrategy(Strategy):
         self._update_domain_stats(accepted)
         try:
             temperatures = self.temperatures()
-            weights = self._weights(accepted)
+            weights = self._weights(accepted, temperatures)
             agg = aggregate(
                 self.global_adapter,
                 [a for _, a, _ in accepted],
@@ -351,27 +351,27 @@ class FedClimbStrategy(Strategy):
             if counts is not None:
                 self.hospital_counts[node_label(node, m)] = [float(x) for x in counts]
 
-    def _weights(self, accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]]) -> list[float]:
+    def _weights(
+        self, accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]], temperatures: dict[str, float]
+    ) -> list[float]:
         mode = self.cfg.aggregation.weighting
         examples = [max(float(m.get(keys.NUM_EXAMPLES, 0)), 0.0) for _, _, m in accepted]
-        counts = [m.get(keys.D_COUNT) for _, _, m in accepted]
-        if mode == "domain" and any(c is None for c in counts):
-            log.warning("domain weighting needs per-domain counts from every hospital; using uniform weights")
-            mode = "uniform"
         if mode == "examples" and sum(examples) <= 0:
             log.warning("no hospital reported example counts; using uniform weights")
             mode = "uniform"
         domain_counts = None
-        if mode == "domain":
-            domain_counts = [dict(zip(self.domains, (float(x) for x in c), strict=True)) for c in counts if c is not None]
+        if mode == "domain":  # every accepted reply carries its counts (_check rejects the others)
+            domain_counts = [dict(zip(self.domains, (float(x) for x in m[keys.D_COUNT]), strict=True))
+                             for _, _, m in accepted]
             if all(sum(max(v, 0.0) for v in dc.values()) <= 0 for dc in domain_counts):
                 mode, domain_counts = "uniform", None
+
         def weights(cap: float | None) -> list[float]:
             return client_weights(
                 mode,
                 num_examples=examples,
                 domain_counts=domain_counts,
-                domain_temperature=self.temperatures() if mode == "domain" else None,
+                domain_temperature=temperatures if mode == "domain" else None,
                 cap=cap,
             )
 

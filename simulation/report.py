@@ -69,14 +69,19 @@ def _eval_series(history: Sequence[dict[str, Any]], domain: str, field: str) -> 
     return xs, ys
 
 
+def overall(domains: dict[str, dict[str, float]], field: str) -> float | None:
+    """Records-weighted mean of ``field`` over a round's evaluated domains (None if none)."""
+    n = sum(d["records"] for d in domains.values())
+    return sum(d[field] * d["records"] for d in domains.values()) / n if n else None
+
+
 def _overall_series(history: Sequence[dict[str, Any]], field: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for entry in history:
-        doms = ((entry.get("evaluate") or {}).get("domains") or {}).values()
-        n = sum(d["records"] for d in doms)
-        if n:
+        value = overall((entry.get("evaluate") or {}).get("domains") or {}, field)
+        if value is not None:
             xs.append(entry["server_round"])
-            ys.append(sum(d[field] * d["records"] for d in doms) / n)
+            ys.append(value)
     return xs, ys
 
 

@@ -26,6 +26,7 @@ from common.climb.records import load_records
 from common.config import ConfigError, FedClimbConfig, HospitalConfig, load_config, to_yaml
 from common.modeling.loader import cache_root
 from simulation.launcher import SimulationLaunch, launch, toml_string
+from simulation.report import overall
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,8 @@ def format_round(event: dict[str, Any], rounds: int, elapsed: float) -> str:
     nodes = train.get("nodes", {})
     done = len([n for n in nodes if n not in train.get("rejected", {})])
     ev = (event.get("evaluate") or {}).get("domains", {})
-    reward = sum(v["mean_reward"] * v["records"] for v in ev.values()) / max(sum(v["records"] for v in ev.values()), 1)
-    acc = sum(v["balanced_accuracy"] * v["records"] for v in ev.values()) / max(sum(v["records"] for v in ev.values()), 1)
+    reward = overall(ev, "mean_reward") or 0.0
+    acc = overall(ev, "balanced_accuracy") or 0.0
     eps = " ".join(f"{k.split('-')[-1]}:{v['dp.epsilon']:.2f}" for k, v in sorted(nodes.items()) if "dp.epsilon" in v)
     head = "round 0 (before training)" if rnd == 0 else f"round {rnd}/{rounds}"
     parts = [f"{head:<26}"]

@@ -292,7 +292,11 @@ def load_records(
     domain_key: Literal["dataset", "modality"] = "dataset",
     max_records: int = 0,
 ) -> list[Record]:
-    """All valid records of one split (invalid lines are logged and skipped)."""
+    """The valid records of one split (invalid lines are logged and skipped).
+
+    ``max_records`` > 0 keeps that many, evenly spaced over the split's files (so a cap
+    for a smoke run still samples every file rather than the first one only).
+    """
     out: list[Record] = []
     skipped = 0
     for item in iter_records(root, splits=(split,), domain_key=domain_key):
@@ -301,8 +305,9 @@ def load_records(
             log.warning("skipping %s:%d: %s", item.file, item.line, item.reason)
             continue
         out.append(item)
-        if max_records and len(out) >= max_records:
-            break
     if skipped:
         log.warning("%d invalid record(s) skipped in split %r under %s; run `fedclimb data validate`", skipped, split, root)
-    return out
+    if not max_records or len(out) <= max_records:
+        return out
+    step = len(out) / max_records
+    return [out[int(i * step)] for i in range(max_records)]

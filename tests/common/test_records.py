@@ -249,8 +249,13 @@ def test_load_records_skips_invalid_lines(tmp_path, caplog):
 
 def test_load_records_honours_max_records(tmp_path):
     make_root(tmp_path)
+    # 4 valid training records (mimic:1, 4, 6, isic:1); a cap of 2 keeps every second one.
     records = load_records(tmp_path, "train", max_records=2)
-    assert [r.line for r in records] == [1, 4]
+    assert [r.id for r in records] == ["chest_xray/mimic/annotation_train.jsonl:1",
+                                       "chest_xray/mimic/annotation_train.jsonl:6"]
+    # A cap of 3 steps by 4/3: indices 0, 1 and 2.
+    assert [r.line for r in load_records(tmp_path, "train", max_records=3)] == [1, 4, 6]
+    assert len(load_records(tmp_path, "train", max_records=9)) == 4
 
 
 def test_load_records_domain_key_modality(tmp_path):
