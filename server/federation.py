@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import FedClimbConfig, to_yaml
+from common.modeling.loader import base_model_source
 from common.modeling.lora import init_adapter, is_lora_a, read_peft_folder
 from common.modeling.shapes import adapter_shapes_for
 from common.wire import encode_adapter
@@ -29,7 +32,7 @@ from server.strategy import FedClimbStrategy, RoundLog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["initial_adapter", "run_federation", "wait_for_nodes", "EVENTS_FILE"]
+__all__ = ["base_for_adapters", "initial_adapter", "run_federation", "wait_for_nodes", "EVENTS_FILE"]
 
 EVENTS_FILE = "events.jsonl"
 
@@ -118,6 +121,7 @@ def run_federation(
             (run_dir / EVENTS_FILE).unlink()
         strategy = FedClimbStrategy(cfg, initial_adapter(cfg))
     strategy.summary()
+    base_name = base_for_adapters(cfg, run_dir)
     fed = cfg.federation
     wait_for_nodes(grid, fed.min_hospitals, fed.connect_timeout_s)
 
@@ -126,7 +130,7 @@ def run_federation(
         history.append(entry)
         save_round(
             run_dir, rlog.server_round, strategy.global_adapter, {"strategy": strategy.state_dict()},
-            lora=cfg.lora, base_model_name=_base_name(cfg), metrics_history=history,
+            lora=cfg.lora, base_model_name=base_name, metrics_history=history,
         )
         _append_event(run_dir, entry)
         if on_round:
@@ -156,10 +160,22 @@ def run_federation(
     return strategy
 
 
-def _base_name(cfg: FedClimbConfig) -> str:
-    m = cfg.model
-    if m.source == "tiny":
-        return ""
-    if m.source == "gguf":
-        return f"{m.name_or_path}/{m.gguf_file}"
-    return m.name_or_path
+def base_for_adapters(cfg: FedClimbConfig, run_dir: Path) -> str:
+    """The ``base_model_name_or_path`` every checkpointed adapter names.
+
+    A hub id or path for Hugging Face presets; the dequantised safetensors folder for
+    GGUF presets; for the tiny preset (which exists only as a seeded build) a copy kept
+    once in ``RUN_DIR/base``, so the run directory alone holds everything plain
+    ``transformers`` + ``peft`` need.
+    """
+    source = base_model_source(cfg.model)
+    if cfg.model.source != "tiny":
+        return source
+    target = run_dir / "base"
+    if not (target / "config.json").is_file():
+        tmp = run_dir / "base.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("done"))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return str(target.resolve())

@@ -6,6 +6,7 @@
     fedclimb data synth OUT                           write the synthetic federation
     fedclimb data from-dicom DICOM_DIR OUT ...        a hospital's DICOM folder -> CLIMB
     fedclimb privacy report --state DIR               a hospital's privacy ledger
+    fedclimb export --adapter DIR --out MODEL_DIR     adapter merged into its base (plain HF folder)
 
 Exit codes: 0 success, 1 the command ran and found a problem (invalid records, a
 failed run), 2 unusable arguments.
@@ -88,10 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("privacy", help="privacy ledger tools").add_subparsers(dest="privacy_command", required=True)
     rep = pr.add_parser("report", help="print a hospital's privacy ledger and remaining budget")
     rep.add_argument("--state", required=True, help="the hospital's state directory")
+
+    ex = sub.add_parser("export", help="merge an adapter into its base model and save a plain Hugging Face model folder")
+    ex.add_argument("--adapter", required=True, help="a PEFT adapter folder, a round-XXXX folder or a run directory (uses latest)")
+    ex.add_argument("--out", required=True, help="the model folder to write")
+    ex.add_argument("--base", help="the base model id or folder (default: the adapter's base_model_name_or_path)")
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     return p
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from simulation.export import export_merged
+
+    try:
+        out = export_merged(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise _UsageError(str(exc)) from None
+    print(f"merged model written to {out}")
+    return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -215,6 +233,7 @@ COMMANDS = {
     ("data", "synth"): _cmd_synth,
     ("data", "from-dicom"): _cmd_from_dicom,
     ("privacy", "report"): _cmd_privacy_report,
+    "export": _cmd_export,
 }
 
 

@@ -70,6 +70,6 @@ def train_local_command(args: argparse.Namespace) -> int:
     after = trainer.evaluate(evaluation, seed=args.seed, progress=True) if evaluation else None
     print(format_domain_table(result, before, after))
     if args.out:
-        save_peft_folder(args.out, result.adapter, cfg.lora, base_model_name=bundle.name)
+        save_peft_folder(args.out, result.adapter, cfg.lora, base_model_name=bundle.source)
         print(f"adapter written to {args.out}")
     return 0

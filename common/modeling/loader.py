@@ -25,7 +25,7 @@ from common.config import ModelConfig, TinyModelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelBundle", "load_base_model", "cache_root", "resolve_device", "tiny_model_config"]
+__all__ = ["ModelBundle", "load_base_model", "base_model_source", "cache_root", "resolve_device", "tiny_model_config"]
 
 TINY_BUILD_VERSION = "3"
 
@@ -41,6 +41,8 @@ class ModelBundle:
     device: torch.device
     autocast_dtype: torch.dtype | None
     name: str
+    # What plain ``from_pretrained`` loads (a hub id or a local folder): adapters name it.
+    source: str = ""
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -218,20 +220,31 @@ def _is_multimodal(config: Any) -> bool:
     return hasattr(config, "vision_config")
 
 
+def base_model_source(cfg: ModelConfig) -> str:
+    """What plain ``from_pretrained`` loads for ``cfg``: a hub id, or a local HF model folder.
+
+    The tiny preset and the GGUF preset are built (or dequantised) once into a standard
+    safetensors folder under the cache directory; that folder is the answer for them.
+    """
+    if cfg.source == "tiny":
+        return str(_tiny_folder(cfg).resolve())
+    if cfg.source == "gguf":
+        return str(_gguf_folder(cfg).resolve())
+    return cfg.name_or_path
+
+
 def load_base_model(cfg: ModelConfig) -> ModelBundle:
     """Load the frozen base model described by ``cfg`` onto its device."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
+    folder = base_model_source(cfg)
     if cfg.source == "tiny":
-        folder: str | Path = _tiny_folder(cfg)
         name = f"tiny-qwen2.5-vl(h{cfg.tiny.hidden_size},L{cfg.tiny.num_hidden_layers})"
     elif cfg.source == "gguf":
-        folder = _gguf_folder(cfg)
         name = cfg.gguf_file
     else:
-        folder = cfg.name_or_path
         name = cfg.name_or_path
     device = resolve_device(cfg.device)
     config = AutoConfig.from_pretrained(folder)
@@ -272,4 +285,5 @@ def load_base_model(cfg: ModelConfig) -> ModelBundle:
         device=device,
         autocast_dtype=_autocast_dtype(cfg, device),
         name=name,
+        source=folder,
     )
