@@ -1,0 +1,259 @@
+"""`fedclimb evaluate`: a checkpoint (or the base model alone) on a CLIMB split, per domain.
+
+Beside the model's metrics it reports what it must beat: the constant answer (each
+domain's most common training answer) and, when an adapter is given, the base model
+without it. Writes ``evaluation.json`` and ``evaluation.md``; ``--explain N`` adds one
+review PNG per record (simulation/explain.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common.climb.records import Record, load_records
+from common.config import ConfigError, FedClimbConfig, load_config
+from common.evaluation import confusion_matrix, constant_baseline, label_key, majority_answer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate_command", "run_evaluation", "choose_explained", "truth_set"]
+
+
+def truth_set(record: Record) -> frozenset[str]:
+    """The record's answer as the evaluation compares it (the trainer's own label rule)."""
+    from client.trainer import truth_labels
+
+    return truth_labels(record)
+
+
+def _config(args: argparse.Namespace) -> tuple[FedClimbConfig, Path | None]:
+    """The run's own configuration when ``--adapter`` is a run directory, else ``--config``."""
+    run_dir = None
+    if args.adapter:
+        p = Path(args.adapter)
+        for cand in (p, p.parent.parent, p.parent):
+            if (cand / "config.yaml").is_file() and (cand / "latest").exists():
+                run_dir = cand
+                break
+    config_file = args.config or (run_dir / "config.yaml" if run_dir is not None else None)
+    cfg = load_config(config_file, args.overrides)
+    if args.base:
+        cfg.model.source = "hf"
+        cfg.model.name_or_path = args.base
+    return cfg, run_dir
+
+
+def choose_explained(records: Sequence[Record], n: int, ids: Sequence[str] = ()) -> list[Record]:
+    """``ids`` when given, else ``n`` records spread evenly over domains (round-robin, file order)."""
+    if ids:
+        by_id = {r.id: r for r in records}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"--records: no such record in this split: {', '.join(missing[:5])}")
+        return [by_id[i] for i in ids]
+    by_domain: dict[str, list[Record]] = {}
+    for r in records:
+        by_domain.setdefault(r.domain, []).append(r)
+    queues = [list(v) for _, v in sorted(by_domain.items())]
+    out: list[Record] = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+@dataclass
+class DomainReport:
+    records: int
+    balanced_accuracy: float
+    macro_f1: float
+    accuracy: float
+    mean_iou: float | None
+    format_rate: float
+    mean_reward: float
+    confusion: dict[str, dict[str, int]]
+    constant: dict[str, Any]
+    base_model: dict[str, float] | None
+
+
+def _domain_reports(answers: Sequence[Any], base_answers: Sequence[Any] | None,
+                    majority: dict[str, frozenset[str]]) -> dict[str, DomainReport]:
+    from client.trainer import summarise
+
+    summary = summarise(answers)
+    base_summary = summarise(base_answers) if base_answers is not None else {}
+    out = {}
+    for domain, ev in summary.items():
+        mine = [a for a in answers if a.record.domain == domain]
+        truth = [truth_set(a.record) for a in mine]
+        constant = constant_baseline(truth, majority.get(domain) or majority_answer(truth))
+        has_boxes = any(a.score.iou is not None for a in mine)
+        b = base_summary.get(domain)
+        out[domain] = DomainReport(
+            records=ev.records, balanced_accuracy=ev.balanced_accuracy, macro_f1=ev.macro_f1, accuracy=ev.accuracy,
+            mean_iou=ev.mean_iou if has_boxes else None, format_rate=ev.format_rate, mean_reward=ev.mean_reward,
+            confusion=confusion_matrix(truth, [a.predicted for a in mine]),
+            constant=asdict(constant),
+            base_model=None if b is None else {"balanced_accuracy": b.balanced_accuracy, "macro_f1": b.macro_f1,
+                                               "accuracy": b.accuracy, "format_rate": b.format_rate,
+                                               "mean_reward": b.mean_reward},
+        )
+    return out
+
+
+def _overall(reports: dict[str, DomainReport]) -> dict[str, Any]:
+    n = sum(r.records for r in reports.values())
+    if not n:
+        return {}
+    mean = {k: sum(getattr(r, k) * r.records for r in reports.values()) / n
+            for k in ("balanced_accuracy", "macro_f1", "accuracy", "format_rate", "mean_reward")}
+    worst = min(reports.items(), key=lambda kv: (kv[1].balanced_accuracy, kv[0]))
+    return {"records": n, **mean, "macro_balanced_accuracy": sum(r.balanced_accuracy for r in reports.values()) / len(reports),
+            "worst_domain": worst[0], "worst_balanced_accuracy": worst[1].balanced_accuracy}
+
+
+def _markdown(meta: dict[str, Any], reports: dict[str, DomainReport], overall: dict[str, Any],
+              explained: list[str]) -> str:
+    lines = [f"# Evaluation: {meta['adapter'] or 'base model alone'}", "",
+             f"Base model `{meta['base_model']}`, data `{meta['data']}` split `{meta['split']}`, "
+             f"{overall.get('records', 0)} records, {meta['seconds']:.0f} s.", ""]
+    if overall:
+        lines += [f"Overall (records-weighted): balanced accuracy {overall['balanced_accuracy']:.3f}, "
+                  f"macro-F1 {overall['macro_f1']:.3f}, accuracy {overall['accuracy']:.3f}, "
+                  f"format rate {overall['format_rate']:.3f}, mean reward {overall['mean_reward']:.3f}. "
+                  f"Macro over domains: balanced accuracy {overall['macro_balanced_accuracy']:.3f}.", "",
+                  f"**Worst domain: {overall['worst_domain']}** (balanced accuracy {overall['worst_balanced_accuracy']:.3f}).", ""]
+    lines += ["| domain | records | balanced acc. | constant answer | base model | macro-F1 | accuracy | mean IoU | format | reward |",
+              "|---|---:|---|---|---|---|---|---|---|---|"]
+    for d, r in sorted(reports.items()):
+        base = f"{r.base_model['balanced_accuracy']:.3f}" if r.base_model else "-"
+        iou = f"{r.mean_iou:.3f}" if r.mean_iou is not None else "-"
+        lines.append(f"| {d} | {r.records} | **{r.balanced_accuracy:.3f}** | {r.constant['balanced_accuracy']:.3f} "
+                     f"(`{r.constant['answer']}`) | {base} | {r.macro_f1:.3f} | {r.accuracy:.3f} | {iou} | "
+                     f"{r.format_rate:.3f} | {r.mean_reward:.3f} |")
+    lines += ["", "The constant answer is each domain's most common training answer given to every record; "
+              "a model above it has learnt more than the label distribution.", ""]
+    for d, r in sorted(reports.items()):
+        cols = sorted({c for row in r.confusion.values() for c in row})
+        lines += [f"## {d}: confusion (rows truth, columns model answer)", "",
+                  "| truth \\ model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for t, row in r.confusion.items():
+            lines.append(f"| {t} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
+        lines.append("")
+    if explained:
+        lines += ["## Explanations", ""] + [f"- [{Path(p).name}]({Path(p).name})" for p in explained] + [""]
+    return "\n".join(lines)
+
+
+def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, split: str, out: Path, seed: int = 0,
+                   explain: int = 0, record_ids: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+    """Evaluate and write ``evaluation.json`` / ``evaluation.md`` (+ explanation PNGs) under ``out``."""
+    from client.trainer import LocalTrainer
+    from common.modeling.loader import load_base_model
+    from common.modeling.lora import is_lora_b, read_peft_folder
+    from common.modeling.policy import Policy
+    from simulation.export import adapter_folder
+
+    t0 = time.perf_counter()
+    folder = adapter_folder(adapter) if adapter is not None else None
+    bundle = load_base_model(cfg.model)
+    policy = Policy(bundle, cfg.lora, freeze_a=cfg.aggregation.mode == "ffa")
+    trainer = LocalTrainer(policy, cfg)
+    records = trainer.usable(load_records(data, split, domain_key=cfg.data.domain_key))
+    if not records:
+        raise ValueError(f"no usable records in split {split!r} under {data}")
+    chosen = choose_explained(records, explain, record_ids) if (explain or record_ids) else []
+    train = [r for r in load_records(data, cfg.data.train_split, domain_key=cfg.data.domain_key)] if split != cfg.data.train_split else []
+    majority = {}
+    for d in {r.domain for r in records}:
+        seen = [truth_set(r) for r in train if r.domain == d]
+        if seen:
+            majority[d] = majority_answer(seen)
+    zero = {k: (v * 0 if is_lora_b(k) else v) for k, v in policy.get_adapter().items()}
+    base_answers = None
+    if folder is not None:
+        policy.set_adapter(zero)
+        base_answers = trainer.answers(records, seed=seed, progress=progress)
+        policy.set_adapter(read_peft_folder(folder))
+    else:
+        policy.set_adapter(zero)
+    answers = trainer.answers(records, seed=seed, progress=progress)
+    reports = _domain_reports(answers, base_answers, majority)
+    overall = _overall(reports)
+    out.mkdir(parents=True, exist_ok=True)
+    explained = _explain(trainer, [a for a in answers if a.record in chosen], out / "explanations") if chosen else []
+    meta = {"adapter": str(folder) if folder else None, "base_model": bundle.source or bundle.name, "data": str(data),
+            "split": split, "seed": seed, "seconds": time.perf_counter() - t0,
+            "constant_from": "training split" if majority else "evaluated split"}
+    result = {"meta": meta, "overall": overall, "domains": {d: asdict(r) for d, r in sorted(reports.items())},
+              "explanations": [str(Path(p).relative_to(out)) for p in explained],
+              "records": [{"id": a.record.id, "domain": a.record.domain, "truth": label_key(truth_set(a.record)),
+                           "answer": label_key(a.predicted), "reward": a.score.total} for a in answers]}
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / "evaluation.md").write_text(_markdown(meta, reports, overall, [str(Path(p).relative_to(out)) for p in explained]),
+                                       encoding="utf-8")
+    return result
+
+
+def _explain(trainer: Any, answers: Sequence[Any], folder: Path) -> list[Path]:
+    """One review PNG per answer; boxes moved from the model's image frame to the original pixels."""
+    from common.climb.inputs import load_visuals
+    from common.rewards import parse_boxes
+    from simulation.explain import Explanation, render_explanation, safe_name
+
+    cfg = trainer.cfg
+    paths = []
+    for a in answers:
+        r = a.record
+        visuals = load_visuals(r, video_frames=cfg.data.video_frames, ecg_px_per_mm=cfg.data.ecg_px_per_mm)
+        frame = trainer.encode(r).box_frame
+        pred_boxes = parse_boxes(a.text) if r.has_localisation else []
+        if frame is not None and pred_boxes:
+            ow, oh, mw, mh = frame
+            pred_boxes = [(x1 * ow / mw, y1 * oh / mh, x2 * ow / mw, y2 * oh / mh) for x1, y1, x2, y2 in pred_boxes]
+        first = visuals.leading if r.images and visuals.leading < len(visuals.images) else None
+        ex = Explanation(
+            record_id=r.id, domain=r.domain, question=r.question, options=r.options, images=visuals.images,
+            first_record_image=first, ecg_images=visuals.leading, response=a.text, predicted=label_key(a.predicted),
+            truth=label_key(truth_set(r)), correct=a.predicted == truth_set(r),
+            reward={"total": a.score.total, "accuracy": a.score.accuracy, "format": a.score.format, "iou": a.score.iou},
+            truth_boxes=list(r.bboxes), predicted_boxes=pred_boxes, truth_mask=trainer.mask_for(r),
+        )
+        paths.append(render_explanation(ex, folder / f"{safe_name(r.id)}.png"))
+    return paths
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """``fedclimb evaluate``: exit 0 on success, 2 on unusable arguments."""
+    try:
+        cfg, run_dir = _config(args)
+    except ConfigError as exc:
+        print(f"fedclimb: error: {exc}")
+        return 2
+    data = Path(args.data)
+    if not data.is_dir():
+        print(f"fedclimb: error: --data {data} is not a directory")
+        return 2
+    out = Path(args.out) if args.out else (run_dir / "evaluation" if run_dir else Path("evaluation"))
+    ids = [s for s in (args.records or "").split(",") if s]
+    try:
+        result = run_evaluation(cfg, adapter=Path(args.adapter) if args.adapter else None, data=data, split=args.split,
+                                out=out, seed=args.seed, explain=args.explain, record_ids=ids, progress=not args.json)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fedclimb: error: {exc}")
+        return 2
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("meta", "overall", "domains", "explanations")}, indent=2))
+    else:
+        print((out / "evaluation.md").read_text(encoding="utf-8").split("## ")[0].rstrip())
+        print(f"\nwritten: {out / 'evaluation.json'}, {out / 'evaluation.md'}"
+              + (f", {len(result['explanations'])} explanation PNG(s) in {out / 'explanations'}" if result["explanations"] else ""))
+    return 0

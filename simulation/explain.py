@@ -1,0 +1,132 @@
+"""One PNG per record for a clinician's review: what the model saw, said and answered.
+
+Left: the images the model saw (a record's image, a rendered 12-lead ECG, or a volume's
+sampled slices), with the ground-truth boxes (green) or mask outline (green) and the
+model's predicted boxes (red) drawn over the first record image. Right: the question,
+the model's reasoning, its answer against the truth and the reward terms.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Explanation", "render_explanation", "reasoning_text", "safe_name"]
+
+TRUTH_COLOUR = "#1a9850"
+PRED_COLOUR = "#d73027"
+_MAX_PANELS = 4
+
+
+@dataclass
+class Explanation:
+    """Everything one review PNG shows (images are PIL images as the loaders return them)."""
+
+    record_id: str
+    domain: str
+    question: str
+    options: Sequence[str]
+    images: Sequence[Any]
+    first_record_image: int | None  # index into images of the record's own first image
+    ecg_images: int  # the first this many images are rendered ECGs
+    response: str
+    predicted: str
+    truth: str
+    correct: bool
+    reward: dict[str, float | None]
+    truth_boxes: Sequence[Sequence[float]] = ()
+    predicted_boxes: Sequence[Sequence[float]] = ()  # already in the original image's pixels
+    truth_mask: np.ndarray | None = None
+
+
+def reasoning_text(response: str) -> str:
+    """The ``<think>`` part of a response, else everything before the boxed answer."""
+    m = re.search(r"<think>(.*?)(</think>|$)", response, flags=re.S)
+    if m:
+        return m.group(1).strip()
+    cut = response.find("\\boxed{")
+    return (response[:cut] if cut >= 0 else response).strip()
+
+
+def safe_name(record_id: str) -> str:
+    """A file name for a record id (``cxr/ds/annotation_test.jsonl:12`` -> ``cxr_ds_annotation_test.jsonl_12``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", record_id).strip("_")[:120] or "record"
+
+
+def _wrap(text: str, width: int, max_lines: int) -> str:
+    lines: list[str] = []
+    for para in text.splitlines() or [""]:
+        lines.extend(textwrap.wrap(para, width) or [""])
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + ["[...]"]
+    return "\n".join(lines)
+
+
+def _draw_boxes(ax: Any, boxes: Sequence[Sequence[float]], colour: str, label: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        ax.add_patch(Rectangle((min(x1, x2), min(y1, y2)), abs(x2 - x1), abs(y2 - y1), fill=False,
+                               edgecolor=colour, linewidth=2, label=label if i == 0 else None))
+
+
+def render_explanation(ex: Explanation, path: str | Path) -> Path:
+    """Write the review PNG of ``ex`` to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = list(ex.images)[:_MAX_PANELS]
+    n = max(len(images), 1)
+    fig = plt.figure(figsize=(5 + 3.2 * n, 6.5), dpi=110)
+    grid = fig.add_gridspec(1, n + 1, width_ratios=[3.2] * n + [5])
+    for i in range(n):
+        ax = fig.add_subplot(grid[0, i])
+        ax.set_axis_off()
+        if not images:
+            ax.text(0.5, 0.5, "text-only record", ha="center", va="center", fontsize=11, color="grey")
+            continue
+        ax.imshow(np.asarray(images[i].convert("RGB")))
+        if i == ex.first_record_image:
+            if ex.truth_mask is not None and ex.truth_mask.any():
+                ax.contour(ex.truth_mask.astype(float), levels=[0.5], colors=[TRUTH_COLOUR], linewidths=1.5)
+            _draw_boxes(ax, ex.truth_boxes, TRUTH_COLOUR, "truth")
+            _draw_boxes(ax, ex.predicted_boxes, PRED_COLOUR, "model")
+            if ex.truth_boxes or ex.predicted_boxes:
+                ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
+        ax.set_title(f"image {i + 1}" + (" (12-lead ECG)" if i < ex.ecg_images else ""), fontsize=9)
+    text_ax = fig.add_subplot(grid[0, n])
+    text_ax.set_axis_off()
+    verdict = "CORRECT" if ex.correct else "WRONG"
+    reward = ", ".join(f"{k} {v:.2f}" for k, v in ex.reward.items() if v is not None)
+    body = "\n".join([
+        f"{ex.record_id}   [{ex.domain}]",
+        "",
+        "Question:",
+        _wrap(ex.question, 64, 6),
+        *(["Options: " + _wrap("; ".join(ex.options), 56, 3)] if ex.options else []),
+        "",
+        *(["Model reasoning:", _wrap(reasoning_text(ex.response), 64, 10), ""] if reasoning_text(ex.response) else []),
+        "Model response (raw):",
+        _wrap(ex.response.strip() or "(empty)", 64, 6),
+        "",
+        f"Model answer: {ex.predicted}",
+        f"Truth:        {ex.truth}",
+        f"Reward: {reward}",
+    ])
+    text_ax.text(0.0, 1.0, body, va="top", ha="left", family="monospace", fontsize=8.5, wrap=True)
+    text_ax.text(0.0, 0.02, verdict, va="bottom", ha="left", fontsize=16, weight="bold",
+                 color=TRUTH_COLOUR if ex.correct else PRED_COLOUR)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

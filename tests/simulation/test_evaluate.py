@@ -1,0 +1,88 @@
+"""`fedclimb evaluate`: per-domain metrics with their baselines, and review PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.climb.records import load_records
+from common.config import load_config, to_yaml
+from common.modeling.lora import init_adapter
+from common.modeling.shapes import adapter_shapes_for
+from server.checkpoint import save_round
+from server.federation import base_for_adapters
+from simulation.cli import main
+from simulation.evaluate import choose_explained
+from simulation.synth import generate_federation
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    generate_federation(tmp / "data", hospitals=1, seed=0, scale=0.25)
+    cfg = load_config(overrides=[f"model.cache_dir={tmp / 'cache'}"])
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    base = base_for_adapters(cfg, run)
+    save_round(run, 1, init_adapter(adapter_shapes_for(cfg.model, cfg.lora), seed=3, b_std=0.05), {"strategy": {}},
+               lora=cfg.lora, base_model_name=base)
+    return tmp, run, tmp / "data" / "hospital-0"
+
+
+def test_evaluate_a_run_directory_writes_metrics_baselines_and_explanations(setup, capsys):
+    tmp, run, data = setup
+    out = tmp / "out"
+    assert main(["evaluate", "--adapter", str(run), "--data", str(data), "--out", str(out), "--explain", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads((out / "evaluation.json").read_text())
+    assert printed["overall"] == result["overall"]
+    test = load_records(data, "test")
+    assert result["overall"]["records"] == len(test) == len(result["records"])
+    domains = result["domains"]
+    assert set(domains) == {r.domain for r in test}
+    for d, rep in domains.items():
+        n = sum(1 for r in test if r.domain == d)
+        assert rep["records"] == n
+        assert sum(sum(row.values()) for row in rep["confusion"].values()) == n
+        assert 0.0 <= rep["balanced_accuracy"] <= 1.0
+        assert rep["constant"]["answer"] and rep["base_model"] is not None
+    worst = min(domains, key=lambda d: (domains[d]["balanced_accuracy"], d))
+    assert result["overall"]["worst_domain"] == worst
+    # five PNGs spread over five domains, linked from the markdown
+    pngs = sorted((out / "explanations").glob("*.png"))
+    assert len(pngs) == 5 and len({p.name.split("_annotation")[0] for p in pngs}) == 5
+    md = (out / "evaluation.md").read_text()
+    assert f"Worst domain: {worst}" in md and all(p.name in md for p in pngs)
+    assert all(p.stat().st_size > 10_000 for p in pngs)
+
+
+def test_evaluate_without_adapter_is_the_base_model_alone(setup):
+    tmp, run, data = setup
+    out = tmp / "base-only"
+    assert main(["evaluate", "--data", str(data), "--out", str(out), f"model.cache_dir={tmp / 'cache'}"]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["meta"]["adapter"] is None
+    assert all(rep["base_model"] is None for rep in result["domains"].values())
+
+
+def test_evaluate_refuses_unknown_records_and_missing_data(setup, tmp_path):
+    tmp, run, data = setup
+    assert main(["evaluate", "--adapter", str(run), "--data", str(tmp_path / "nope")]) == 2
+    assert main(["evaluate", "--adapter", str(run), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--records", "no/such.jsonl:1"]) == 2
+
+
+def test_choose_explained_spreads_over_domains_in_file_order(setup):
+    _, _, data = setup
+    records = load_records(data, "test")
+    chosen = choose_explained(records, 7)
+    domains = sorted({r.domain for r in records})
+    assert [r.domain for r in chosen[: len(domains)]] == domains
+    assert len(chosen) == 7
+    first = {d: next(r for r in records if r.domain == d) for d in domains}
+    assert all(chosen[i] == first[d] for i, d in enumerate(domains))
+    ids = [records[3].id, records[0].id]
+    assert [r.id for r in choose_explained(records, 0, ids)] == ids
