@@ -226,7 +226,9 @@ class RewardConfig:
     accuracy: float = 0.6
     iou: float = 0.2
     format: float = 0.2
-    iou_reduce: Literal["max", "mean"] = "max"
+    # Boxes against targets: one-to-one matched IoU over max(#predicted, #targets)
+    # (extra and missed boxes cost), or the paper's per-box "max" / released code's "mean".
+    iou_reduce: Literal["matched", "max", "mean"] = "matched"
     # No localisation target: share the IoU weight among the others, or score it 0.
     no_target: Literal["redistribute", "zero"] = "redistribute"
 

@@ -24,11 +24,12 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 Box = tuple[float, float, float, float]
 """An axis-aligned box ``(x1, y1, x2, y2)`` with ``x1 <= x2`` and ``y1 <= y2``."""
 
-IouReduce = Literal["max", "mean"]
+IouReduce = Literal["matched", "max", "mean"]
 NoTarget = Literal["redistribute", "zero"]
 
 _BOXED_OPEN = "\\boxed{"
@@ -36,7 +37,7 @@ _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 # Separators between labels of a multi-label answer: ", ", " and ", " & " and the bare
 # "," and "&" forms (surrounding whitespace is stripped from each label afterwards).
-_LABEL_SEPARATOR = re.compile(r",|&|\s+and\s+", re.IGNORECASE)
+_LABEL_SEPARATOR = re.compile(r"(,|&|\s+and\s+)", re.IGNORECASE)
 # The first fenced block tagged json; the tag is matched case-insensitively.
 _JSON_FENCE = re.compile(r"```json[ \t]*\r?\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -93,30 +94,63 @@ def _normalise_label(label: str) -> str:
     return " ".join(label.split()).casefold()
 
 
-def split_labels(answer: str) -> frozenset[str]:
-    """Split an answer into a set of normalised labels.
+def _label_key(label: str) -> tuple[str, ...]:
+    """A label's pieces and separators, normalised: "A,B" and "a , b" have one key.
+
+    (A separator " AND " normalises to "and", ", " to ",".)
+    """
+    return tuple(_normalise_label(p) for p in _LABEL_SEPARATOR.split(label))
+
+
+def split_labels(answer: str, *, known: Iterable[str] = ()) -> frozenset[str]:
+    """Split an answer into a set of normalised labels, whole known labels first.
 
     Separators are ``","``, ``"&"`` and ``" and "`` (any surrounding whitespace, any
-    case). Each label is case-folded, stripped and has its internal whitespace
-    collapsed to single spaces; empty labels are dropped.
+    case). Before splitting, runs of pieces that together spell a ``known`` label
+    (an option of the question, or a true label) are kept whole, longest run first,
+    left to right: with the option "Actinic keratoses and intraepithelial carcinoma"
+    known, that answer is one label, not two. Each label is case-folded, stripped and
+    has its internal whitespace collapsed to single spaces; empty labels are dropped.
 
     Parameters
     ----------
     answer : str
         The content of a ``\\boxed{}`` or a ground-truth answer string.
+    known : iterable of str
+        Labels that must not be split (compared after the same normalisation).
 
     Returns
     -------
     frozenset of str
         The normalised labels, order-independent.
     """
-    parts = (_normalise_label(part) for part in _LABEL_SEPARATOR.split(answer))
-    return frozenset(part for part in parts if part)
+    whole = {_label_key(k): _normalise_label(k) for k in known if _normalise_label(k)}
+    longest = max((len(k) + 1) // 2 for k in whole) if whole else 1  # in pieces
+    key = _label_key(answer)
+    n = (len(key) + 1) // 2  # pieces at even positions of `key`, separators at odd
+    labels: list[str] = []
+    i = 0
+    while i < n:
+        # The longest run of pieces i..j-1 that spells a known label, else piece i alone.
+        end = next(
+            (j for j in range(min(n, i + longest), i + 1, -1) if key[2 * i : 2 * j - 1] in whole),
+            i + 1,
+        )
+        run = key[2 * i : 2 * end - 1]
+        labels.append(whole.get(run, run[0]))
+        i = end
+    return frozenset(label for label in labels if label)
 
 
-def _true_label_set(true_labels: str | Iterable[str]) -> frozenset[str]:
+def true_label_set(true_labels: str | Iterable[str], *, options: Iterable[str] = ()) -> frozenset[str]:
+    """The normalised ground-truth labels.
+
+    A string is split with :func:`split_labels` (CLIMB joins multi-label answers with
+    ``", "``), keeping whole any ``options``; an iterable is taken as the labels
+    themselves, each normalised like :func:`split_labels` does (never split).
+    """
     if isinstance(true_labels, str):
-        return split_labels(true_labels)
+        return split_labels(true_labels, known=options)
     if not isinstance(true_labels, Iterable):
         raise TypeError(
             "true_labels must be a string or an iterable of strings, "
@@ -132,6 +166,22 @@ def _true_label_set(true_labels: str | Iterable[str]) -> frozenset[str]:
     return frozenset(n for n in (_normalise_label(label) for label in labels) if n)
 
 
+def predicted_labels(
+    response: str, truth: frozenset[str], *, options: Iterable[str] = ()
+) -> frozenset[str] | None:
+    """The labels of a response's last ``\\boxed{}``; None when it has no (balanced) box.
+
+    Whole options and whole true labels are matched before the answer is split (see
+    :func:`split_labels`), so a compound option such as "Actinic keratoses and
+    intraepithelial carcinoma" is one label. The reward (:func:`accuracy_reward`) and
+    the evaluation metrics (client.trainer) both read the prediction through here.
+    """
+    answer = extract_boxed(response)
+    if answer is None:
+        return None
+    return split_labels(answer, known=(*options, *truth))
+
+
 def set_f1(predicted: frozenset[str], true: frozenset[str]) -> float:
     """F1 between two label sets: ``2 |P & T| / (|P| + |T|)``.
 
@@ -142,7 +192,9 @@ def set_f1(predicted: frozenset[str], true: frozenset[str]) -> float:
     return 2.0 * len(predicted & true) / (len(predicted) + len(true))
 
 
-def accuracy_reward(response: str, true_labels: str | Iterable[str]) -> float:
+def accuracy_reward(
+    response: str, true_labels: str | Iterable[str], *, options: Iterable[str] = ()
+) -> float:
     """Set-F1 between the labels in the last ``\\boxed{}`` and the true labels.
 
     Parameters
@@ -150,9 +202,11 @@ def accuracy_reward(response: str, true_labels: str | Iterable[str]) -> float:
     response : str
         A model response.
     true_labels : str or iterable of str
-        The ground truth. A string is split with :func:`split_labels` (CLIMB joins
-        multi-label answers with ``", "``); an iterable is taken as the labels
-        themselves, each normalised like :func:`split_labels` does.
+        The ground truth, see :func:`true_label_set`.
+    options : iterable of str
+        The question's options. An answer that spells a whole option (or a whole true
+        label) counts as that one label even when it contains ``" and "``, ``","`` or
+        ``"&"``; only the rest is split into several labels.
 
     Returns
     -------
@@ -162,11 +216,9 @@ def accuracy_reward(response: str, true_labels: str | Iterable[str]) -> float:
         equal); CLIMB answers are never empty, so this only matters for malformed
         ground truth.
     """
-    truth = _true_label_set(true_labels)
-    answer = extract_boxed(response)
-    if answer is None:
-        return 0.0
-    return set_f1(split_labels(answer), truth)
+    truth = true_label_set(true_labels, options=options)
+    predicted = predicted_labels(response, truth, options=options)
+    return 0.0 if predicted is None else set_f1(predicted, truth)
 
 
 # ---------------------------------------------------------------------------
@@ -316,12 +368,32 @@ def box_mask_iou(box: Sequence[float], mask: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _reduce(values: Sequence[float], reduce: IouReduce) -> float:
-    if reduce == "max":
-        return max(values)
-    if reduce == "mean":
-        return sum(values) / len(values)
-    raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+def matched_iou(iou: np.ndarray) -> float:
+    """One-to-one matched IoU: sum of matched IoUs over ``max(#predicted, #targets)``.
+
+    Predicted and target boxes are paired one to one so that the summed IoU is largest
+    (the Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``). Dividing by
+    the larger count charges every unmatched box: an extra predicted box and a missed
+    target each cost as much as a matched box with IoU 0. Three predictions for one
+    target score at most 1/3; one of two targets found exactly scores 1/2.
+
+    Parameters
+    ----------
+    iou : numpy.ndarray, shape (P, T)
+        IoU of every predicted box (rows) with every target (columns).
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0 when either side is empty.
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    if iou.ndim != 2:
+        raise ValueError(f"iou must be a (predicted, targets) matrix, got shape {iou.shape}")
+    if iou.size == 0:
+        return 0.0
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    return float(iou[rows, cols].sum()) / max(iou.shape)
 
 
 def iou_reward(
@@ -329,12 +401,16 @@ def iou_reward(
     *,
     target_boxes: Sequence[Sequence[float]] | None = None,
     target_mask: np.ndarray | None = None,
-    reduce: IouReduce = "max",
+    reduce: IouReduce = "matched",
 ) -> float | None:
     """Localisation reward of a response's boxes.
 
-    Each predicted box gets its IoU with the target mask, or its best IoU over the
-    target boxes; the per-box values are then reduced over the predicted boxes.
+    With ``reduce="matched"`` (the default) predicted boxes and targets are matched one
+    to one, see :func:`matched_iou`; a segmentation mask is one target. ``"max"`` and
+    ``"mean"`` instead give each predicted box its IoU with the mask, or its best IoU
+    over the target boxes, and reduce over the predicted boxes: ``"max"`` (paper, Sec.
+    3.4) rewards adding boxes (one right box among any number of wrong ones scores 1),
+    ``"mean"`` (released code) never rewards finding a second target.
 
     Parameters
     ----------
@@ -345,8 +421,8 @@ def iou_reward(
     target_mask : numpy.ndarray, shape (H, W), optional
         Ground-truth segmentation; takes precedence over ``target_boxes`` when both
         are given (as the released code does).
-    reduce : {"max", "mean"}
-        ``"max"`` (paper, Sec. 3.4) or ``"mean"`` (released code).
+    reduce : {"matched", "max", "mean"}
+        How the per-box IoUs become one number.
 
     Returns
     -------
@@ -354,18 +430,21 @@ def iou_reward(
         None when the sample has no localisation target (no mask and no target box);
         0.0 when it has one but no box was predicted; otherwise in [0, 1].
     """
-    if reduce not in ("max", "mean"):
-        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    if reduce not in ("matched", "max", "mean"):
+        raise ValueError(f"reduce must be 'matched', 'max' or 'mean', got {reduce!r}")
     if target_mask is None and not target_boxes:
         return None
     if not pred_boxes:
         return 0.0
     if target_mask is not None:
-        per_box = [box_mask_iou(box, target_mask) for box in pred_boxes]
+        iou = np.array([[box_mask_iou(box, target_mask)] for box in pred_boxes])
     else:
         targets = list(target_boxes or ())
-        per_box = [max(box_iou(box, t) for t in targets) for box in pred_boxes]
-    return _reduce(per_box, reduce)
+        iou = np.array([[box_iou(box, t) for t in targets] for box in pred_boxes])
+    if reduce == "matched":
+        return matched_iou(iou)
+    per_box = iou.max(axis=1)  # (P,): each predicted box's best target
+    return float(per_box.max() if reduce == "max" else per_box.mean())
 
 
 # ---------------------------------------------------------------------------
@@ -559,23 +638,31 @@ class RewardBreakdown:
         Format score in [0, 1].
     total : float
         Weighted total in [0, 1].
+    predicted : frozenset of str or None
+        The answer's labels as the accuracy term read them (None: no balanced box).
+        Evaluation metrics count these, so they and the reward agree on every answer.
+    truth : frozenset of str
+        The normalised true labels the accuracy term compared with.
     """
 
     accuracy: float
     iou: float | None
     format: float
     total: float
+    predicted: frozenset[str] | None = None
+    truth: frozenset[str] = frozenset()
 
 
 def total_reward(
     response: str,
     *,
     true_labels: str | Iterable[str],
+    options: Iterable[str] = (),
     target_boxes: Sequence[Sequence[float]] | None = None,
     target_mask: np.ndarray | None = None,
     expect_boxes: bool = False,
     weights: RewardWeights = RewardWeights(),
-    iou_reduce: IouReduce = "max",
+    iou_reduce: IouReduce = "matched",
     no_target: NoTarget = "redistribute",
 ) -> RewardBreakdown:
     """Weighted reward of one response.
@@ -596,13 +683,15 @@ def total_reward(
         A model response.
     true_labels : str or iterable of str
         Ground truth, see :func:`accuracy_reward`.
+    options : iterable of str
+        The question's options, matched whole first, see :func:`accuracy_reward`.
     target_boxes, target_mask
         Localisation target, see :func:`iou_reward`.
     expect_boxes : bool
         Passed to :func:`format_reward`.
     weights : RewardWeights
         Term weights.
-    iou_reduce : {"max", "mean"}
+    iou_reduce : {"matched", "max", "mean"}
         Passed to :func:`iou_reward`.
     no_target : {"redistribute", "zero"}
         What the IoU weight does when the sample has no target.
@@ -616,7 +705,9 @@ def total_reward(
         raise ValueError(
             f"no_target must be 'redistribute' or 'zero', got {no_target!r}"
         )
-    accuracy = accuracy_reward(response, true_labels)
+    truth = true_label_set(true_labels, options=options)
+    predicted = predicted_labels(response, truth, options=options)
+    accuracy = 0.0 if predicted is None else set_f1(predicted, truth)
     iou = iou_reward(
         parse_boxes(response),
         target_boxes=target_boxes,
@@ -633,4 +724,6 @@ def total_reward(
     else:
         kept = weights.accuracy + weights.format
         total = weighted / kept if kept > 0 else 0.0
-    return RewardBreakdown(accuracy=accuracy, iou=iou, format=fmt, total=total)
+    return RewardBreakdown(
+        accuracy=accuracy, iou=iou, format=fmt, total=total, predicted=predicted, truth=truth
+    )

@@ -17,6 +17,7 @@ from common.rewards import (
     parse_boxes,
     split_labels,
     total_reward,
+    true_label_set,
 )
 
 FENCE = "```"
@@ -130,6 +131,44 @@ def test_accuracy_empty_box_against_nonempty_truth_is_zero():
 def test_accuracy_both_empty_is_one():
     # Documented edge case: two empty label sets are equal.
     assert accuracy_reward("\\boxed{}", "") == 1.0
+
+
+# A CLIMB (ISIC/HAM10000) option whose text contains the separator " and ".
+AKIEC = "Actinic keratoses and intraepithelial carcinoma"
+SKIN_OPTIONS = (AKIEC, "Melanoma", "Melanocytic nevi", "Benign keratosis-like lesions")
+
+
+def test_accuracy_correct_compound_answer_scores_one():
+    """The truth label is kept whole; the same answer in the box must not be split."""
+    assert accuracy_reward(f"\\boxed{{{AKIEC}}}", (AKIEC,)) == 1.0
+    assert accuracy_reward(f"\\boxed{{{AKIEC.upper()}}}", (AKIEC,), options=SKIN_OPTIONS) == 1.0
+
+
+def test_accuracy_compound_option_is_matched_whole_before_splitting():
+    # P = {akiec, melanoma} (the option is one label), T = {melanoma}: 2 * 1 / 3
+    got = accuracy_reward(f"\\boxed{{{AKIEC}, Melanoma}}", ("Melanoma",), options=SKIN_OPTIONS)
+    assert got == pytest.approx(2 / 3)
+    # A wrong compound option is one wrong label, not a half-right pair.
+    assert accuracy_reward(f"\\boxed{{{AKIEC}}}", ("Actinic keratoses",), options=SKIN_OPTIONS) == 0.0
+
+
+def test_split_labels_keeps_known_labels_whole_and_splits_the_rest():
+    got = split_labels("melanoma & ACTINIC keratoses  and intraepithelial carcinoma and x, y", known=SKIN_OPTIONS)
+    assert got == frozenset({"melanoma", AKIEC.casefold(), "x", "y"})
+    # separators inside a known label are compared normalised: "A,B" spells "A, B"
+    assert split_labels("Nevus,benign", known=["Nevus, benign"]) == frozenset({"nevus, benign"})
+
+
+def test_string_truth_keeps_whole_options():
+    assert true_label_set(AKIEC, options=SKIN_OPTIONS) == frozenset({AKIEC.casefold()})
+    assert true_label_set(f"{AKIEC}, Melanoma", options=SKIN_OPTIONS) == frozenset({AKIEC.casefold(), "melanoma"})
+
+
+def test_total_reward_reports_the_labels_it_scored():
+    got = total_reward(f"\\boxed{{{AKIEC}}}", true_labels=(AKIEC,), options=SKIN_OPTIONS)
+    assert got.accuracy == 1.0
+    assert got.predicted == got.truth == frozenset({AKIEC.casefold()})
+    assert total_reward("no box", true_labels=(AKIEC,)).predicted is None
 
 
 def test_accuracy_rejects_non_string_labels():
@@ -274,8 +313,55 @@ def test_iou_reward_several_targets_max_and_mean():
     targets = [(0, 0, 2, 2), (10, 10, 14, 12)]
     # pred 1: best over targets = IoU with target 1 = 1.0
     # pred 2: vs target 1 = 0; vs target 2: inter 2x2 = 4, union 4 + 8 - 4 = 8 -> 0.5
-    assert iou_reward(preds, target_boxes=targets) == pytest.approx(1.0)
+    assert iou_reward(preds, target_boxes=targets, reduce="max") == pytest.approx(1.0)
     assert iou_reward(preds, target_boxes=targets, reduce="mean") == pytest.approx(0.75)
+    # matched: pred 1 <-> target 1 (1.0), pred 2 <-> target 2 (0.5); (1.0 + 0.5) / 2
+    assert iou_reward(preds, target_boxes=targets) == pytest.approx(0.75)
+
+
+# The issue's example: one target, one exact box and two boxes that each cover one
+# corner cell of it: IoU (9, 9, 10, 10) vs (0, 0, 10, 10) = 1 / 100.
+TARGET = (0, 0, 10, 10)
+SPAM = [(0, 0, 10, 10), (9, 9, 10, 10), (0, 0, 1, 1)]
+
+
+def test_iou_reward_spamming_boxes_is_not_rewarded():
+    """max scored the 3-box spam 1.0 and mean (1 + 0.01 + 0.01) / 3 = 0.34; matched gives 1/3."""
+    assert iou_reward(SPAM, target_boxes=[TARGET], reduce="max") == pytest.approx(1.0)
+    assert iou_reward(SPAM, target_boxes=[TARGET], reduce="mean") == pytest.approx(0.34)
+    # one match (IoU 1.0), two unmatched predictions: 1.0 / max(3, 1)
+    assert iou_reward(SPAM, target_boxes=[TARGET]) == pytest.approx(1 / 3)
+
+
+def test_matched_iou_exact_match_is_one():
+    targets = [(0, 0, 2, 2), (5, 5, 9, 9)]
+    assert iou_reward(list(reversed(targets)), target_boxes=targets) == pytest.approx(1.0)
+
+
+def test_matched_iou_one_target_missing():
+    # one of two targets found exactly: 1.0 / max(1, 2)
+    assert iou_reward([(0, 0, 2, 2)], target_boxes=[(0, 0, 2, 2), (5, 5, 9, 9)]) == pytest.approx(0.5)
+
+
+def test_matched_iou_one_extra_box():
+    # the right box plus a disjoint one: 1.0 / max(2, 1)
+    assert iou_reward([(0, 0, 2, 2), (5, 5, 9, 9)], target_boxes=[(0, 0, 2, 2)]) == pytest.approx(0.5)
+
+
+def test_matched_iou_pairs_each_target_with_one_box():
+    """Two boxes near target x: one is matched to x, the other only gets its IoU with y."""
+    x, y = (0, 0, 4, 2), (4, 0, 8, 2)
+    a, b = (0, 0, 3, 2), (1, 0, 6, 2)
+    # IoU(a, x) = 6 / 8 = 3/4;  IoU(a, y) = 0
+    # IoU(b, x) = 6 / (10 + 8 - 6) = 1/2;  IoU(b, y) = 4 / (10 + 8 - 4) = 2/7
+    # best pairing a-x, b-y: (3/4 + 2/7) / 2 = 29/56 (b-x, a-y would give 1/4)
+    assert iou_reward([b, a], target_boxes=[x, y]) == pytest.approx(29 / 56)
+
+
+def test_matched_iou_mask_is_one_target(mask):
+    # (0, 0, 6, 4) scores 0.25 against the mask; a second, disjoint box halves it.
+    assert iou_reward([(0, 0, 6, 4)], target_mask=mask) == pytest.approx(0.25)
+    assert iou_reward([(0, 0, 6, 4), (10, 10, 20, 20)], target_mask=mask) == pytest.approx(0.125)
 
 
 def test_iou_reward_mask_takes_precedence_over_boxes(mask):
@@ -415,9 +501,10 @@ def test_reward_weights_rejects_all_zero():
 
 def test_total_reward_with_box_target():
     # accuracy: P = {effusion, edema}, T = {effusion, nodule} -> 2 * 1 / 4 = 0.5
-    # iou (max): pred (0,0,2,2) vs (1,1,3,3) = 1/7; pred (10,10,12,12) = 0 -> 1/7
+    # iou (matched): pred (0,0,2,2) vs (1,1,3,3) = 1/7, pred (10,10,12,12) unmatched
+    #   -> (1/7) / max(2, 1) = 1/14
     # format: FULL = 1.0
-    # total = 0.6 * 0.5 + 0.2 / 7 + 0.2 * 1.0 = 0.3 + 0.0285714 + 0.2
+    # total = 0.6 * 0.5 + 0.2 / 14 + 0.2 * 1.0
     got = total_reward(
         FULL,
         true_labels="Effusion, Nodule",
@@ -425,8 +512,20 @@ def test_total_reward_with_box_target():
         expect_boxes=True,
     )
     assert got.accuracy == pytest.approx(0.5)
-    assert got.iou == pytest.approx(1 / 7)
+    assert got.iou == pytest.approx(1 / 14)
     assert got.format == pytest.approx(1.0)
+    assert got.total == pytest.approx(0.3 + 0.2 / 14 + 0.2)
+
+
+def test_total_reward_max_reduce():
+    # iou (max): 1/7 and 0 -> 1/7; total = 0.3 + 0.2 / 7 + 0.2
+    got = total_reward(
+        FULL,
+        true_labels="Effusion, Nodule",
+        target_boxes=[(1, 1, 3, 3)],
+        expect_boxes=True,
+        iou_reduce="max",
+    )
     assert got.total == pytest.approx(0.3 + 0.2 / 7 + 0.2)
 
 
