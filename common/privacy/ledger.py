@@ -1,13 +1,16 @@
 """A hospital's privacy ledger: every mechanism run on its records, on disk, forever.
 
-The ledger is ``<state_dir>/privacy_ledger.json`` (schema in docs/privacy.md,
-"Privacy ledger"). It spans federation runs: a hospital that joins a second
-federation keeps spending from the same budget. The file is the only memory of the
-privacy already spent, so it is never reset: a missing file in an existing state
-directory starts a new ledger, but an unreadable one is an error.
+The ledger is ``<state_dir>/privacy_ledger.json`` and its high-water mark
+``<state_dir>/privacy_ledger.mark.json`` (schemas in docs/privacy.md, "Privacy
+ledger"). It spans federation runs: a hospital that joins a second federation keeps
+spending from the same budget. The file is the only memory of the privacy already
+spent, so it is never reset: entries are hash-chained and checked against the mark
+(:mod:`common.privacy.ledger_chain`), the spent epsilon is always recomputed from the
+entries, and a missing ledger beside other privacy state is refused unless the operator
+forces a new one (``FEDCLIMB_FORCE_NEW_LEDGER=1``).
 
 Pure functions build, validate, extend and format the ledger's dictionary;
-:class:`PrivacyLedger` is the thin shell that reads and atomically writes the file.
+:class:`PrivacyLedger` is the thin shell that reads and atomically writes the files.
 Recording never refuses a mechanism that has already run (refusing would forget
 spending); checking the budget *before* running is the caller's job, with
 :meth:`PrivacyLedger.epsilon_if`.
@@ -20,6 +23,7 @@ import logging
 import math
 import numbers
 import os
+import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,11 +31,22 @@ from typing import Any, cast
 
 from common.files import write_text_atomic
 from common.privacy.accounting import ACCOUNTANTS, Accountant, Mechanism, epsilon_for
+from common.privacy.ledger_chain import (
+    HASH_PATTERN,
+    RECOMPUTE_REL_TOL,
+    ChainCheck,
+    chain_hashes,
+    check_against_mark,
+    new_mark,
+    validate_mark,
+)
 
 __all__ = [
     "ENTRY_KINDS",
+    "FORCE_NEW_LEDGER_ENV",
     "LEDGER_FILENAME",
     "LEDGER_VERSION",
+    "MARK_FILENAME",
     "LedgerError",
     "PrivacyLedger",
     "append_entry",
@@ -40,14 +55,24 @@ __all__ = [
     "new_ledger",
     "read_ledger",
     "report",
+    "seal",
     "validate_ledger",
+    "verify",
     "write_ledger_atomic",
 ]
 
 logger = logging.getLogger(__name__)
 
 LEDGER_FILENAME = "privacy_ledger.json"
-LEDGER_VERSION = 1
+MARK_FILENAME = "privacy_ledger.mark.json"
+LEDGER_VERSION = 2
+#: Set to 1 to start a new, empty ledger although the state directory holds other
+#: privacy state (it forgets whatever the lost ledger had recorded).
+FORCE_NEW_LEDGER_ENV = "FEDCLIMB_FORCE_NEW_LEDGER"
+#: Names in a state directory that only exist once a hospital has trained or released
+#: something: the mark, the released counts (client.stats.RELEASE_FILE) and the DRPO
+#: history folder. A missing ledger beside any of them was lost, not never created.
+PRIVACY_STATE_NAMES: tuple[str, ...] = (MARK_FILENAME, "released_domain_counts.json", "drpo")
 #: dpsgd: a training round; stats_release: DP-released per-domain statistics;
 #: eval_release: DP-released evaluation metrics.
 ENTRY_KINDS: tuple[str, ...] = ("dpsgd", "stats_release", "eval_release")
@@ -59,13 +84,11 @@ ENTRY_KEYS: tuple[str, ...] = (
     "steps",
     "epsilon",
     "time",
+    "prev",
 )
-#: A recomputed cumulative epsilon may fall below the last recorded one by at most this
-#: (relative) before the ledger is treated as edited.
-RECOMPUTE_REL_TOL = 1e-6
 _RESTORE_HINT = (
-    "restore the file from a backup; never delete it, since that would forget the "
-    "privacy already spent"
+    "restore the ledger and its mark from a backup; never delete them, since that would "
+    "forget the privacy already spent"
 )
 
 
@@ -79,7 +102,7 @@ class LedgerError(ValueError):
 
 
 def new_ledger(
-    *, delta: float, target_epsilon: float, accountant: Accountant
+    *, delta: float, target_epsilon: float, accountant: Accountant, ledger_id: str | None = None
 ) -> dict[str, Any]:
     """An empty ledger dictionary.
 
@@ -91,11 +114,13 @@ def new_ledger(
         The hospital's total epsilon budget, > 0.
     accountant : {"rdp", "prv"}
         Accountant used for every cumulative epsilon; fixed for the ledger's lifetime.
+    ledger_id : str or None
+        The ledger's identity, bound into its hash chain; None draws 128 random bits.
 
     Returns
     -------
     dict
-        ``{"version", "delta", "target_epsilon", "accountant", "entries": []}``.
+        ``{"version", "id", "delta", "target_epsilon", "accountant", "entries": []}``.
     """
     if not (_is_number(delta) and 0 < delta < 1):
         raise ValueError(f"privacy.delta must be in (0, 1), got {delta!r}; use e.g. 1e-5")
@@ -109,6 +134,7 @@ def new_ledger(
         )
     return {
         "version": LEDGER_VERSION,
+        "id": secrets.token_hex(16) if ledger_id is None else ledger_id,
         "delta": float(delta),
         "target_epsilon": float(target_epsilon),
         "accountant": accountant,
@@ -131,13 +157,16 @@ def _as_float(value: object) -> object:
     return value
 
 
-def _entry_problem(entry: object) -> str | None:
+def _entry_problem(entry: object, *, keys: Sequence[str] = ENTRY_KEYS) -> str | None:
     """What is wrong with one entry, or None."""
     if not isinstance(entry, dict):
         return f"is not an object: {entry!r}"
-    missing = [k for k in ENTRY_KEYS if k not in entry]
+    missing = [k for k in keys if k not in entry]
     if missing:
         return f"lacks {missing}"
+    extra = sorted(set(entry) - set(keys))
+    if extra:
+        return f"has unknown fields {extra}"
     if not (_is_int(entry["round"]) and entry["round"] >= 0):
         return f"has round {entry['round']!r}, expected an integer >= 0"
     if entry["kind"] not in ENTRY_KINDS:
@@ -154,6 +183,8 @@ def _entry_problem(entry: object) -> str | None:
         return f"has epsilon {eps!r}, expected a number >= 0"
     if not isinstance(entry["time"], str):
         return f"has time {entry['time']!r}, expected an ISO 8601 string"
+    if "prev" in keys and not (isinstance(entry["prev"], str) and HASH_PATTERN.fullmatch(entry["prev"])):
+        return f"has prev {entry['prev']!r}, expected a SHA-256 hex digest"
     return None
 
 
@@ -185,9 +216,18 @@ def validate_ledger(ledger: object, *, source: str) -> dict[str, Any]:
 
     if not isinstance(ledger, dict):
         raise bad(f"expected a JSON object, got {type(ledger).__name__}")
+    if ledger.get("version") == 1:
+        raise LedgerError(
+            f"privacy ledger {source} has format version 1, written by an older fedclimb "
+            "without a hash chain; check it against your backups, then run "
+            "`fedclimb privacy seal --state DIR` once to chain its entries (see "
+            "docs/privacy.md, \"Upgrading a version-1 ledger\")"
+        )
     if ledger.get("version") != LEDGER_VERSION:
         version = ledger.get("version")
         raise bad(f"version is {version!r}, this program reads {LEDGER_VERSION}")
+    if not (isinstance(ledger.get("id"), str) and ledger["id"]):
+        raise bad(f"id is {ledger.get('id')!r}, expected a non-empty string")
     delta = ledger.get("delta")
     if not (_is_number(delta) and 0 < delta < 1):
         raise bad(f"delta is {delta!r}, expected a number in (0, 1)")
@@ -245,7 +285,8 @@ def append_entry(
     -------
     (dict, dict)
         The new ledger and the new entry, whose ``epsilon`` is the epsilon of the whole
-        history including it, with the ledger's delta and accountant.
+        history including it, with the ledger's delta and accountant, and whose
+        ``prev`` is the hash of the ledger's last entry (or of its header).
 
     Raises
     ------
@@ -260,6 +301,7 @@ def append_entry(
         "steps": int(steps) if _is_int(steps) else steps,
         "epsilon": 0.0,
         "time": time,
+        "prev": chain_hashes(ledger)[-1],
     }
     problem = _entry_problem(entry)
     if problem is not None:
@@ -273,21 +315,25 @@ def append_entry(
     return {**ledger, "entries": [*ledger["entries"], entry]}, entry
 
 
-def format_report(ledger: dict[str, Any]) -> str:
+def format_report(ledger: dict[str, Any], *, spent: float, head: str = "") -> str:
     """A plain-text table of the ledger's entries and a summary line.
 
     Parameters
     ----------
     ledger : dict
         A valid ledger.
+    spent : float
+        Epsilon recomputed from all entries (never the stored fields).
+    head : str
+        Hash of the last entry, printed (abbreviated) when given.
 
     Returns
     -------
     str
         One row per entry (round, kind, sample rate, noise multiplier, steps,
-        cumulative epsilon, time), then
-        ``spent eps = X of target Y at delta = Z (remaining R)`` where X is the last
-        entry's cumulative epsilon (0 when empty) and R = Y - X (negative if overspent).
+        cumulative epsilon as recorded, time), an optional ``chain head`` line, then
+        ``spent eps = X of target Y at delta = Z (remaining R)`` where X is ``spent``
+        and R = Y - X (negative if overspent).
     """
     header = ("round", "kind", "q", "sigma", "steps", "eps (cumulative)", "time (UTC)")
     rows = [
@@ -309,7 +355,10 @@ def format_report(ledger: dict[str, Any]) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if not rows:
         lines.append("(no entries: nothing has been spent)")
-    spent = ledger["entries"][-1]["epsilon"] if ledger["entries"] else 0.0
+    if head:
+        lines.append(
+            f"{len(rows)} entries, hash chain and high-water mark verified; chain head {head}"
+        )
     target = ledger["target_epsilon"]
     lines.append(
         f"spent eps = {spent:.4f} of target {target:g} at delta = {ledger['delta']:g} "
@@ -323,8 +372,22 @@ def format_report(ledger: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _read_json(path: Path, what: str) -> object:
+    """Parse a JSON file; FileNotFoundError passes through, other failures are LedgerError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as err:
+        raise LedgerError(f"{what} {path} cannot be read ({err}); {_RESTORE_HINT}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LedgerError(f"{what} {path} is not valid JSON ({err}); {_RESTORE_HINT}") from err
+
+
 def read_ledger(path: Path) -> dict[str, Any]:
-    """Read and validate a ledger file.
+    """Read and validate (structure only) a ledger file.
 
     Raises
     ------
@@ -333,21 +396,18 @@ def read_ledger(path: Path) -> dict[str, Any]:
     LedgerError
         If it cannot be read or parsed, or is invalid.
     """
+    return validate_ledger(_read_json(path, "privacy ledger"), source=str(path))
+
+
+def read_mark(path: Path) -> dict[str, Any]:
+    """Read and validate a high-water mark file (FileNotFoundError if there is none)."""
+    data = _read_json(path, "privacy ledger high-water mark")
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError) as err:
+        return validate_mark(data)
+    except ValueError as err:
         raise LedgerError(
-            f"privacy ledger {path} cannot be read ({err}); {_RESTORE_HINT}"
-        ) from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LedgerError(
-            f"privacy ledger {path} is not valid JSON ({err}); {_RESTORE_HINT}"
-        ) from err
-    return validate_ledger(data, source=str(path))
+            f"privacy ledger high-water mark {path} is invalid: {err}; {_RESTORE_HINT}"
+        ) from None
 
 
 def write_ledger_atomic(path: Path, ledger: dict[str, Any]) -> None:
@@ -358,6 +418,10 @@ def write_ledger_atomic(path: Path, ledger: dict[str, Any]) -> None:
     ``.privacy_ledger.json.*.tmp`` file, never a partial ledger.
     """
     write_text_atomic(path, json.dumps(ledger, indent=2) + "\n", mode=0o600)
+
+
+def _write_mark(path: Path, mark: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(mark, indent=2) + "\n", mode=0o600)
 
 
 def _remove_stray_temporaries(path: Path) -> None:
@@ -378,22 +442,176 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def report(state_dir: str | os.PathLike[str]) -> str:
-    """The text of ``fedclimb privacy report --state DIR``.
+def _recompute(ledger: dict[str, Any]) -> float:
+    """Epsilon of all entries, recomputed (never read from the stored fields)."""
+    return epsilon_for(
+        ledger_history(ledger), delta=ledger["delta"], accountant=ledger["accountant"]
+    )
+
+
+def verify(
+    ledger: dict[str, Any], mark: dict[str, Any] | None, *, source: str
+) -> tuple[float, ChainCheck]:
+    """Recompute the spent epsilon and check the hash chain and the high-water mark.
+
+    Parameters
+    ----------
+    ledger : dict
+        A structurally valid ledger.
+    mark : dict or None
+        Its high-water mark; None (missing) is accepted only for an empty ledger.
+    source : str
+        The ledger's path, for messages.
+
+    Returns
+    -------
+    (float, ChainCheck)
+        The recomputed epsilon of all entries, and the chain head and how many entries
+        the ledger has beyond the mark.
 
     Raises
     ------
     LedgerError
-        If the directory has no ledger, or it is unreadable.
+        Naming the first problem: a broken chain (which entry), a ledger shorter than
+        or different from its mark, a recomputed epsilon below a recorded one.
+    """
+    if mark is None:
+        if ledger["entries"]:
+            raise LedgerError(
+                f"privacy ledger {source} has {len(ledger['entries'])} entries but no "
+                f"high-water mark {MARK_FILENAME} beside it: the mark was deleted, and with "
+                f"it the proof that no entries were removed; {_RESTORE_HINT}"
+            )
+        mark = new_mark(ledger, head=chain_hashes(ledger)[-1], epsilon=0.0)
+    spent = _recompute(ledger)
+    try:
+        check = check_against_mark(ledger, mark, spent=spent)
+    except ValueError as err:
+        raise LedgerError(f"privacy ledger {source} fails its checks: {err}; {_RESTORE_HINT}") from None
+    return spent, check
+
+
+def report(state_dir: str | os.PathLike[str]) -> str:
+    """The text of ``fedclimb privacy report --state DIR``, after :func:`verify`.
+
+    Reads only; the spent epsilon is recomputed from the entries.
+
+    Raises
+    ------
+    LedgerError
+        If the directory has no ledger, or it is unreadable or fails its checks.
     """
     path = Path(state_dir) / LEDGER_FILENAME
     try:
-        return format_report(read_ledger(path))
+        ledger = read_ledger(path)
     except FileNotFoundError:
         raise LedgerError(
             f"no privacy ledger at {path}; check --state (a hospital that never trained "
             "has no ledger yet)"
         ) from None
+    try:
+        mark: dict[str, Any] | None = read_mark(path.parent / MARK_FILENAME)
+    except FileNotFoundError:
+        mark = None
+    spent, check = verify(ledger, mark, source=str(path))
+    text = format_report(ledger, spent=spent, head=check.head)
+    if check.behind:
+        text += (
+            f"\nnote: the high-water mark is {check.behind} entry(ies) behind (a write was "
+            "interrupted); the next round brings it up to date"
+        )
+    return text
+
+
+def _upgrade_v1(data: object, *, source: str) -> dict[str, Any]:
+    """A version-1 ledger (no ids, no chain) as a chained version-2 ledger."""
+
+    def bad(problem: str) -> LedgerError:
+        return LedgerError(f"version-1 privacy ledger {source} is invalid: {problem}; {_RESTORE_HINT}")
+
+    if not isinstance(data, dict) or data.get("version") != 1:
+        raise bad("it is not a version-1 ledger")
+    entries = data.get("entries")
+    if not isinstance(entries, list):
+        raise bad(f"entries is {type(entries).__name__}, expected a list")
+    for i, entry in enumerate(entries):
+        problem = _entry_problem(entry, keys=ENTRY_KEYS[:-1])
+        if problem is not None:
+            raise bad(f"entry #{i} {problem}")
+    try:
+        ledger = new_ledger(
+            delta=data.get("delta"), target_epsilon=data.get("target_epsilon"),  # type: ignore[arg-type]
+            accountant=data.get("accountant"),  # type: ignore[arg-type]
+        )
+    except ValueError as err:
+        raise bad(str(err)) from None
+    for entry in entries:
+        ledger["entries"].append({**entry, "prev": chain_hashes(ledger)[-1]})
+    spent = _recompute(ledger)
+    if entries and not spent >= entries[-1]["epsilon"] * (1 - RECOMPUTE_REL_TOL):
+        raise bad(
+            f"it records epsilon {entries[-1]['epsilon']:.6g} but its entries add up to "
+            f"{spent:.6g}: entries were removed or edited"
+        )
+    return ledger
+
+
+def seal(state_dir: str | os.PathLike[str]) -> str:
+    """``fedclimb privacy seal``: adopt a ledger that has no high-water mark yet.
+
+    A version-1 ledger (written before the hash chain existed) is rewritten as version
+    2, its entries chained in their order; the original is kept as
+    ``privacy_ledger.v1.json``. A version-2 ledger whose mark is missing gets a new mark.
+    Either way the operator vouches that the file is complete (check it against a
+    backup first): sealing cannot tell what was removed before it.
+
+    Returns
+    -------
+    str
+        What was done.
+
+    Raises
+    ------
+    LedgerError
+        If there is no ledger, a mark already exists, or the ledger is invalid.
+    """
+    directory = Path(state_dir)
+    path, mark_path = directory / LEDGER_FILENAME, directory / MARK_FILENAME
+    if mark_path.exists():
+        raise LedgerError(
+            f"{mark_path} exists: the ledger is already sealed (seal only adopts a ledger "
+            "that has no high-water mark); `fedclimb privacy report` checks it"
+        )
+    try:
+        data = _read_json(path, "privacy ledger")
+    except FileNotFoundError:
+        raise LedgerError(f"no privacy ledger at {path}; check --state") from None
+    if isinstance(data, dict) and data.get("version") == 1:
+        ledger = _upgrade_v1(data, source=str(path))
+        backup = directory / "privacy_ledger.v1.json"
+        write_text_atomic(backup, path.read_text(encoding="utf-8"), mode=0o600)
+        write_ledger_atomic(path, ledger)
+        done = f"chained the {len(ledger['entries'])} entries of version-1 ledger {path} (original kept as {backup})"
+    else:
+        ledger = validate_ledger(data, source=str(path))
+        done = f"wrote a high-water mark for {path} ({len(ledger['entries'])} entries)"
+    # Chain and recorded epsilons checked; the mark to be written is trusted by the operator.
+    unsealed = new_mark(ledger, head=chain_hashes(ledger)[-1], epsilon=0.0)
+    spent, check = verify(ledger, unsealed, source=str(path))
+    _write_mark(mark_path, new_mark(ledger, head=check.head, epsilon=spent))
+    logger.warning("Sealed privacy ledger %s: %s; chain head %s", path, done, check.head)
+    return f"{done}; spent eps = {spent:.4f}; chain head {check.head}"
+
+
+def _privacy_state(directory: Path) -> tuple[list[str], list[str]]:
+    """(privacy state, other visible files) in a state directory that has no ledger."""
+    names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+    state = [n for n in names if n in PRIVACY_STATE_NAMES]
+    return state, [n for n in names if n not in state]
+
+
+def _force_requested() -> bool:
+    return os.environ.get(FORCE_NEW_LEDGER_ENV, "").strip() == "1"
 
 
 # ---------------------------------------------------------------------------
@@ -404,17 +622,17 @@ def report(state_dir: str | os.PathLike[str]) -> str:
 class PrivacyLedger:
     """The privacy ledger of one hospital's state directory.
 
-    Use :meth:`open`; every :meth:`record` rewrites the file atomically before
-    returning. One process at a time may write a ledger: :meth:`record` refuses if the
-    file changed on disk since this object last read or wrote it.
+    Use :meth:`open`; every :meth:`record` rewrites the ledger, then its high-water
+    mark, atomically before returning. One process at a time may write a ledger:
+    :meth:`record` refuses if the file changed on disk since this object last read or
+    wrote it.
     """
 
-    def __init__(self, path: Path, ledger: dict[str, Any]) -> None:
+    def __init__(self, path: Path, ledger: dict[str, Any], *, spent: float | None = None) -> None:
         self.path = Path(path)
+        self.mark_path = self.path.parent / MARK_FILENAME
         self._ledger = ledger
-        self._spent = epsilon_for(
-            ledger_history(ledger), delta=ledger["delta"], accountant=ledger["accountant"]
-        )
+        self._spent = _recompute(ledger) if spent is None else spent
 
     @classmethod
     def open(
@@ -424,8 +642,9 @@ class PrivacyLedger:
         delta: float,
         target_epsilon: float,
         accountant: Accountant,
+        force_new: bool | None = None,
     ) -> PrivacyLedger:
-        """Open the ledger in ``state_dir``, creating it if the directory has none.
+        """Open and verify the ledger in ``state_dir``, creating it in a fresh directory.
 
         Parameters
         ----------
@@ -435,12 +654,19 @@ class PrivacyLedger:
             The configured privacy settings. ``delta`` and ``accountant`` must equal the
             ledger's; a different ``target_epsilon`` replaces the stored one (logged as
             a warning when raised).
+        force_new : bool or None
+            Start a new ledger although the directory has no ledger but holds other
+            privacy state (its mark, released counts, DRPO history). None reads the
+            environment variable ``FEDCLIMB_FORCE_NEW_LEDGER`` (``1`` forces).
 
         Raises
         ------
         LedgerError
-            If the directory does not exist, the file is unreadable or inconsistent, or
-            its delta or accountant differ from the configured ones.
+            If the directory does not exist; the ledger is missing beside other privacy
+            state (and no force); the file is unreadable, its hash chain is broken, it
+            is shorter than or different from its high-water mark, or its recomputed
+            epsilon is below a recorded one; or its delta or accountant differ from the
+            configured ones.
         """
         directory = Path(state_dir)
         if not directory.is_dir():
@@ -449,28 +675,40 @@ class PrivacyLedger:
                 "(the privacy ledger lives there)"
             )
         path = directory / LEDGER_FILENAME
+        mark_path = directory / MARK_FILENAME
         configured = new_ledger(
             delta=delta, target_epsilon=target_epsilon, accountant=accountant
         )
         _remove_stray_temporaries(path)
+        _remove_stray_temporaries(mark_path)
         try:
             ledger = read_ledger(path)
         except FileNotFoundError:
-            # Hidden files (lock files, interrupted temporaries) say nothing about past
-            # training; anything else in the directory suggests a lost ledger.
-            if any(not f.name.startswith(".") for f in directory.iterdir()):
+            return cls._create(path, configured, _force_requested() if force_new is None else force_new)
+
+        try:
+            mark: dict[str, Any] | None = read_mark(mark_path)
+        except FileNotFoundError:
+            mark = None
+        spent, check = verify(ledger, mark, source=str(path))
+        opened = cls(path, ledger, spent=spent)
+        if mark is None or check.behind:
+            # An empty ledger whose mark was never written, or a crash between the
+            # ledger write and the mark write: the entries are all there, bring the
+            # mark up to them.
+            if check.behind:
                 logger.warning(
-                    "State directory %s has files but no %s: starting a new ledger with "
-                    "nothing spent. If this hospital trained before, stop and restore "
-                    "the ledger from a backup",
-                    directory, LEDGER_FILENAME,
+                    "Privacy ledger %s has %d entry(ies) beyond its high-water mark (an "
+                    "interrupted write); updating the mark", path, check.behind,
                 )
-            write_ledger_atomic(path, configured)
-            logger.info(
-                "Created privacy ledger %s (target epsilon %g, delta %g, %s accountant)",
-                path, target_epsilon, delta, accountant,
+            _write_mark(mark_path, new_mark(ledger, head=check.head, epsilon=spent))
+        recorded = ledger["entries"][-1]["epsilon"] if ledger["entries"] else 0.0
+        if spent > recorded * (1 + RECOMPUTE_REL_TOL):
+            logger.warning(
+                "Privacy ledger %s: recomputed epsilon %.6g exceeds the recorded %.6g "
+                "(the accounting library changed?); using the larger, recomputed value",
+                path, spent, recorded,
             )
-            return cls(path, configured)
 
         if not math.isclose(ledger["delta"], configured["delta"], rel_tol=1e-12):
             raise LedgerError(
@@ -484,8 +722,6 @@ class PrivacyLedger:
                 f"accountant but privacy.accountant is {accountant!r}; set "
                 f"privacy.accountant back to {ledger['accountant']!r}"
             )
-        opened = cls(path, ledger)
-        opened._check_recorded_epsilon()
         old_target = ledger["target_epsilon"]
         if not math.isclose(old_target, configured["target_epsilon"], rel_tol=1e-12):
             raised = configured["target_epsilon"] > old_target
@@ -499,24 +735,40 @@ class PrivacyLedger:
             write_ledger_atomic(path, opened._ledger)
         return opened
 
-    def _check_recorded_epsilon(self) -> None:
-        """Refuse a ledger whose history accounts for less than it once recorded."""
-        entries = self._ledger["entries"]
-        if not entries:
-            return
-        recorded = entries[-1]["epsilon"]
-        if self._spent < recorded * (1 - RECOMPUTE_REL_TOL):
+    @classmethod
+    def _create(cls, path: Path, ledger: dict[str, Any], force: bool) -> PrivacyLedger:
+        """A new ledger in a directory that has none (refused beside privacy state)."""
+        directory = path.parent
+        state, other = _privacy_state(directory)
+        if state and not force:
             raise LedgerError(
-                f"privacy ledger {self.path} records epsilon {recorded:.6g} but its "
-                f"entries now add up to {self._spent:.6g}: entries were removed or edited; "
-                f"{_RESTORE_HINT}"
+                f"state directory {directory} has no {LEDGER_FILENAME} but holds privacy "
+                f"state {state}: the ledger was lost, and a new one would forget the "
+                f"privacy already spent. {_RESTORE_HINT[0].upper()}{_RESTORE_HINT[1:]}. Only if "
+                f"none exists and you accept that the record of past spending is gone, start "
+                f"a new ledger by running once with {FORCE_NEW_LEDGER_ENV}=1"
             )
-        if self._spent > recorded * (1 + RECOMPUTE_REL_TOL):
+        if state:
             logger.warning(
-                "Privacy ledger %s: recomputed epsilon %.6g exceeds the recorded %.6g "
-                "(the accounting library changed?); using the larger, recomputed value",
-                self.path, self._spent, recorded,
+                "Starting a NEW privacy ledger in %s beside existing privacy state %s because "
+                "%s is set: everything the lost ledger recorded is forgotten",
+                directory, state, FORCE_NEW_LEDGER_ENV,
             )
+        elif other:
+            logger.warning(
+                "State directory %s has files %s but no %s: starting a new ledger with "
+                "nothing spent. If this hospital trained before, stop and restore "
+                "the ledger from a backup",
+                directory, other, LEDGER_FILENAME,
+            )
+        write_ledger_atomic(path, ledger)
+        head = chain_hashes(ledger)[-1]
+        _write_mark(directory / MARK_FILENAME, new_mark(ledger, head=head, epsilon=0.0))
+        logger.info(
+            "Created privacy ledger %s (target epsilon %g, delta %g, %s accountant)",
+            path, ledger["target_epsilon"], ledger["delta"], ledger["accountant"],
+        )
+        return cls(path, ledger, spent=0.0)
 
     @property
     def delta(self) -> float:
@@ -585,7 +837,7 @@ class PrivacyLedger:
         noise_multiplier: float,
         steps: int,
     ) -> dict[str, Any]:
-        """Append a mechanism that has run, and write the ledger to disk atomically.
+        """Append a mechanism that has run; write the ledger, then its mark, atomically.
 
         Never refuses for budget reasons: the mechanism has already run. Logs a warning
         when the new cumulative epsilon exceeds the target.
@@ -620,8 +872,14 @@ class PrivacyLedger:
             time=_utc_now(),
         )
         write_ledger_atomic(self.path, ledger)
+        head = chain_hashes(ledger)[-1]
+        _write_mark(self.mark_path, new_mark(ledger, head=head, epsilon=entry["epsilon"]))
         self._ledger = ledger
         self._spent = entry["epsilon"]
+        logger.info(
+            "Privacy ledger %s: %s round %s recorded, epsilon %.4f, %d entries, chain head %s",
+            self.path, kind, round, self._spent, len(ledger["entries"]), head,
+        )
         if self._spent > self.target_epsilon:
             logger.warning(
                 "Privacy budget of %s exceeded: epsilon %.4f > target %g after %s round %s",

@@ -21,6 +21,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.privacy.ledger import (
     LEDGER_FILENAME,
+    MARK_FILENAME,
     LedgerError,
     PrivacyLedger,
     format_report,
@@ -60,9 +61,13 @@ def test_new_ledger_file_has_the_documented_schema(tmp_path):
     """Opening an empty state directory writes the schema with no entries."""
     open_ledger(tmp_path, target=5.0)
     data = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    ledger_id = data.pop("id")
+    assert isinstance(ledger_id, str) and len(ledger_id) == 32
     assert data == {
-        "version": 1, "delta": DELTA, "target_epsilon": 5.0, "accountant": "rdp", "entries": []
+        "version": 2, "delta": DELTA, "target_epsilon": 5.0, "accountant": "rdp", "entries": []
     }
+    mark = json.loads((tmp_path / MARK_FILENAME).read_text())
+    assert mark["entries"] == 0 and mark["epsilon"] == 0.0 and mark["ledger_id"] == ledger_id
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -76,7 +81,7 @@ def test_recorded_epsilons_equal_a_fresh_accountant(tmp_path, accountant):
     for i, entry in enumerate(entries):
         assert entry["epsilon"] == pytest.approx(fresh_epsilon(history[: i + 1], accountant), rel=1e-6)
         assert set(entry) == {
-            "round", "kind", "sample_rate", "noise_multiplier", "steps", "epsilon", "time"
+            "round", "kind", "sample_rate", "noise_multiplier", "steps", "epsilon", "time", "prev"
         }
         assert entry["time"].endswith("+00:00")
     assert ledger.spent_epsilon() == pytest.approx(fresh_epsilon(history, accountant), rel=1e-6)
@@ -171,9 +176,9 @@ def test_raised_target_is_written_and_logged(tmp_path, caplog):
 @pytest.mark.parametrize(
     "content, fragment",
     [
-        ('{"version": 1, "delta": 1e-05, "target_eps', "not valid JSON"),
+        ('{"version": 2, "delta": 1e-05, "target_eps', "not valid JSON"),
         ("", "not valid JSON"),
-        ('{"version": 1, "delta": 1e-05, "target_epsilon": 8.0, "accountant": "rdp", '
+        ('{"version": 2, "id": "a", "delta": 1e-05, "target_epsilon": 8.0, "accountant": "rdp", '
          '"entries": [{"round": 1}]}', "entry #0 lacks"),
         ('[1, 2]', "expected a JSON object"),
     ],
@@ -184,18 +189,18 @@ def test_corrupt_file_is_an_error_and_is_left_alone(tmp_path, content, fragment)
     path.write_text(content)
     with pytest.raises(LedgerError, match=fragment) as info:
         open_ledger(tmp_path)
-    assert "restore the file from a backup" in str(info.value)
+    assert "restore the ledger and its mark from a backup" in str(info.value)
     assert path.read_text() == content
 
 
 def test_removed_entry_is_detected(tmp_path):
-    """Deleting an entry by hand makes the history add up to less than recorded."""
+    """Deleting an entry by hand breaks the hash chain at the entry after it."""
     record_some(open_ledger(tmp_path))
     path = tmp_path / LEDGER_FILENAME
     data = json.loads(path.read_text())
     del data["entries"][0]
     path.write_text(json.dumps(data))
-    with pytest.raises(LedgerError, match="entries were removed or edited"):
+    with pytest.raises(LedgerError, match=r"entry #0 \(round 1, 'stats_release'\): hash chain broken"):
         open_ledger(tmp_path)
 
 
@@ -248,7 +253,7 @@ def test_a_second_writer_is_detected(tmp_path):
 def test_format_report_by_hand():
     """The table lists each entry; the summary line has spent, target, delta, remaining."""
     ledger = {
-        "version": 1, "delta": 1e-5, "target_epsilon": 8.0, "accountant": "rdp",
+        "version": 2, "id": "x", "delta": 1e-5, "target_epsilon": 8.0, "accountant": "rdp",
         "entries": [
             {"round": 1, "kind": "dpsgd", "sample_rate": 0.01, "noise_multiplier": 1.0,
              "steps": 1000, "epsilon": 2.10137, "time": "2025-01-01T00:00:00+00:00"},
@@ -256,12 +261,14 @@ def test_format_report_by_hand():
              "steps": 1, "epsilon": 2.5, "time": "2025-01-01T00:01:00+00:00"},
         ],
     }
-    text = format_report(ledger)
+    text = format_report(ledger, spent=2.5)
     lines = text.splitlines()
     assert lines[-1] == "spent eps = 2.5000 of target 8 at delta = 1e-05 (remaining 5.5000)"
+    # The summary is the recomputed value passed in, never the stored field.
+    assert format_report(ledger, spent=3.25).splitlines()[-1].startswith("spent eps = 3.2500 ")
     assert lines[3].split() == ["1", "dpsgd", "0.01", "1", "1000", "2.1014", "2025-01-01T00:00:00+00:00"]
     assert lines[4].split()[1:6] == ["stats_release", "1", "5", "1", "2.5000"]
-    empty = format_report({**ledger, "entries": []})
+    empty = format_report({**ledger, "entries": []}, spent=0.0)
     assert empty.splitlines()[-1] == "spent eps = 0.0000 of target 8 at delta = 1e-05 (remaining 8.0000)"
 
 
@@ -272,8 +279,9 @@ def test_report_reads_the_state_directory(tmp_path):
     spent = fresh_epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries], "rdp")
     lines = report(tmp_path).splitlines()
     assert lines[-1].startswith(f"spent eps = {spent:.4f} of target 8 at delta = 1e-05")
-    rows = [line.split()[:2] for line in lines[3:-1]]
+    rows = [line.split()[:2] for line in lines[3:-2]]
     assert rows == [[str(e["round"]), e["kind"]] for e in entries]
+    assert lines[-2].startswith("4 entries, hash chain and high-water mark verified; chain head ")
     empty = tmp_path / "other"
     empty.mkdir()
     with pytest.raises(LedgerError, match="no privacy ledger"):
@@ -297,8 +305,8 @@ HOST = textwrap.dedent(
     root, seed = sys.argv[1], int(sys.argv[2])
     rng = random.Random(seed)
     entry = {"round": 0, "kind": "dpsgd", "sample_rate": 0.01, "noise_multiplier": 1.0,
-             "steps": 10, "epsilon": 1.0, "time": "2025-01-01T00:00:00+00:00"}
-    big = {"version": 1, "delta": 1e-5, "target_epsilon": 1.0, "accountant": "rdp",
+             "steps": 10, "epsilon": 1.0, "time": "2025-01-01T00:00:00+00:00", "prev": "0" * 64}
+    big = {"version": 2, "id": "big", "delta": 1e-5, "target_epsilon": 1.0, "accountant": "rdp",
            "entries": [entry] * 2000}
 
     def write_forever(phase, state, i):
