@@ -5,7 +5,8 @@
     fedclimb data validate ROOT [--json]              check a CLIMB root, media included
     fedclimb data synth OUT                           write the synthetic federation
     fedclimb data from-dicom DICOM_DIR OUT ...        a hospital's DICOM folder -> CLIMB
-    fedclimb privacy report --state DIR               a hospital's privacy ledger
+    fedclimb privacy report --state DIR               a hospital's privacy ledger, verified
+    fedclimb privacy seal --state DIR                 adopt a version-1 ledger or one without a mark
     fedclimb export --adapter DIR --out MODEL_DIR     adapter merged into its base (plain HF folder)
 
 Exit codes: 0 success, 1 the command ran and found a problem (invalid records, a
@@ -87,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--allow-burned-in", action="store_true", help="keep images flagged BurnedInAnnotation=YES")
 
     pr = sub.add_parser("privacy", help="privacy ledger tools").add_subparsers(dest="privacy_command", required=True)
-    rep = pr.add_parser("report", help="print a hospital's privacy ledger and remaining budget")
+    rep = pr.add_parser("report", help="verify a hospital's privacy ledger, print it and the remaining budget")
     rep.add_argument("--state", required=True, help="the hospital's state directory")
+    seal = pr.add_parser("seal", help="chain a version-1 ledger, or write a missing high-water mark "
+                                      "(check the ledger against a backup first)")
+    seal.add_argument("--state", required=True, help="the hospital's state directory")
 
     ex = sub.add_parser("export", help="merge an adapter into its base model and save a plain Hugging Face model folder")
     ex.add_argument("--adapter", required=True, help="a PEFT adapter folder, a round-XXXX folder or a run directory (uses latest)")
@@ -190,6 +194,20 @@ def _cmd_privacy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_privacy_seal(args: argparse.Namespace) -> int:
+    from common.privacy.ledger import LedgerError, seal
+
+    state = Path(args.state)
+    if not state.is_dir():
+        raise _UsageError(f"{state} is not a directory")
+    try:
+        print(seal(state))
+    except LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train_local(args: argparse.Namespace) -> int:
     from simulation.local import train_local_command
 
@@ -233,6 +251,7 @@ COMMANDS = {
     ("data", "synth"): _cmd_synth,
     ("data", "from-dicom"): _cmd_from_dicom,
     ("privacy", "report"): _cmd_privacy_report,
+    ("privacy", "seal"): _cmd_privacy_seal,
     "export": _cmd_export,
 }
 
