@@ -13,6 +13,7 @@ naming the key and the file (or the command line) it came from. See docs/config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ __all__ = [
     "config_dir",
     "load_config",
     "load_hospital_config",
+    "require_planned_rounds",
     "to_yaml",
     "from_yaml",
     "to_flat_dict",
@@ -48,6 +50,23 @@ class ConfigError(ValueError):
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {message}")
+
+
+# Metadata of a float field that may be inf or nan: ``field(default=..., metadata=NON_FINITE_OK)``.
+# Every other float (and every float in a list) must be finite: inf and nan pass most range
+# checks (``inf > 0``) and poison training, privacy accounting or timeouts later.
+NON_FINITE_OK = {"non_finite_ok": True}
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Refuse inf and nan in every float of a config dataclass, recursively, naming the key."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif not f.metadata.get("non_finite_ok"):
+            for v in value if isinstance(value, list) else [value]:
+                _check(not isinstance(v, float) or math.isfinite(v), key, f"must be a finite number, got {v}")
 
 
 @dataclass
@@ -76,6 +95,12 @@ class TinyModelConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vision_depth", "vision_hidden_size", "vision_intermediate_size",
+                     "vision_num_heads", "patch_size", "spatial_merge_size", "temporal_patch_size"):
+            _check(getattr(self, name) >= 1, f"model.tiny.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.initializer_range > 0, "model.tiny.initializer_range", f"must be > 0, got {self.initializer_range}")
+        _check(self.init_seed >= 0, "model.tiny.init_seed", f"must be >= 0, got {self.init_seed}")
         head_dim = self.hidden_size // self.num_attention_heads
         _check(
             sum(self.mrope_section) * 2 == head_dim,
@@ -116,6 +141,7 @@ class ModelConfig:
             _check(bool(self.gguf_file), "model.gguf_file", "is required when model.source=gguf")
         _check(0 < self.min_pixels <= self.max_pixels, "model.min_pixels",
                f"must be positive and <= model.max_pixels, got {self.min_pixels} > {self.max_pixels}")
+        _check(self.cpu_threads >= 0, "model.cpu_threads", f"must be >= 0 (0 = torch's default), got {self.cpu_threads}")
 
 
 @dataclass
@@ -130,14 +156,17 @@ class LoraSettings:
     )
     # Seed of the shared deterministic adapter initialisation (server and clients agree).
     init_seed: int = 0
-    # Std of the random lora_B init ("0" = PEFT's zero init). A shared non-zero B is what
-    # lets `aggregation.mode=ffa` (A frozen) learn from round one.
+    # Std of the random lora_B init (0 = PEFT's zero init: the adapter starts as a no-op).
+    # Not needed for learning, in `aggregation.mode=ffa` either: B's gradient is
+    # (dL/dh) (A x)^T, non-zero from the first step because A starts random and non-zero.
     init_b_std: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.init_seed >= 0, "lora.init_seed", f"must be >= 0, got {self.init_seed}")
+        _check(self.init_b_std >= 0, "lora.init_b_std", f"must be >= 0, got {self.init_b_std}")
         _check(len(self.targets) > 0, "lora.targets", "must name at least one projection")
         for t in self.targets:
             _check(re.fullmatch(r"[A-Za-z0-9_]+", t) is not None, "lora.targets",
@@ -155,7 +184,16 @@ class DataConfig:
     eval_split: str = "test"
     # Frames sampled from a 3D volume or video (QoQ-Med: 4).
     video_frames: int = 4
+    # Media files (images, videos/volumes, ECGs) one record may reference.
     max_images: int = 4
+    # Limits checked from headers before anything is decoded; a record over one is
+    # invalid, with the key in its reason (docs/data.md). Defaults suit CLIMB.
+    max_pixels: int = 50_000_000  # rows x columns of one image or frame
+    max_frames: int = 2048  # frames of a multi-frame DICOM / video, slices of a volume
+    max_ecg_samples: int = 1_000_000  # per lead, as stored and at 500 Hz
+    max_file_bytes: int = 1 << 30  # one media file, on disk and once inflated/decoded
+    max_line_bytes: int = 1 << 20  # one annotation line
+    max_prompt_tokens: int = 8192  # one tokenised prompt, images included
     # Paper-style ECG rendering size, pixels per millimetre.
     ecg_px_per_mm: float = 2.0
     # Cap on the training records read (0 = all, else evenly spaced; refused under DP);
@@ -168,8 +206,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.video_frames >= 1, "data.video_frames", f"must be >= 1, got {self.video_frames}")
         _check(self.max_images >= 1, "data.max_images", f"must be >= 1, got {self.max_images}")
+        for key in ("max_pixels", "max_frames", "max_ecg_samples", "max_file_bytes", "max_line_bytes",
+                    "max_prompt_tokens"):
+            _check(getattr(self, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(self, key)}")
         _check(self.max_records >= 0, "data.max_records", f"must be >= 0, got {self.max_records}")
         _check(self.prompt_cache >= 1, "data.prompt_cache", f"must be >= 1, got {self.prompt_cache}")
+        _check(self.ecg_px_per_mm > 0, "data.ecg_px_per_mm", f"must be > 0, got {self.ecg_px_per_mm}")
 
 
 QOQ_FORMAT_INSTRUCTION = (
@@ -217,6 +259,8 @@ class RolloutConfig:
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.batch_prompts >= 1, "rollout.batch_prompts", f"must be >= 1, got {self.batch_prompts}")
         _check(self.eval_temperature >= 0, "rollout.eval_temperature", f"must be >= 0, got {self.eval_temperature}")
+        _check(self.eval_batch_prompts >= 1, "rollout.eval_batch_prompts",
+               f"must be >= 1, got {self.eval_batch_prompts}")
 
 
 @dataclass
@@ -240,7 +284,8 @@ class RewardConfig:
 
 @dataclass
 class AdvantageConfig:
-    """GRPO or DRPO advantages (docs/drpo.md). Defaults follow the QoQ-Med paper."""
+    """GRPO or DRPO advantages (docs/drpo.md). Defaults follow the QoQ-Med paper, except
+    the bounds on temperatures and clusters (mu_floor, min_cluster_size)."""
 
     estimator: Literal["drpo", "grpo"] = "drpo"
     eps: float = 1e-6
@@ -253,10 +298,18 @@ class AdvantageConfig:
     kl_damping: bool = True
     kl_quantile: float = 0.75
     restandardize: bool = True
+    # Smallest mean reward in a temperature T = sqrt(N) * max(mu, mu_floor) (domains and
+    # clusters): one near-zero mean cannot crush the rest of the batch (docs/drpo.md).
+    mu_floor: float = 0.1
+    # Fewest questions per DRPO cluster; smaller ones join their nearest cluster.
+    min_cluster_size: int = 4
     # Use the federation-wide domain statistics the server broadcasts (when present).
     global_domain_stats: bool = True
 
     def __post_init__(self) -> None:
+        _check(self.eps > 0, "advantage.eps", f"must be > 0, got {self.eps}")
+        _check(0 < self.mu_floor <= 1, "advantage.mu_floor", f"must be in (0, 1] (rewards are in [0, 1]), got {self.mu_floor}")
+        _check(self.min_cluster_size >= 1, "advantage.min_cluster_size", f"must be >= 1, got {self.min_cluster_size}")
         _check(self.k_max >= 1, "advantage.k_max", f"must be >= 1, got {self.k_max}")
         _check(0 < self.elbow_tol < 1, "advantage.elbow_tol", f"must be in (0, 1), got {self.elbow_tol}")
         _check(0 < self.kl_quantile < 1, "advantage.kl_quantile", f"must be in (0, 1), got {self.kl_quantile}")
@@ -289,6 +342,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1, "train.beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "train.beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
         _check(0 <= self.clip_low < 1, "train.clip_low", f"must be in [0, 1), got {self.clip_low}")
         _check(self.clip_high >= 0, "train.clip_high", f"must be >= 0, got {self.clip_high}")
         _check(self.dual_clip == 0 or self.dual_clip > 1, "train.dual_clip", f"must be 0 or > 1, got {self.dual_clip}")
@@ -308,10 +365,15 @@ class PrivacyConfig:
     delta: float = 1e-5
     # 0 = calibrate from target_epsilon over `planned_rounds` rounds.
     noise_multiplier: float = 0.0
-    # Rounds the budget must last (0 = the federation's announced number of rounds).
+    # Rounds the budget must last in total. Required in a hospital's file when DP is on:
+    # the server's announced number of rounds is never used (it could drain the budget).
     planned_rounds: int = 0
+    # Evaluations the budget must also pay for under eval_release=dp (0 = planned_rounds + 1:
+    # the initial adapter and one per round); further evaluations are refused.
+    planned_evaluations: int = 0
     max_grad_norm: float = 1.0
-    # Poisson sampling rate of units per step (0 = rollout.batch_prompts / number of units).
+    # Poisson sampling rate of units per step (0 = rollout.batch_prompts / N, with N the
+    # DP-released number of units; never the exact N).
     sample_rate: float = 0.0
     accountant: Literal["rdp", "prv"] = "rdp"
     # Per-domain counts of the training split's units (the federation's N_d): released once
@@ -319,9 +381,11 @@ class PrivacyConfig:
     # re-sent every round, or not sent at all.
     stats_release: Literal["dp", "none"] = "dp"
     stats_noise_multiplier: float = 8.0
-    # Held-out evaluation metrics (valid/test split, never trained on): sent exactly —
-    # aggregate per-domain numbers, outside the training split's DP guarantee — or not at all.
-    eval_release: Literal["exact", "none"] = "exact"
+    # Held-out evaluation metrics under DP: dp = noisy per-domain sums (Gaussian mechanism,
+    # charged to the ledger at eval_noise_multiplier per evaluation); exact = this hospital
+    # opts in to sending exact metrics, outside the DP guarantee; none = send nothing.
+    eval_release: Literal["dp", "exact", "none"] = "dp"
+    eval_noise_multiplier: float = 20.0
     # DRPO's domain temperature under DP: DP-released federation stats, or T_d = 1.
     domain_temperature: Literal["server", "fixed"] = "server"
     # Seed the generator of DP noise and Poisson samples from os.urandom (true), or from the
@@ -334,6 +398,10 @@ class PrivacyConfig:
         _check(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
         _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
         _check(self.planned_rounds >= 0, "privacy.planned_rounds", f"must be >= 0, got {self.planned_rounds}")
+        _check(self.planned_evaluations >= 0, "privacy.planned_evaluations",
+               f"must be >= 0, got {self.planned_evaluations}")
+        _check(self.eval_noise_multiplier > 0, "privacy.eval_noise_multiplier",
+               f"must be > 0, got {self.eval_noise_multiplier}")
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         _check(0 <= self.sample_rate <= 1, "privacy.sample_rate", f"must be in [0, 1], got {self.sample_rate}")
         _check(self.stats_noise_multiplier > 0, "privacy.stats_noise_multiplier",
@@ -368,6 +436,10 @@ class FederationConfig:
         _check(self.min_replies >= 1, "federation.min_replies", f"must be >= 1, got {self.min_replies}")
         _check(0 < self.fraction_train <= 1, "federation.fraction_train", f"must be in (0, 1], got {self.fraction_train}")
         _check(self.round_timeout_s > 0, "federation.round_timeout_s", f"must be > 0, got {self.round_timeout_s}")
+        _check(self.connect_timeout_s >= 0, "federation.connect_timeout_s",
+               f"must be >= 0 (0 = do not wait), got {self.connect_timeout_s}")
+        _check(self.min_hospitals >= 1, "federation.min_hospitals", f"must be >= 1, got {self.min_hospitals}")
+        _check(self.eval_max_records >= 0, "federation.eval_max_records", f"must be >= 0, got {self.eval_max_records}")
         _check(self.max_update_norm >= 0, "federation.max_update_norm", f"must be >= 0, got {self.max_update_norm}")
 
 
@@ -379,13 +451,16 @@ class AggregationConfig:
     # svd: exact weighted sum of B_k A_k, truncated SVD back to rank r.
     mode: Literal["fedit", "ffa", "svd"] = "ffa"
     weighting: Literal["examples", "uniform", "domain"] = "domain"
-    # Largest weight any one hospital may get (0 = no cap).
-    weight_cap: float = 0.0
+    # Largest weight any one hospital may get (0 = no cap). 0.5: no hospital outweighs the
+    # rest of the federation together (docs/aggregation.md, "Weights").
+    weight_cap: float = 0.5
     fednova: bool = False
-    temperature_eps: float = 1e-6
+    # Smallest mean reward in the domain temperature T_d = sqrt(N_d) * max(mu_d, mu_floor).
+    mu_floor: float = 0.1
 
     def __post_init__(self) -> None:
         _check(0 <= self.weight_cap <= 1, "aggregation.weight_cap", f"must be in [0, 1], got {self.weight_cap}")
+        _check(0 < self.mu_floor <= 1, "aggregation.mu_floor", f"must be in (0, 1] (rewards are in [0, 1]), got {self.mu_floor}")
 
 
 @dataclass
@@ -422,6 +497,7 @@ class SimulationConfig:
         _check(self.dirichlet_alpha > 0, "simulation.dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
         _check(self.cpus_per_hospital >= 1, "simulation.cpus_per_hospital", f"must be >= 1, got {self.cpus_per_hospital}")
         _check(self.parallel_hospitals >= 0, "simulation.parallel_hospitals", f"must be >= 0, got {self.parallel_hospitals}")
+        _check(self.gpus_per_hospital >= 0, "simulation.gpus_per_hospital", f"must be >= 0, got {self.gpus_per_hospital}")
 
 
 @dataclass
@@ -443,6 +519,9 @@ class FedClimbConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
 
 @dataclass
 class HospitalLimits:
@@ -454,6 +533,13 @@ class HospitalLimits:
     max_new_tokens: int = 4096
     max_lr: float = 0.05
     max_ppo_epochs: int = 4
+    max_temperature: float = 10.0
+    max_kl_coef: float = 10.0
+    # Held-out evaluations answered (each sends exact metrics of the adapter the server
+    # chose): per server round, and in total over the life of state_dir (counted there,
+    # like the privacy ledger). Beyond them an evaluation gets only a status code.
+    max_evaluations_per_round: int = 2
+    max_evaluations_total: int = 1000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -604,7 +690,8 @@ def _finish(cfg: DictConfig, schema: type[S], sources: list[tuple[str, set[str]]
     """Build the dataclasses (running their range checks), blaming the right source."""
     try:
         obj = OmegaConf.to_object(cfg)
-    except ConfigError as exc:  # raised by a __post_init__ range check: "key: message"
+        _check_finite(obj)  # every float key, including ones added later
+    except ConfigError as exc:  # raised by a range check: "key: message"
         key, message = (str(exc).split(":", 1) + [""])[:2]
         # A check that relates several fields names the others in its message
         # ("<= model.max_pixels", "when model.source=hf"): any of them may be the culprit.
@@ -672,6 +759,17 @@ def load_config(
     return _finish(cfg, FedClimbConfig, [(src, _flat_keys(part)) for src, part in parts])
 
 
+def require_planned_rounds(privacy: PrivacyConfig) -> None:
+    """Under DP a hospital states how many rounds its budget must last; the server never does.
+
+    Raises :class:`ConfigError` naming ``privacy.planned_rounds`` otherwise. Checked when a
+    hospital's file is read and again before every DP round.
+    """
+    _check(not privacy.enabled or privacy.planned_rounds > 0, "privacy.planned_rounds",
+           "is required when privacy.enabled is true: set the number of rounds this hospital's budget must "
+           "last in its hospital.yaml (the number of rounds a server announces is not used under DP)")
+
+
 def load_hospital_config(path: str | Path, overrides: Sequence[str] = ()) -> HospitalConfig:
     """Read a hospital's own settings file (see configs/hospital.example.yaml)."""
     path = Path(path)
@@ -682,6 +780,10 @@ def load_hospital_config(path: str | Path, overrides: Sequence[str] = ()) -> Hos
     for source, part in parts:
         cfg = _merge(cfg, part, source)
     hospital = _finish(cfg, HospitalConfig, [(src, _flat_keys(part)) for src, part in parts])
+    try:
+        require_planned_rounds(hospital.privacy)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     base = path.resolve().parent
     for attr in ("data_root", "state_dir"):
         value = getattr(hospital, attr)

@@ -16,25 +16,36 @@ monochrome and HxWx3 for colour.
 
 Every failure (missing file, not DICOM, no pixel data, truncated data, missing
 decoder) raises :class:`~common.climb.errors.MediaError` with a one-line message.
+
+Nothing is decoded before its declared size is checked (:class:`~common.climb.limits.Bounds`):
+Rows x Columns against ``data.max_pixels``, NumberOfFrames against ``data.max_frames`` and
+the declared pixel bytes against ``data.max_file_bytes``. A deflated file (the whole
+dataset zlib-compressed) is inflated in bounded pieces, its header checked from the
+first piece, so a small file cannot expand into gigabytes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space, get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from common.climb.errors import MediaError
+from common.climb.limits import DEFAULT_BOUNDS, Bounds
 from common.climb.messages import one_line
 from common.climb.windowing import (
     invert_uint8,
@@ -54,6 +65,8 @@ PREAMBLE_LENGTH = 128
 DICOM_MAGIC = b"DICM"
 # pip distribution names where they differ from the import names pydicom reports.
 PIP_NAMES = {"gdcm": "python-gdcm"}
+# A deflated dataset's header is read from its first inflated piece of this size.
+HEADER_PROBE_BYTES = 4 << 20
 
 Window = tuple[float, float]
 
@@ -79,7 +92,9 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
     return head[PREAMBLE_LENGTH:] == DICOM_MAGIC
 
 
-def read_dicom(path: str | os.PathLike[str], *, stop_before_pixels: bool = False) -> Dataset:
+def read_dicom(
+    path: str | os.PathLike[str], *, stop_before_pixels: bool = False, bounds: Bounds = DEFAULT_BOUNDS
+) -> Dataset:
     """Read a DICOM Part 10 file.
 
     Parameters
@@ -88,22 +103,27 @@ def read_dicom(path: str | os.PathLike[str], *, stop_before_pixels: bool = False
         The file to read.
     stop_before_pixels : bool
         Skip the pixel data (fast header-only read).
+    bounds : Bounds
+        Where the file may be and the limits its header must respect.
 
     Returns
     -------
     pydicom.dataset.Dataset
-        The parsed dataset.
+        The parsed dataset (its image header already checked against ``bounds``).
 
     Raises
     ------
     MediaError
-        The file is missing, is not DICOM, or cannot be parsed.
+        The file is missing, outside the bounds, too large, is not DICOM, or cannot be parsed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"DICOM file {path} does not exist; check the path")
+    path = bounds.file(path, "DICOM file")
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        if _is_deflated(path):
+            ds = _read_deflated(path, bounds, stop_before_pixels)
+        else:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except MediaError:
+        raise
     except InvalidDicomError as exc:
         raise MediaError(
             f"{path} is not a DICOM file (no 'DICM' marker after the 128-byte preamble); "
@@ -111,6 +131,78 @@ def read_dicom(path: str | os.PathLike[str], *, stop_before_pixels: bool = False
         ) from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise MediaError(f"{path} could not be parsed as DICOM ({type(exc).__name__}: {one_line(exc)})") from exc
+    check_header(ds, bounds, str(path))
+    return ds
+
+
+def check_header(ds: Dataset, bounds: Bounds, source: str) -> None:
+    """Check an image header against ``bounds`` before any pixel is decoded.
+
+    Rows x Columns must be at most ``max_pixels``, NumberOfFrames at most ``max_frames``
+    and Rows x Columns x frames x SamplesPerPixel x BitsAllocated / 8 at most
+    ``max_file_bytes``. A dataset without Rows (a waveform, a report) passes.
+
+    Raises
+    ------
+    MediaError
+        A limit is exceeded or a size element is not a number.
+    """
+    if "Rows" not in ds and "Columns" not in ds:
+        return
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 8)
+    except (TypeError, ValueError) as exc:
+        raise MediaError(f"{source}: image size elements are not numbers ({one_line(exc)})") from None
+    bounds.pixels(columns, rows, source)
+    bounds.frames(frames, source)
+    bounds.decoded(rows * columns * max(frames, 1) * max(samples, 1) * max(-(-bits // 8), 1), source)
+
+
+def _is_deflated(path: Path) -> bool:
+    """Whether the file meta names the Deflated Explicit VR Little Endian transfer syntax."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # not DICOM or corrupt: dcmread reports it
+        return False
+    return meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+
+
+def _read_deflated(path: Path, bounds: Bounds, stop_before_pixels: bool) -> Dataset:
+    """Read a deflated file, inflating at most ``max_file_bytes`` and checking the header first."""
+    with open(path, "rb") as handle:
+        preamble = handle.read(PREAMBLE_LENGTH)
+        if handle.read(len(DICOM_MAGIC)) != DICOM_MAGIC:
+            raise InvalidDicomError("no DICM marker")
+        meta = _read_file_meta_info(handle)
+        zipped = handle.read()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pieces = [inflater.decompress(zipped, min(HEADER_PROBE_BYTES, bounds.max_file_bytes + 1))]
+    bounds.decoded(len(pieces[0]), f"{path} (deflated)")
+    try:
+        probe = read_dataset(DicomBytesIO(pieces[0]), False, True, stop_when=_at_pixels)
+    except Exception:  # a header longer than the probe: checked once fully inflated
+        probe = None
+    if probe is not None:
+        check_header(probe, bounds, str(path))
+        if stop_before_pixels:
+            return FileDataset(str(path), probe, preamble=preamble, file_meta=meta,
+                               is_implicit_VR=False, is_little_endian=True)
+    total = len(pieces[0])
+    while inflater.unconsumed_tail:
+        pieces.append(inflater.decompress(inflater.unconsumed_tail, bounds.max_file_bytes - total + 1))
+        total += len(pieces[-1])
+        bounds.decoded(total, f"{path} (deflated)")
+    pieces.append(inflater.flush())  # at most zlib's 32 KiB window
+    stop = _at_pixels if stop_before_pixels else None
+    ds = read_dataset(DicomBytesIO(b"".join(pieces)), False, True, stop_when=stop)
+    return FileDataset(str(path), ds, preamble=preamble, file_meta=meta, is_implicit_VR=False, is_little_endian=True)
+
+
+def _at_pixels(tag: object, vr: object, length: int) -> bool:
+    return int(tag) >= 0x7FE00008  # type: ignore[call-overload]  # Float/Double Float/Pixel Data
 
 
 def frame_count(ds: Dataset) -> int:
@@ -142,6 +234,7 @@ def dicom_frames(
     indices: Sequence[int] | None = None,
     *,
     window: Window | None = None,
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> list[np.ndarray]:
     """Read a DICOM file and return display frames as uint8 arrays.
 
@@ -153,6 +246,8 @@ def dicom_frames(
         Frame indices to decode (default: all frames).
     window : (center, width), optional
         Overrides the file's VOI for monochrome images.
+    bounds : Bounds
+        Where the file may be and the limits its header must respect.
 
     Returns
     -------
@@ -162,9 +257,9 @@ def dicom_frames(
     Raises
     ------
     MediaError
-        The file cannot be read or decoded.
+        The file cannot be read or decoded, or exceeds ``bounds``.
     """
-    return dataset_frames(read_dicom(path), indices, window=window, source=str(path))
+    return dataset_frames(read_dicom(path, bounds=bounds), indices, window=window, source=str(path), bounds=bounds)
 
 
 def dataset_frames(
@@ -173,6 +268,7 @@ def dataset_frames(
     *,
     window: Window | None = None,
     source: str = "",
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> list[np.ndarray]:
     """Decode frames of an already-read dataset into uint8 display arrays.
 
@@ -186,6 +282,8 @@ def dataset_frames(
         Overrides the file's VOI for monochrome images.
     source : str
         Name used in error messages (usually the file path).
+    bounds : Bounds
+        Limits the image header must respect (checked before decoding).
 
     Returns
     -------
@@ -201,6 +299,7 @@ def dataset_frames(
     if not has_pixels(ds):
         sop_class = ds.get("SOPClassUID", "unknown")
         raise MediaError(f"{source} has no Pixel Data (SOP class {sop_class}); it is not an image")
+    check_header(ds, bounds, source)
     total = frame_count(ds)
     wanted = list(range(total)) if indices is None else [int(i) for i in indices]
     bad = [i for i in wanted if not 0 <= i < total]

@@ -24,12 +24,18 @@ Sources, chosen by file name:
 - DICOM waveform (``.dcm`` or the ``DICM`` marker): the multiplex group with the
   longest duration, channel names from ChannelSourceSequence's CodeMeaning (e.g.
   ``"Lead I (Einthoven)"``), units from ChannelSensitivityUnitsSequence (uV/mV/V).
+
+Before any signal is decoded the sampling rate must be a finite number > 0 and the length
+(as stored and once resampled to 500 Hz) at most ``data.max_ecg_samples`` per lead
+(:class:`common.climb.limits.Bounds`); a signal with NaN or infinite samples is refused
+(never silently zeroed).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -41,6 +47,7 @@ from pydicom.dataset import Dataset
 
 from common.climb.dicom import is_dicom_file, read_dicom
 from common.climb.errors import MediaError
+from common.climb.limits import DEFAULT_BOUNDS, Bounds
 from common.climb.messages import one_line
 
 logger = logging.getLogger(__name__)
@@ -83,6 +90,7 @@ def load_ecg(
     target_fs: int = TARGET_FS,
     seconds: float = WINDOW_SECONDS,
     normalize: bool = True,
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> np.ndarray:
     """Load an ECG as QoQ-Med's float32 ``(8, target_fs * seconds)`` model input.
 
@@ -98,6 +106,8 @@ def load_ecg(
         Length of the kept window from the start of the record.
     normalize : bool
         z-score each lead (set False to get the resampled, cropped signal in mV).
+    bounds : Bounds
+        Where the files may be and the limit on samples per lead.
 
     Returns
     -------
@@ -109,12 +119,14 @@ def load_ecg(
     MediaError
         The file cannot be read or lacks one of the eight leads.
     """
-    signal = read_ecg(path, fs=fs)
+    signal = read_ecg(path, fs=fs, bounds=bounds)
     eight = select_leads(signal, QOQ_LEADS, source=str(path))
     return standardize(eight, signal.fs, target_fs=target_fs, seconds=seconds, normalize=normalize)
 
 
-def load_ecg_12lead(path: str | os.PathLike[str], *, fs: float | None = None) -> tuple[np.ndarray, float]:
+def load_ecg_12lead(
+    path: str | os.PathLike[str], *, fs: float | None = None, bounds: Bounds = DEFAULT_BOUNDS
+) -> tuple[np.ndarray, float]:
     """Load all 12 standard leads in mV at the record's own sampling rate.
 
     When only I, II and V1-V6 exist, the limb leads are derived (Einthoven and
@@ -126,6 +138,8 @@ def load_ecg_12lead(path: str | os.PathLike[str], *, fs: float | None = None) ->
         Any source :func:`load_ecg` accepts.
     fs : float, optional
         Sampling rate of an array file.
+    bounds : Bounds
+        Where the files may be and the limit on samples per lead.
 
     Returns
     -------
@@ -134,7 +148,7 @@ def load_ecg_12lead(path: str | os.PathLike[str], *, fs: float | None = None) ->
     fs : float
         Sampling rate in Hz.
     """
-    signal = read_ecg(path, fs=fs)
+    signal = read_ecg(path, fs=fs, bounds=bounds)
     return twelve_leads(signal, source=str(path)).astype(np.float32), signal.fs
 
 
@@ -346,7 +360,7 @@ def derive_limb_leads(eight: np.ndarray) -> np.ndarray:
     return np.concatenate([limb, chest], axis=0)
 
 
-def read_ecg(path: str | os.PathLike[str], *, fs: float | None = None) -> EcgSignal:
+def read_ecg(path: str | os.PathLike[str], *, fs: float | None = None, bounds: Bounds = DEFAULT_BOUNDS) -> EcgSignal:
     """Read any supported ECG source (see the module docstring) into an :class:`EcgSignal`.
 
     Parameters
@@ -355,11 +369,13 @@ def read_ecg(path: str | os.PathLike[str], *, fs: float | None = None) -> EcgSig
         The source.
     fs : float, optional
         Sampling rate of an array file.
+    bounds : Bounds
+        Where the files may be and the limit on samples per lead.
 
     Returns
     -------
     EcgSignal
-        Signals in mV with standard lead names.
+        Signals in mV with standard lead names, all finite.
 
     Raises
     ------
@@ -369,17 +385,19 @@ def read_ecg(path: str | os.PathLike[str], *, fs: float | None = None) -> EcgSig
     path = Path(path)
     name = path.name.lower()
     if name.endswith(ARRAY_SUFFIXES):
-        return read_array_ecg(path, fs=fs)
+        return read_array_ecg(path, fs=fs, bounds=bounds)
     if name.endswith(".hea") or (not path.suffix and path.with_name(path.name + ".hea").is_file()):
-        return read_wfdb_ecg(path)
+        return read_wfdb_ecg(path, bounds=bounds)
     if name.endswith(DICOM_SUFFIXES) or is_dicom_file(path):
-        return read_dicom_ecg(path)
+        return read_dicom_ecg(path, bounds=bounds)
     if not path.exists():
         raise MediaError(f"ECG file {path} does not exist; check the record's path")
     raise MediaError(f"{path}: unknown ECG format; use .npy, .pt, a WFDB record (.hea/.dat) or a DICOM waveform")
 
 
-def read_array_ecg(path: str | os.PathLike[str], *, fs: float | None = None) -> EcgSignal:
+def read_array_ecg(
+    path: str | os.PathLike[str], *, fs: float | None = None, bounds: Bounds = DEFAULT_BOUNDS
+) -> EcgSignal:
     """Read a ``.npy`` or ``.pt`` ECG array (see the module docstring for the conventions).
 
     Parameters
@@ -388,18 +406,22 @@ def read_array_ecg(path: str | os.PathLike[str], *, fs: float | None = None) -> 
         The array file.
     fs : float, optional
         Sampling rate; overrides the sidecar JSON's ``fs``.
+    bounds : Bounds
+        Where the files may be and the limit on samples per lead (checked from the
+        ``.npy`` header before its data is read).
 
     Returns
     -------
     EcgSignal
         ``(leads, samples)`` float64.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"ECG file {path} does not exist; check the record's path")
+    path = bounds.file(path, "ECG file")
+    sidecar = _read_sidecar(path, bounds)
+    rate = _rate(fs if fs is not None else sidecar.get("fs", DEFAULT_ARRAY_FS), str(path))
     array = _load_pt(path) if path.name.lower().endswith(".pt") else _load_npy(path)
-    sidecar = _read_sidecar(path)
     array = leads_first(array, source=str(path))
+    bounds.samples(array.shape[1], rate, TARGET_FS, str(path))
+    bounds.decoded(array.size * np.dtype(np.float64).itemsize, str(path))
     names = sidecar.get("leads")
     if names is not None:
         leads = tuple(canonical_lead_name(str(label)) for label in names)
@@ -416,8 +438,7 @@ def read_array_ecg(path: str | os.PathLike[str], *, fs: float | None = None) -> 
             f"{path}: ECG array has {array.shape[0]} leads; expected 12 (I..V6) or 8 (I, II, V1-V6), "
             "or name the rows in a sidecar JSON"
         )
-    rate = float(fs if fs is not None else sidecar.get("fs", DEFAULT_ARRAY_FS))
-    return EcgSignal(np.nan_to_num(array.astype(np.float64)), leads, rate)
+    return EcgSignal(_finite(np.asarray(array, dtype=np.float64), str(path)), leads, rate)
 
 
 def leads_first(array: np.ndarray, *, source: str = "") -> np.ndarray:
@@ -440,13 +461,16 @@ def leads_first(array: np.ndarray, *, source: str = "") -> np.ndarray:
     return array.T if array.shape[0] > array.shape[1] else array
 
 
-def read_wfdb_ecg(path: str | os.PathLike[str]) -> EcgSignal:
+def read_wfdb_ecg(path: str | os.PathLike[str], *, bounds: Bounds = DEFAULT_BOUNDS) -> EcgSignal:
     """Read a WFDB record (``rec.hea`` or ``rec``) with physical units converted to mV.
 
     Parameters
     ----------
     path : str or os.PathLike
         The header file or the record path without extension.
+    bounds : Bounds
+        The header and every signal file it names must lie inside its roots; the
+        header's length and rate are checked before the signals are read.
 
     Returns
     -------
@@ -457,8 +481,16 @@ def read_wfdb_ecg(path: str | os.PathLike[str]) -> EcgSignal:
 
     path = Path(path)
     record_name = path.with_suffix("") if path.suffix.lower() == ".hea" else path
-    if not record_name.with_name(record_name.name + ".hea").is_file():
-        raise MediaError(f"WFDB header {record_name}.hea does not exist; check the record's path")
+    bounds.file(record_name.with_name(record_name.name + ".hea"), "WFDB header", max_bytes=bounds.max_line_bytes)
+    try:
+        header = wfdb.rdheader(str(record_name))
+    except Exception as exc:  # wfdb raises ValueError, struct errors, ...
+        raise MediaError(f"{record_name}: WFDB header could not be read ({type(exc).__name__}: {one_line(exc)})") from exc
+    if getattr(header, "seg_name", None):
+        raise MediaError(f"{record_name}: multi-segment WFDB records are not supported; convert it to one segment")
+    for file_name in sorted(set(header.file_name or [])):
+        bounds.file(record_name.parent / file_name, "WFDB signal file")
+    bounds.samples(int(header.sig_len or 0), _rate(header.fs, str(record_name)), TARGET_FS, str(record_name))
     try:
         record = wfdb.rdrecord(str(record_name))
     except Exception as exc:  # wfdb raises ValueError, FileNotFoundError, struct errors, ...
@@ -469,28 +501,36 @@ def read_wfdb_ecg(path: str | os.PathLike[str]) -> EcgSignal:
     data = np.asarray(record.p_signal, dtype=np.float64).T
     scale = np.array([_unit_scale(unit, str(record_name)) for unit in (record.units or [""] * data.shape[0])])
     leads = tuple(canonical_lead_name(name) for name in record.sig_name)
-    return EcgSignal(np.nan_to_num(data * scale[:, None]), leads, float(record.fs))
+    return EcgSignal(_finite(data * scale[:, None], str(record_name)), leads, float(record.fs))
 
 
-def read_dicom_ecg(path: str | os.PathLike[str]) -> EcgSignal:
+def read_dicom_ecg(path: str | os.PathLike[str], *, bounds: Bounds = DEFAULT_BOUNDS) -> EcgSignal:
     """Read the longest multiplex group of a DICOM waveform file, in mV.
 
     Parameters
     ----------
     path : str or os.PathLike
         A DICOM file with a WaveformSequence (e.g. 12-Lead ECG storage).
+    bounds : Bounds
+        Where the file may be and the limit on samples per channel (checked before decoding).
 
     Returns
     -------
     EcgSignal
         Channels in file order with standard lead names.
     """
-    ds = read_dicom(path)
+    ds = read_dicom(path, bounds=bounds)
     groups = ds.get("WaveformSequence") or []
     if not groups:
         raise MediaError(f"{path} has no WaveformSequence; it is not a DICOM waveform (ECG) file")
     index = max(range(len(groups)), key=lambda i: _group_duration(groups[i]))
     group = groups[index]
+    rate = _rate(group.get("SamplingFrequency"), str(path))
+    try:
+        count = int(group.get("NumberOfWaveformSamples") or 0)
+    except (TypeError, ValueError):
+        raise MediaError(f"{path}: NumberOfWaveformSamples is not a number") from None
+    bounds.samples(count, rate, TARGET_FS, str(path))
     try:
         data = np.asarray(ds.waveform_array(index), dtype=np.float64).T
     except Exception as exc:  # pydicom raises ValueError/AttributeError on malformed waveforms
@@ -503,7 +543,26 @@ def read_dicom_ecg(path: str | os.PathLike[str]) -> EcgSignal:
         raise MediaError(
             f"{path}: {len(leads)} channel definitions for {data.shape[0]} channels; the file is inconsistent"
         )
-    return EcgSignal(np.nan_to_num(data * scale[:, None]), leads, float(group.SamplingFrequency))
+    return EcgSignal(_finite(data * scale[:, None], str(path)), leads, rate)
+
+
+def _rate(value: object, source: str) -> float:
+    """A sampling rate as a finite float > 0, else MediaError."""
+    try:
+        rate = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        rate = math.nan
+    if isinstance(value, bool) or not math.isfinite(rate) or rate <= 0:
+        raise MediaError(f"{source}: sampling rate {value!r} is not a number > 0 Hz; fix the file or its sidecar")
+    return rate
+
+
+def _finite(data: np.ndarray, source: str) -> np.ndarray:
+    """``data`` unchanged if every sample is finite, else MediaError (NaN is never zeroed silently)."""
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise MediaError(f"{source}: ECG has {bad} NaN or infinite sample(s) of {data.size}; repair or drop the recording")
+    return data
 
 
 def _group_duration(group: Dataset) -> float:
@@ -538,9 +597,12 @@ def _unit_scale(unit: str, source: str) -> float:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    """np.load without pickle, as MediaError on failure."""
+    """np.load without pickle, memory-mapped (the header's shape is known before data is read)."""
     try:
-        return np.asarray(np.load(path, allow_pickle=False))
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+            raise ValueError(f"dtype {array.dtype} is not a real number type")
+        return array
     except Exception as exc:  # ValueError (pickled/corrupt), OSError, EOFError
         raise MediaError(f"{path} could not be read as a .npy array ({type(exc).__name__}: {one_line(exc)})") from exc
 
@@ -558,17 +620,20 @@ def _load_pt(path: Path) -> np.ndarray:
     return tensor.detach().to(torch.float64).numpy()
 
 
-def _read_sidecar(path: Path) -> dict:
-    """Read ``<name>.json`` next to an array file ({} when absent)."""
+def _read_sidecar(path: Path, bounds: Bounds) -> dict:
+    """Read ``<name>.json`` next to an array file ({} when absent; at most ``max_line_bytes``)."""
     name = path.name
     for suffix in ARRAY_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     sidecar = path.with_name(name + ".json")
-    if not sidecar.is_file():
+    if not sidecar.exists() and not sidecar.is_symlink():
         return {}
+    bounds.file(sidecar, "ECG sidecar", max_bytes=bounds.max_line_bytes)
     try:
         content = json.loads(sidecar.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise MediaError(f"{sidecar} is not usable JSON (nested too deeply); fix or delete it") from None
     except (OSError, ValueError) as exc:
         raise MediaError(f"{sidecar} is not valid JSON ({one_line(exc)}); fix or delete it") from exc
     if not isinstance(content, dict):

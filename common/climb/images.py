@@ -1,9 +1,15 @@
-"""Load 2D images (PNG, JPEG, BMP, ... or the first frame of a DICOM) as RGB PIL images."""
+"""Load 2D images (PNG, JPEG, BMP, ... or the first frame of a DICOM) as RGB PIL images.
+
+Pillow reads the header lazily: the size is checked against ``data.max_pixels`` before
+any pixel is decoded (:class:`common.climb.limits.Bounds`).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.climb.dicom import dicom_frames, is_dicom_file
 from common.climb.errors import MediaError
+from common.climb.limits import DEFAULT_BOUNDS, Bounds
 from common.climb.messages import one_line
 from common.climb.windowing import minmax_to_uint8
 
@@ -19,7 +26,7 @@ logger = logging.getLogger(__name__)
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str], *, bounds: Bounds = DEFAULT_BOUNDS) -> Image.Image:
     """Load an image file as an RGB PIL image.
 
     DICOM files (a ``.dcm`` / ``.dicom`` suffix or the ``DICM`` marker) give their
@@ -30,6 +37,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     ----------
     path : str or os.PathLike
         A PNG, JPEG, BMP (any format Pillow reads) or DICOM file.
+    bounds : Bounds
+        Where the file may be and how large it may be (checked before decoding).
 
     Returns
     -------
@@ -39,14 +48,27 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     Raises
     ------
     MediaError
-        The file is missing or cannot be decoded.
+        The file is missing, outside the bounds, too large or cannot be decoded.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"image file {path} does not exist; check the record's image path")
+    path = bounds.file(path, "image file")
     if path.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(path):
-        return array_to_rgb(dicom_frames(path, [0])[0])
-    return _load_with_pillow(path)
+        return array_to_rgb(dicom_frames(path, [0], bounds=bounds)[0])
+    return _load_with_pillow(path, bounds)
+
+
+def load_mask(path: str | os.PathLike[str], *, bounds: Bounds = DEFAULT_BOUNDS) -> np.ndarray:
+    """Load a segmentation mask (any raster format Pillow reads) as a boolean HxW array.
+
+    Non-zero pixels are foreground, as the reward's mask IoU counts them.
+
+    Raises
+    ------
+    MediaError
+        The file is missing, outside the bounds, too large or cannot be decoded.
+    """
+    path = bounds.file(path, "segmentation mask")
+    with _opened(path, bounds) as image:
+        return np.asarray(image.convert("L")) > 0
 
 
 def array_to_rgb(frame: np.ndarray) -> Image.Image:
@@ -71,17 +93,40 @@ def array_to_rgb(frame: np.ndarray) -> Image.Image:
     raise ValueError(f"expected an HxW or HxWx3 frame, got shape {frame.shape}")
 
 
-def _load_with_pillow(path: Path) -> Image.Image:
-    """Open, fully decode and convert a raster image file to RGB."""
+def _load_with_pillow(path: Path, bounds: Bounds) -> Image.Image:
+    """Open, size-check, fully decode and convert a raster image file to RGB."""
+    with _opened(path, bounds) as image:
+        return _pillow_to_rgb(image)
+
+
+@contextmanager
+def _opened(path: Path, bounds: Bounds) -> Iterator[Image.Image]:
+    """A Pillow image whose header size was checked against ``bounds`` before it was decoded."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return _pillow_to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        image = Image.open(path)
+    except Image.DecompressionBombError:
         raise MediaError(
-            f"{path} could not be decoded as an image ({type(exc).__name__}: {one_line(exc)}); "
-            "re-save it as PNG or JPEG"
-        ) from exc
+            f"{path}: image is larger than Pillow's decompression-bomb limit (data.max_pixels={bounds.max_pixels})"
+        ) from None
+    except _PILLOW_ERRORS as exc:
+        raise _undecodable(path, exc) from exc
+    with image:
+        width, height = image.size
+        bounds.pixels(width, height, str(path))  # before a single pixel is decoded
+        try:
+            image.load()
+        except _PILLOW_ERRORS as exc:
+            raise _undecodable(path, exc) from exc
+        yield image
+
+
+_PILLOW_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError)
+
+
+def _undecodable(path: Path, exc: BaseException) -> MediaError:
+    return MediaError(
+        f"{path} could not be decoded as an image ({type(exc).__name__}: {one_line(exc)}); re-save it as PNG or JPEG"
+    )
 
 
 def _pillow_to_rgb(image: Image.Image) -> Image.Image:

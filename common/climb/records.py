@@ -2,21 +2,29 @@
 
 Layout: ``<root>/<modality>/<dataset>/annotation_{train,valid,test}.jsonl``. Each line is
 either LLaVA-style (``conversations`` with a human and a gpt turn) or QoQ-Med's flat
-variant (``problem`` / ``answer``). Media paths are relative to ``root``; media are only
+variant (``problem`` / ``answer``). Media paths are relative to ``root`` and must stay
+inside it (or inside a folder named in ``<root>/linked_roots.txt``); media are only
 referenced here and loaded lazily by :mod:`common.climb.inputs`.
+
+Lines are read as bytes with a length limit, decoded and parsed one at a time: a bad
+line (too long, not UTF-8, not JSON, nested too deeply, an integer too long) costs that
+line only and is reported with its number.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
-from common.climb.errors import RecordError
+from common.climb.errors import MediaError, RecordError
+from common.climb.limits import DEFAULT_BOUNDS, Bounds, is_inside, outside_root_message
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,10 @@ __all__ = [
     "parse_record",
     "iter_records",
     "load_records",
+    "linked_roots",
+    "read_lines",
+    "parse_json_line",
+    "LINKED_ROOTS_FILE",
     "split_options",
     "split_answer",
 ]
@@ -39,6 +51,9 @@ VIDEO_TOKEN = "<video>"
 ECG_TOKEN = "<ecg>"
 _ANNOTATION = re.compile(r"annotation_(?P<split>[A-Za-z0-9]+)\.jsonl$")
 Box = tuple[float, float, float, float]
+LINKED_ROOTS_FILE = "linked_roots.txt"
+# Reading past an over-long line happens in pieces of this size (bounded memory).
+_SKIP_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,8 @@ class Record:
     segmentation: str | None = None
     patient_id: str | None = None
     demographics: Mapping[str, Any] = field(default_factory=dict)
+    # Folders besides ``root`` that media may resolve into (linked_roots.txt).
+    linked_roots: tuple[str, ...] = ()
 
     @property
     def answer_text(self) -> str:
@@ -78,8 +95,69 @@ class Record:
     def has_localisation(self) -> bool:
         return bool(self.bboxes) or self.segmentation is not None
 
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """The data root and its linked roots: every media file must resolve inside one."""
+        return (self.root, *self.linked_roots)
+
     def media_path(self, rel: str) -> Path:
-        return Path(self.root) / rel
+        """``root / rel``, once checked to resolve inside :attr:`roots`.
+
+        Raises
+        ------
+        MediaError
+            The path is absolute, has ``..`` or resolves (through symbolic links)
+            outside every root; the message is the same whether or not it exists.
+        """
+        check_relative(rel)
+        path = Path(self.root) / rel
+        if not is_inside(path.resolve(), [Path(r).resolve() for r in self.roots]):
+            raise MediaError(outside_root_message(rel))
+        return path
+
+
+def check_relative(rel: str) -> None:
+    """Refuse an absolute media path or one with a ``..`` component (before any file access)."""
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if (
+        not rel
+        or "\0" in rel
+        or PurePosixPath(rel).is_absolute()
+        or PureWindowsPath(rel).drive
+        or PureWindowsPath(rel).is_absolute()
+        or ".." in parts
+    ):
+        raise MediaError(outside_root_message(rel))
+
+
+def linked_roots(root: str | Path, *, bounds: Bounds = DEFAULT_BOUNDS) -> tuple[str, ...]:
+    """The folders named in ``<root>/linked_roots.txt`` (one absolute path a line), resolved.
+
+    The allow-list of a root whose media live elsewhere: a simulated hospital links the
+    media of the root it was partitioned from, the pooled data of ``simulate --compare``
+    those of every hospital. Lines that are blank or start with ``#`` are ignored; a line
+    that is not an absolute path to an existing folder is logged and ignored.
+    """
+    path = Path(root) / LINKED_ROOTS_FILE
+    if not path.exists():
+        return ()
+    try:
+        bounds.within([root]).file(path, "linked-roots list", max_bytes=bounds.max_line_bytes)
+        text = path.read_text(encoding="utf-8")
+    except (MediaError, OSError, UnicodeDecodeError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return ()
+    out = []
+    for line in text.splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        folder = Path(entry)
+        if not folder.is_absolute() or not folder.is_dir():
+            log.warning("%s: ignoring %r (not an absolute path to a folder)", path, entry)
+            continue
+        out.append(str(folder.resolve()))
+    return tuple(out)
 
 
 def annotation_files(root: str | Path) -> list[tuple[Path, str]]:
@@ -130,6 +208,8 @@ def _str_list(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
     bad = [v for v in value if not isinstance(v, str)]
     if bad:
         raise RecordError(f"field '{key}' must be a list of paths (strings), got an entry {bad[0]!r}")
+    for rel in value:
+        check_relative(rel)
     return tuple(value)
 
 
@@ -145,6 +225,8 @@ def _boxes(value: Any) -> tuple[Box, ...]:
         ):
             raise RecordError(f"field 'bbox' must be [x1, y1, x2, y2] or a list of them, got {b!r}")
         x1, y1, x2, y2 = (float(x) for x in b)
+        if not all(math.isfinite(x) for x in (x1, y1, x2, y2)):
+            raise RecordError(f"bbox {list(b)} has a coordinate that is not a finite number")
         if x2 <= x1 or y2 <= y1:
             raise RecordError(f"bbox {list(b)} has x2 <= x1 or y2 <= y1")
         return (x1, y1, x2, y2)
@@ -181,8 +263,11 @@ def parse_record(
     line: int,
     split: str,
     domain_key: Literal["dataset", "modality"] = "dataset",
+    linked: tuple[str, ...] = (),
 ) -> Record:
     """Build a :class:`Record` from one decoded JSON line; structural checks only.
+
+    ``linked`` are the root's linked roots (:func:`linked_roots`).
 
     Raises
     ------
@@ -214,6 +299,8 @@ def parse_record(
     seg = obj.get("segmentation_path")
     if seg is not None and not isinstance(seg, str):
         raise RecordError("field 'segmentation_path' must be a string path")
+    if seg is not None:
+        check_relative(seg)
     pid = obj.get("patient_id")
     if pid is not None and not isinstance(pid, str | int):
         raise RecordError("field 'patient_id' must be a string or an integer")
@@ -238,6 +325,7 @@ def parse_record(
         segmentation=seg,
         patient_id=None if pid is None else str(pid),
         demographics=demo,
+        linked_roots=linked,
     )
 
 
@@ -250,39 +338,103 @@ class Problem:
     reason: str
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_line(raw: bytes, *, first: bool = False) -> Any:
+    """Decode one annotation line (UTF-8; a BOM on the first line is allowed) and parse it.
+
+    Raises
+    ------
+    RecordError
+        Not UTF-8, not JSON, ``NaN``/``Infinity``, nested too deeply or an integer
+        too long to convert; the reason says which.
+    """
+    try:
+        text = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"line is not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1})") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise RecordError("not usable JSON (nested too deeply)") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer longer than Python converts
+        raise RecordError(f"not usable JSON ({' '.join(str(exc).split())})") from None
+
+
+def read_lines(path: Path, *, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """Yield ``(line number, raw line)`` of a file; ``None`` for a line over ``max_line_bytes``.
+
+    Memory stays bounded: an over-long line is skipped in pieces, never held whole.
+    """
+    with path.open("rb") as handle:
+        number = 0
+        while True:
+            raw = handle.readline(max_line_bytes + 2)  # room for the line's own "\r\n"
+            if not raw:
+                return
+            number += 1
+            if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                while not raw.endswith(b"\n"):  # the rest of the line, piece by piece
+                    raw = handle.readline(_SKIP_CHUNK)
+                    if not raw:
+                        break
+                yield number, None
+                continue
+            yield number, raw
+
+
+def _annotation_problem(path: Path, root: Path, rel: str) -> str | None:
+    """Why an annotation file may not be read (outside the root, not a regular file), or None."""
+    try:
+        DEFAULT_BOUNDS.within([root]).file(path, "annotation file", max_bytes=1 << 62)
+    except MediaError as exc:
+        return str(exc).replace(str(path), rel)
+    return None
+
+
 def iter_records(
     root: str | Path,
     *,
     splits: tuple[str, ...] | None = None,
     domain_key: Literal["dataset", "modality"] = "dataset",
+    max_line_bytes: int = DEFAULT_BOUNDS.max_line_bytes,
 ) -> Iterator[Record | Problem]:
-    """Yield every record under ``root``, or a :class:`Problem` for a line that fails."""
+    """Yield every record under ``root``, or a :class:`Problem` for a line that fails.
+
+    Never raises on bad content: a line longer than ``max_line_bytes``, not UTF-8 or not
+    JSON is a Problem with its line number and the lines after it are still read.
+    """
     root = Path(root)
+    linked = linked_roots(root)
     for path, split in annotation_files(root):
         if splits is not None and split not in splits:
             continue
         rel = path.relative_to(root).as_posix()
-        try:
-            handle = path.open(encoding="utf-8")
-        except OSError as exc:
-            yield Problem(rel, 0, f"cannot read annotation file: {exc.strerror}")
+        refused = _annotation_problem(path, root, rel)
+        if refused:
+            yield Problem(rel, 0, refused)
             continue
-        with handle:
-            try:
-                for number, text in enumerate(handle, start=1):
-                    if not text.strip():
-                        continue
-                    try:
-                        obj = json.loads(text)
-                    except json.JSONDecodeError as exc:
-                        yield Problem(rel, number, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                        continue
-                    try:
-                        yield parse_record(obj, root=root, file=rel, line=number, split=split, domain_key=domain_key)
-                    except RecordError as exc:
-                        yield Problem(rel, number, str(exc))
-            except UnicodeDecodeError:
-                yield Problem(rel, 0, "annotation file is not UTF-8 text")
+        try:
+            for number, raw in read_lines(path, max_line_bytes=max_line_bytes):
+                if raw is None:
+                    yield Problem(rel, number, f"line is longer than data.max_line_bytes={max_line_bytes} bytes")
+                    continue
+                if not raw.strip():
+                    continue
+                try:
+                    obj = parse_json_line(raw, first=number == 1)
+                    yield parse_record(obj, root=root, file=rel, line=number, split=split, domain_key=domain_key,
+                                       linked=linked)
+                except RecordError as exc:
+                    yield Problem(rel, number, str(exc))
+                except RecursionError:
+                    yield Problem(rel, number, "not usable JSON (nested too deeply)")
+        except OSError as exc:
+            yield Problem(rel, 0, f"cannot read annotation file: {exc.strerror or exc}")
 
 
 def load_records(
@@ -291,6 +443,7 @@ def load_records(
     *,
     domain_key: Literal["dataset", "modality"] = "dataset",
     max_records: int = 0,
+    max_line_bytes: int = DEFAULT_BOUNDS.max_line_bytes,
 ) -> list[Record]:
     """The valid records of one split (invalid lines are logged and skipped).
 
@@ -299,7 +452,7 @@ def load_records(
     """
     out: list[Record] = []
     skipped = 0
-    for item in iter_records(root, splits=(split,), domain_key=domain_key):
+    for item in iter_records(root, splits=(split,), domain_key=domain_key, max_line_bytes=max_line_bytes):
         if isinstance(item, Problem):
             skipped += 1
             log.warning("skipping %s:%d: %s", item.file, item.line, item.reason)

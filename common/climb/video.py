@@ -11,8 +11,9 @@ import numpy as np
 from PIL import Image
 
 from common.climb.errors import MediaError
-from common.climb.messages import one_line
 from common.climb.images import array_to_rgb
+from common.climb.limits import DEFAULT_BOUNDS, Bounds
+from common.climb.messages import one_line
 from common.climb.sampling import DEFAULT_FRAMES, uniform_indices
 
 logger = logging.getLogger(__name__)
@@ -21,12 +22,15 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm")
 FFMPEG_FORMAT = "FFMPEG"
 
 
-def video_frames(path: str | os.PathLike[str], n_frames: int = DEFAULT_FRAMES) -> list[Image.Image]:
+def video_frames(
+    path: str | os.PathLike[str], n_frames: int = DEFAULT_FRAMES, *, bounds: Bounds = DEFAULT_BOUNDS
+) -> list[Image.Image]:
     """Return ``n_frames`` uniformly spaced frames of a video as RGB images.
 
     Frames are chosen by :func:`common.climb.sampling.uniform_indices` over the exact
     frame count (ffmpeg counts them; container metadata is often wrong), and the
-    video is decoded once up to the last chosen frame.
+    video is decoded once up to the last chosen frame. The frame size (from the
+    container header) and the frame count are checked against ``bounds`` first.
 
     Parameters
     ----------
@@ -34,6 +38,8 @@ def video_frames(path: str | os.PathLike[str], n_frames: int = DEFAULT_FRAMES) -
         A video file.
     n_frames : int
         Number of frames to keep (all frames if the video has fewer).
+    bounds : Bounds
+        Where the file may be and the limits on frame size and count.
 
     Returns
     -------
@@ -45,12 +51,13 @@ def video_frames(path: str | os.PathLike[str], n_frames: int = DEFAULT_FRAMES) -
     MediaError
         imageio's ffmpeg plugin is missing, or the file cannot be decoded.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"video file {path} does not exist; check the record's path")
+    path = bounds.file(path, "video file")
     reader = _open_reader(path)
     try:
+        width, height = (int(n) for n in reader.get_meta_data()["size"])
+        bounds.pixels(width, height, str(path))
         total = int(reader.count_frames())
+        bounds.frames(total, str(path))
         wanted = uniform_indices(total, n_frames)
         frames = _collect(reader, wanted)
     except MediaError:

@@ -9,7 +9,9 @@ Sources handled by :func:`load_frames`:
 - any other file is treated as a single 2D image.
 
 Frames are chosen with :func:`common.climb.sampling.uniform_indices` (QoQ-Med
-feeds 4 frames of a 3D study to the model).
+feeds 4 frames of a 3D study to the model). Sizes are checked from headers before any
+voxel is decoded (:class:`common.climb.limits.Bounds`): slices per series, frames, the
+NIfTI shape (one slice's pixels, the slice count, the float32 volume's bytes).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from PIL import Image
 from common.climb.dicom import Window, dataset_frames, frame_count, is_dicom_file, read_dicom
 from common.climb.errors import MediaError
 from common.climb.images import DICOM_SUFFIXES, array_to_rgb, load_image
+from common.climb.limits import DEFAULT_BOUNDS, Bounds
 from common.climb.messages import one_line
 from common.climb.sampling import DEFAULT_FRAMES, uniform_indices
 from common.climb.video import VIDEO_SUFFIXES, video_frames
@@ -43,6 +46,7 @@ def load_frames(
     n_frames: int = DEFAULT_FRAMES,
     *,
     window: Window | None = None,
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> list[Image.Image]:
     """Return up to ``n_frames`` uniformly spaced frames of a volume, video or image as RGB images.
 
@@ -55,6 +59,8 @@ def load_frames(
     window : (center, width), optional
         Intensity window for greyscale DICOM and NIfTI (default: the DICOM's own
         VOI, or the NIfTI volume's min-max). Ignored for videos and 2D images.
+    bounds : Bounds
+        Where the source may be and the limits its headers must respect.
 
     Returns
     -------
@@ -69,16 +75,15 @@ def load_frames(
     path = Path(path)
     name = path.name.lower()
     if path.is_dir():
-        return dicom_series_frames(path, n_frames, window=window)
-    if not path.is_file():
-        raise MediaError(f"media path {path} does not exist; check the record's path")
+        return dicom_series_frames(path, n_frames, window=window, bounds=bounds)
+    path = bounds.file(path, "media file")
     if name.endswith(NIFTI_SUFFIXES):
-        return nifti_frames(path, n_frames, window=window)
+        return nifti_frames(path, n_frames, window=window, bounds=bounds)
     if name.endswith(VIDEO_SUFFIXES):
-        return video_frames(path, n_frames)
+        return video_frames(path, n_frames, bounds=bounds)
     if name.endswith(DICOM_SUFFIXES) or is_dicom_file(path):
-        return dicom_multiframe_frames(path, n_frames, window=window)
-    return [load_image(path)]
+        return dicom_multiframe_frames(path, n_frames, window=window, bounds=bounds)
+    return [load_image(path, bounds=bounds)]
 
 
 def dicom_multiframe_frames(
@@ -86,6 +91,7 @@ def dicom_multiframe_frames(
     n_frames: int = DEFAULT_FRAMES,
     *,
     window: Window | None = None,
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> list[Image.Image]:
     """Return ``n_frames`` uniformly spaced frames of a (multi-frame) DICOM file.
 
@@ -103,9 +109,10 @@ def dicom_multiframe_frames(
     list of PIL.Image.Image
         RGB frames; only the chosen frames are decoded.
     """
-    ds = read_dicom(path)
+    ds = read_dicom(path, bounds=bounds)
     indices = uniform_indices(frame_count(ds), n_frames)
-    return [array_to_rgb(frame) for frame in dataset_frames(ds, indices, window=window, source=str(path))]
+    frames = dataset_frames(ds, indices, window=window, source=str(path), bounds=bounds)
+    return [array_to_rgb(frame) for frame in frames]
 
 
 def series_sort_key(
@@ -168,6 +175,7 @@ def dicom_series_frames(
     n_frames: int = DEFAULT_FRAMES,
     *,
     window: Window | None = None,
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> list[Image.Image]:
     """Return ``n_frames`` uniformly spaced slices of the DICOM series stored in ``directory``.
 
@@ -196,35 +204,41 @@ def dicom_series_frames(
         No image slices, or slices from more than one SeriesInstanceUID.
     """
     directory = Path(directory)
-    slices = sorted_series(directory)
+    slices = sorted_series(directory, bounds=bounds)
     chosen = [slices[i] for i in uniform_indices(len(slices), n_frames)]
     frames = []
     for path in chosen:
-        ds = read_dicom(path)
-        frames.append(array_to_rgb(dataset_frames(ds, [0], window=window, source=str(path))[0]))
+        ds = read_dicom(path, bounds=bounds)
+        frames.append(array_to_rgb(dataset_frames(ds, [0], window=window, source=str(path), bounds=bounds)[0]))
     return frames
 
 
-def sorted_series(directory: Path) -> list[Path]:
+def sorted_series(directory: Path, *, bounds: Bounds = DEFAULT_BOUNDS) -> list[Path]:
     """Return the DICOM image files of a one-series directory in slice order.
 
     Parameters
     ----------
     directory : pathlib.Path
         The series folder.
+    bounds : Bounds
+        The folder and every slice must lie inside its roots; at most ``max_frames`` files.
 
     Returns
     -------
     list of pathlib.Path
         Files sorted by :func:`series_sort_key`.
     """
+    bounds.folder(directory)
     keyed = []
     series_uids = set()
-    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    bounds.frames(len(files), str(directory))
+    for path in files:
+        bounds.file(path, "DICOM slice")
         if not is_dicom_file(path):
             logger.debug("skipping %s in series %s: not a DICOM file", path.name, directory)
             continue
-        ds = read_dicom(path, stop_before_pixels=True)
+        ds = read_dicom(path, stop_before_pixels=True, bounds=bounds)
         if "Rows" not in ds:
             logger.debug("skipping %s in series %s: not an image", path.name, directory)
             continue
@@ -250,6 +264,7 @@ def nifti_frames(
     n_frames: int = DEFAULT_FRAMES,
     *,
     window: Window | None = None,
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> list[Image.Image]:
     """Return ``n_frames`` uniformly spaced slices of a NIfTI volume as RGB images.
 
@@ -273,7 +288,7 @@ def nifti_frames(
     list of PIL.Image.Image
         RGB slices, inferior to superior.
     """
-    volume = load_nifti_volume(path)
+    volume = load_nifti_volume(path, bounds=bounds)
     if window is None:
         shown = minmax_to_uint8(volume)
     else:
@@ -282,13 +297,19 @@ def nifti_frames(
     return [array_to_rgb(display_slice(shown[:, :, k])) for k in indices]
 
 
-def load_nifti_volume(path: str | os.PathLike[str]) -> np.ndarray:
+def load_nifti_volume(path: str | os.PathLike[str], *, bounds: Bounds = DEFAULT_BOUNDS) -> np.ndarray:
     """Read a NIfTI file as a canonical (RAS+) 3D float32 array.
+
+    The header's shape is checked first: one slice at most ``max_pixels``, at most
+    ``max_frames`` slices, the float32 volume at most ``max_file_bytes``. Only the
+    first volume of a 4D (or higher) image is read.
 
     Parameters
     ----------
     path : str or os.PathLike
         A ``.nii`` or ``.nii.gz`` file.
+    bounds : Bounds
+        Where the file may be and the limits its header must respect.
 
     Returns
     -------
@@ -300,24 +321,39 @@ def load_nifti_volume(path: str | os.PathLike[str]) -> np.ndarray:
     MediaError
         The file is missing or cannot be read.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"NIfTI file {path} does not exist; check the record's path")
+    path = bounds.file(path, "NIfTI file")
     try:
         image = nibabel.load(path)
+        shape = tuple(int(n) for n in image.shape)
+    except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib.error, ...
+        raise MediaError(f"{path} could not be read as NIfTI ({type(exc).__name__}: {one_line(exc)})") from exc
+    _check_volume_shape(shape, bounds, str(path))
+    try:
+        if len(shape) > 3:
+            logger.debug("%s has shape %s; using its first volume", path, shape)
+            first = np.asarray(image.dataobj[(slice(None),) * 3 + (0,) * (len(shape) - 3)], dtype=np.float32)
+            image = nibabel.Nifti1Image(first, image.affine)
         if len(image.shape) >= 3:
             image = nibabel.as_closest_canonical(image)
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib.error, ...
         raise MediaError(f"{path} could not be read as NIfTI ({type(exc).__name__}: {one_line(exc)})") from exc
-    while data.ndim > 3:
-        logger.debug("%s has shape %s; using index 0 of its last axis", path, data.shape)
-        data = data[..., 0]
     if data.ndim == 2:
         data = data[:, :, np.newaxis]
     if data.ndim != 3 or data.size == 0:
         raise MediaError(f"{path} has shape {data.shape}; expected a 2D or 3D image")
     return data
+
+
+def _check_volume_shape(shape: tuple[int, ...], bounds: Bounds, source: str) -> None:
+    """Refuse a NIfTI whose header shape exceeds ``bounds`` (nothing decoded yet)."""
+    if len(shape) < 2 or any(n < 1 for n in shape):
+        raise MediaError(f"{source} has shape {shape}; expected a 2D or 3D image")
+    x, y = shape[0], shape[1]
+    z = shape[2] if len(shape) > 2 else 1
+    bounds.pixels(x, y, source)
+    bounds.frames(z, source)
+    bounds.decoded(x * y * z * np.dtype(np.float32).itemsize, source)
 
 
 def display_slice(plane: np.ndarray) -> np.ndarray:

