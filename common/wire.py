@@ -8,14 +8,19 @@ bit-exactly. fp32 and fp16 use Flower's ordinary NumPy path. Nothing is pickled.
 
 Tensor names and their order survive the round trip. Decoded tensors keep the wire
 dtype; the caller upcasts (e.g. to the global adapter's dtype) where it needs to.
-Decoding is a trust boundary on the server, so every array's declared dtype, shape
-and byte length are checked against its payload.
+Decoding is a trust boundary on both sides, so every array's declared dtype, shape
+and byte length are checked against its payload, and the byte length (and the .npy
+header) before anything is decoded. :func:`check_declared` goes further for a
+receiver that knows which tensors to expect (a hospital receiving the global
+adapter): names, shapes, dtypes and sizes are checked from the arrays' declarations
+alone, so an oversized or unexpected payload is refused without decoding a byte.
 """
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Literal
 
 import numpy as np
@@ -36,10 +41,20 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 
+#: (stype, dtype) of an array sent at each wire precision.
+WIRE_ARRAYS: dict[str, tuple[str, str]] = {
+    "fp32": (STYPE_NUMPY, "float32"),
+    "fp16": (STYPE_NUMPY, "float16"),
+    "bf16": (STYPE_RAW, "bfloat16"),
+}
+
 # dtype strings accepted in a record, per serialisation type.
 _NUMPY_DTYPES = ("float32", "float16")
 _RAW_DTYPES = ("bfloat16",)
 _BF16_BYTES = 2
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": _BF16_BYTES}
+#: Longest .npy header read (format 1.0: 10 bytes of magic, version and a 16-bit length).
+NPY_HEADER_MAX_BYTES = 10 + 0xFFFF
 
 
 class WireError(ValueError):
@@ -138,6 +153,101 @@ def decode_adapter(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_declared(
+    record: ArrayRecord,
+    expected: Mapping[str, tuple[int, ...]],
+    precision: str,
+    *,
+    exact: Collection[str] = (),
+) -> None:
+    """Check an adapter record against the tensors the receiver expects, decoding nothing.
+
+    Only each ``Array``'s declaration (stype, dtype, shape), its payload's length and,
+    for NumPy payloads, the .npy header are read, so a record with a huge or unexpected
+    tensor is refused at the cost of a few comparisons.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The received record (e.g. the global adapter sent by the server).
+    expected : Mapping[str, tuple[int, ...]]
+        Name to shape of every tensor the record must hold, and no others.
+    precision : str
+        The wire precision the sender announced; each array must be encoded at it
+        (``WIRE_ARRAYS``).
+    exact : collection of str
+        Names that travel in fp32 whatever the precision (:func:`encode_adapter`).
+
+    Raises
+    ------
+    WireError
+        The first problem: an unknown precision, more bytes than the expected tensors
+        can take, missing or unexpected names, a malformed declaration, or a dtype,
+        shape or payload length other than expected.
+    """
+    if precision not in WIRE_ARRAYS:
+        raise WireError(f"unknown wire precision {precision!r}; supported are {sorted(WIRE_ARRAYS)}.")
+    limit = sum(math.prod(shape) * 4 + NPY_HEADER_MAX_BYTES for shape in expected.values())
+    size = sum(_payload_length(name, array) for name, array in record.items())
+    if size > limit:
+        raise WireError(f"the record holds {size} bytes; the expected tensors take at most {limit}.")
+    missing = [n for n in expected if n not in record]
+    unexpected = [n for n in record if n not in expected]
+    if missing or unexpected:
+        raise WireError(
+            f"tensor names differ from the expected ones: {len(missing)} missing {missing[:2]}, "
+            f"{len(unexpected)} unexpected {unexpected[:2]}."
+        )
+    for name, shape in expected.items():
+        array = record[name]
+        want = WIRE_ARRAYS["fp32" if name in exact else precision]
+        got = (array.stype, array.dtype)
+        if got != want:
+            raise WireError(f"array {name!r} is {got}, expected {want} at wire precision {precision}.")
+        declared = _declared_shape(name, array)
+        if declared != tuple(shape):
+            raise WireError(f"array {name!r} declares shape {declared}, expected {tuple(shape)}.")
+        _check_payload_length(name, array, declared)
+
+
+def _payload_length(name: str, array: Array) -> int:
+    data = getattr(array, "data", None)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError(f"array {name!r} carries no byte payload.")
+    return len(data)
+
+
+def _check_payload_length(name: str, array: Array, shape: tuple[int, ...]) -> None:
+    """Refuse a payload whose length (and .npy header) disagree with its declaration."""
+    body = math.prod(shape) * _ITEMSIZE[array.dtype]
+    header = 0
+    if array.stype == STYPE_NUMPY:
+        header = _npy_header_length(name, array, shape)
+    if _payload_length(name, array) != header + body:
+        raise WireError(
+            f"array {name!r} holds {len(array.data)} bytes, expected {header + body} "
+            f"for {array.dtype} of shape {shape}."
+        )
+
+
+def _npy_header_length(name: str, array: Array, shape: tuple[int, ...]) -> int:
+    """Length of the .npy header of ``array``, after checking it matches the declaration."""
+    head = io.BytesIO(bytes(memoryview(array.data)[:NPY_HEADER_MAX_BYTES]))
+    try:
+        version = np.lib.format.read_magic(head)
+        if version != (1, 0):
+            raise ValueError(f".npy format {version}, expected (1, 0)")
+        npy_shape, _, npy_dtype = np.lib.format.read_array_header_1_0(head, max_header_size=NPY_HEADER_MAX_BYTES)
+    except (ValueError, EOFError, SyntaxError) as err:
+        raise WireError(f"array {name!r} has no readable .npy header ({err}).") from err
+    if str(npy_dtype) != array.dtype or tuple(npy_shape) != shape:
+        raise WireError(
+            f"array {name!r} declares {array.dtype} {shape} but its .npy header says "
+            f"{npy_dtype} {tuple(npy_shape)}."
+        )
+    return head.tell()
+
+
 def _bf16_to_array(tensor: torch.Tensor) -> Array:
     """Wrap a contiguous CPU bfloat16 tensor as a raw little-endian ``Array``."""
     words = tensor.view(torch.int16).numpy()  # same bits, reinterpreted
@@ -162,6 +272,7 @@ def _array_to_bf16(name: str, array: Array) -> torch.Tensor:
 def _numpy_array_to_tensor(name: str, array: Array) -> torch.Tensor:
     """Load a NumPy-serialised ``Array`` and check it against its declaration."""
     shape = _declared_shape(name, array)
+    _check_payload_length(name, array, shape)  # before np.load reads the payload
     try:
         ndarray = array.numpy()  # np.load(..., allow_pickle=False)
     except (ValueError, EOFError, OSError) as err:
@@ -179,7 +290,17 @@ def _numpy_array_to_tensor(name: str, array: Array) -> torch.Tensor:
 
 def _declared_shape(name: str, array: Array) -> tuple[int, ...]:
     """Return the declared shape of ``array`` after checking it is non-negative."""
-    shape = tuple(int(d) for d in array.shape)
+    try:
+        shape = tuple(_dimension(d) for d in array.shape)
+    except (TypeError, ValueError) as err:
+        raise WireError(f"array {name!r} declares a malformed shape {array.shape!r:.80}.") from err
     if any(d < 0 for d in shape):
         raise WireError(f"array {name!r} declares a negative dimension in {shape}.")
     return shape
+
+
+def _dimension(value: object) -> int:
+    """One declared dimension: an int (bools, floats and strings are malformed)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"dimension {value!r:.20} is not an int")
+    return value

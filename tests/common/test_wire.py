@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.wire import WireError, decode_adapter, encode_adapter
+from common.wire import WireError, check_declared, decode_adapter, encode_adapter
 
 # Names deliberately out of sorted order, to check that order survives.
 NAMES = [
@@ -148,3 +148,94 @@ def test_encode_detaches_trainable_tensors() -> None:
     for precision in ("fp32", "fp16", "bf16"):
         decoded = decode_adapter(encode_adapter({"w": weight}, precision))
         assert torch.equal(decoded["w"].float(), torch.ones(2, 2))
+
+
+# ---------------------------------------------------------------- check_declared
+
+A_NAME, B_NAME = NAMES[1], NAMES[2]
+EXPECTED = {NAMES[0]: (6, 2), A_NAME: (2, 5), B_NAME: (6, 2)}
+HUGE = 500_000_000  # bytes a hostile record claims to carry
+
+
+class _HugePayload(bytes):
+    """A payload that reports 500 MB without allocating it."""
+
+    def __len__(self) -> int:
+        return HUGE
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any payload is decoded."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a payload was decoded")
+
+    monkeypatch.setattr(np, "load", forbidden)
+    monkeypatch.setattr(np, "frombuffer", forbidden)
+
+
+def test_check_declared_accepts_each_precision_and_ffa_exact_names(no_decoding: None) -> None:
+    """The server's own records pass; in ffa lora_A travels in fp32 whatever the precision."""
+    for precision in ("fp32", "fp16", "bf16"):
+        check_declared(encode_adapter(make_adapter(), precision), EXPECTED, precision)
+        check_declared(encode_adapter(make_adapter(), precision, exact=[A_NAME]), EXPECTED, precision, exact=[A_NAME])
+
+
+def _replace(name: str, array: Array, precision: str = "fp32") -> ArrayRecord:
+    record = encode_adapter(make_adapter(), precision)  # type: ignore[arg-type]
+    record[name] = array
+    return record
+
+
+@pytest.mark.parametrize(
+    ("make_record", "precision", "fragment"),
+    [
+        (lambda: encode_adapter(make_adapter(), "fp32"), "fp8", "unknown wire precision 'fp8'"),
+        # an extra tensor declaring 500 MB: refused by its size before any name is looked at
+        (lambda: _replace("extra", Array(dtype="float32", shape=(HUGE // 4,), stype="numpy.ndarray",
+                                         data=_HugePayload(b""))), "fp32", "holds 50000.* bytes"),
+        # an expected name whose payload claims 500 MB
+        (lambda: _replace(B_NAME, Array(dtype="float32", shape=(6, 2), stype="numpy.ndarray",
+                                        data=_HugePayload(b""))), "fp32", "holds 50000.* bytes"),
+        (lambda: _replace("extra", Array(np.zeros(2, np.float32))), "fp32", "1 unexpected \\['extra'\\]"),
+        (lambda: ArrayRecord({k: v for k, v in encode_adapter(make_adapter()).items() if k != B_NAME}),
+         "fp32", "1 missing"),
+        (lambda: _replace(B_NAME, Array(np.zeros((2, 6), np.float32))), "fp32", "declares shape \\(2, 6\\)"),
+        (lambda: _replace(B_NAME, Array(np.zeros((6, 2), np.float16))), "fp32", "'float16'.*expected"),
+        (lambda: encode_adapter(make_adapter(), "fp16"), "fp32", "'float16'.*expected"),
+        (lambda: encode_adapter(make_adapter(), "fp32", exact=[A_NAME]), "bf16", "'float32'.*expected"),
+        (lambda: _replace(B_NAME, Array(dtype="float32", shape=(6, 2), stype="numpy.ndarray",
+                                        data=Array(np.zeros((6, 3), np.float32)).data)), "fp32", "header says"),
+        (lambda: _replace(B_NAME, Array(dtype="bfloat16", shape=(6, 2), stype="raw", data=b"\0" * 26), "bf16"),
+         "bf16", "holds 26 bytes, expected 24"),
+        (lambda: _replace(B_NAME, Array(dtype="float32", shape=(6, 2), stype="numpy.ndarray", data=b"\0" * 60)),
+         "fp32", "no readable .npy header"),
+    ],
+    ids=["unknown-precision", "extra-500MB", "expected-name-500MB", "extra-name", "missing", "shape",
+         "dtype", "precision-mismatch", "exact-at-bf16", "npy-header-lies", "raw-length", "not-npy"],
+)
+def test_check_declared_refuses_without_decoding(make_record, precision: str, fragment: str,
+                                                 no_decoding: None) -> None:
+    """Every bad record is refused from its declarations alone (decoding would fail the test)."""
+    record = make_record()
+    with pytest.raises(WireError, match=fragment):
+        check_declared(record, EXPECTED, precision)
+
+
+def test_malformed_declared_shape_is_a_wire_error() -> None:
+    """A shape of non-integers (possible after a hostile inflate) is refused, not a crash."""
+    array = Array(np.zeros((6, 2), np.float32))
+    array.shape = ("6", 2.0)  # type: ignore[assignment]
+    record = _replace(B_NAME, array)
+    with pytest.raises(WireError, match="malformed shape"):
+        check_declared(record, EXPECTED, "fp32")
+    with pytest.raises(WireError, match="malformed shape"):
+        decode_adapter(record)
+
+
+def test_decode_refuses_a_lying_payload_length_before_loading_it(no_decoding: None) -> None:
+    """decode_adapter (the server's path too) checks byte lengths before np.load."""
+    lying = Array(dtype="float32", shape=(6, 2), stype="numpy.ndarray", data=_HugePayload(b""))
+    with pytest.raises(WireError, match="no readable .npy header|holds 500000000 bytes"):
+        decode_adapter(ArrayRecord({"w": lying}))
