@@ -28,6 +28,11 @@ STATUS_BUDGET_EXHAUSTED = 1
 STATUS_NO_DATA = 2
 # The round failed at the hospital; the details stay in its own log (no text is sent).
 STATUS_ERROR = 3
+# The hospital refused the instruction before spending anything: a value out of range or
+# not finite, an unknown wire precision, or an adapter unlike its model's (client/instruction.py).
+STATUS_REFUSED = 4
+# The hospital's evaluation limits (limits.max_evaluations_*) are reached: no metrics are sent.
+STATUS_EVAL_LIMIT = 5
 
 # Train reply metrics (hospital -> server).
 STATUS = "status"
@@ -61,7 +66,7 @@ TRAIN_PER_DOMAIN = (D_COUNT,)
 EVAL_SCALARS = (STATUS, NUM_EXAMPLES, SITE_PARTITION)
 EVAL_PER_DOMAIN = (E_RECORDS, E_BALANCED_ACCURACY, E_MACRO_F1, E_MEAN_IOU, E_FORMAT_RATE, E_MEAN_REWARD, E_ACCURACY)
 
-# Hyper-parameters the server may tune per round (always clamped by the hospital's limits).
+# Hyper-parameters the server may tune per round (finite, valid, and clamped by the hospital's limits).
 TUNABLE = (
     "train.steps",
     "train.lr",
