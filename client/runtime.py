@@ -4,6 +4,12 @@ Flower keeps ClientApp processes (simulation actors, SuperNode app processes) al
 across rounds, so the base model is loaded once per model configuration and the
 records (with their decoded, tokenised prompts) once per hospital. Both caches are
 keyed by everything that shapes their content.
+
+Loading a hospital's records (:meth:`LocalTrainer.usable`) runs the same media checks as
+``fedclimb data validate`` (every file decoded inside the data root and within the
+``data.*`` limits, masks and boxes included) and leaves out each failing record with its
+reason in the log, so no record can make a round fail when it is first sampled (a failed
+round would tell the server that a bad record was drawn).
 """
 
 from __future__ import annotations
@@ -70,9 +76,10 @@ class Runtime:
         trainer = LocalTrainer(policy, cfg)
         root = cfg.data.root
         train = trainer.usable(load_records(root, cfg.data.train_split, domain_key=cfg.data.domain_key,
-                                            max_records=cfg.data.max_records))
+                                            max_records=cfg.data.max_records, max_line_bytes=cfg.data.max_line_bytes))
         evaluation = trainer.usable(load_records(root, cfg.data.eval_split, domain_key=cfg.data.domain_key,
-                                                 max_records=cfg.federation.eval_max_records))
+                                                 max_records=cfg.federation.eval_max_records,
+                                                 max_line_bytes=cfg.data.max_line_bytes))
         log.info("%s: %d training and %d evaluation records", site.name, len(train), len(evaluation))
         hit = HospitalData(trainer, train, evaluation)
         self._data[key] = hit

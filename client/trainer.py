@@ -22,7 +22,9 @@ from client.dp_step import DPSettings, DPUpdater
 from common.advantages import DRPOState, domain_temperature, drpo_advantages, grpo_advantages
 from common.climb.errors import MediaError
 from common.climb.inputs import load_visuals
+from common.climb.limits import bounds_for
 from common.climb.records import Record
+from common.climb.validate import usable_records
 from common.config import FedClimbConfig
 from common.metrics import balanced_accuracy, count_classes, macro_f1
 from common.modeling.policy import Policy, Rollouts
@@ -141,7 +143,8 @@ class LocalTrainer:
         if hit is not None:
             self._prompts.move_to_end(record.id)
             return hit
-        visuals = load_visuals(record, video_frames=self.cfg.data.video_frames, ecg_px_per_mm=self.cfg.data.ecg_px_per_mm)
+        visuals = load_visuals(record, video_frames=self.cfg.data.video_frames, ecg_px_per_mm=self.cfg.data.ecg_px_per_mm,
+                               bounds=bounds_for(self.cfg.data))
         hit = encode_prompt(self.policy.bundle, record, visuals, self.cfg.prompt)
         self._prompts[record.id] = hit
         while len(self._prompts) > self.cfg.data.prompt_cache:
@@ -149,13 +152,24 @@ class LocalTrainer:
         return hit
 
     def usable(self, records: Sequence[Record]) -> list[Record]:
-        """Records whose media decode; the others are logged once and left out."""
+        """Records that pass `data validate`'s media checks and encode within data.max_prompt_tokens.
+
+        Run when the data is loaded, so no record can fail (or be refused) when first sampled
+        in a round; the others are logged once with their reason and left out.
+        """
+        data = self.cfg.data
         ok = []
-        for r in records:
+        for r in usable_records(records, video_frames=data.video_frames, bounds=bounds_for(data),
+                                max_images=data.max_images):
             try:
-                self.encode(r)
+                tokens = len(self.encode(r).input_ids)
             except (MediaError, ValueError) as exc:
                 log.warning("leaving out %s: %s", r.id, exc)
+                continue
+            if tokens > data.max_prompt_tokens:
+                self._prompts.pop(r.id, None)
+                log.warning("leaving out %s: prompt of %d tokens is longer than data.max_prompt_tokens=%d",
+                            r.id, tokens, data.max_prompt_tokens)
                 continue
             ok.append(r)
         return ok
