@@ -40,7 +40,7 @@ def _measure(preset: str, dp: bool, rank: int, prompts: int, repeats: int, data:
     policy = Policy(bundle, cfg.lora)
     trainer = LocalTrainer(policy, cfg)
     records = [r for r in load_records(data, "train") if bundle.multimodal or not r.images][:prompts]
-    rollouts = policy.generate([trainer.encode(r) for r in records], num_rollouts=2, temperature=1.0, top_p=1.0,
+    rollouts = policy.generate([trainer.encode(r) for r in records], num_rollouts=2, temperature=1.0,
                                max_new_tokens=16, seed=0)
     adv = torch.linspace(-1, 1, rollouts.num_rows)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)

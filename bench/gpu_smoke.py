@@ -67,7 +67,7 @@ def main() -> None:
         "model.tiny.vision_num_heads=4", "model.tiny.vocab_size=4096", "model.tiny.initializer_range=0.02",
         "model.min_pixels=50176", "model.max_pixels=50176",
         "prompt.constrained=false", f"rollout.num_rollouts={args.rollouts}", f"rollout.batch_prompts={args.prompts}",
-        f"rollout.max_new_tokens={args.new_tokens}", "rollout.temperature=1.0", "rollout.top_p=0.99",
+        f"rollout.max_new_tokens={args.new_tokens}", "rollout.temperature=1.0",
         f"train.steps={args.steps}", "train.kl_coef=0.0001", "train.micro_batch=8", "lora.r=16", "lora.alpha=32",
         "privacy.secure_rng=true",
     ]
@@ -113,10 +113,10 @@ def main() -> None:
     policy = runtime.policy(cfg)
     data = runtime.hospital_data(site, cfg)
     prompts = [data.trainer.encode(r) for r in data.train[: args.prompts]]
-    policy.generate(prompts, num_rollouts=args.rollouts, temperature=1.0, top_p=0.99, max_new_tokens=8, seed=0)
+    policy.generate(prompts, num_rollouts=args.rollouts, temperature=1.0, max_new_tokens=8, seed=0)
     sync()
     t4 = time.perf_counter()
-    ro = policy.generate(prompts, num_rollouts=args.rollouts, temperature=1.0, top_p=0.99,
+    ro = policy.generate(prompts, num_rollouts=args.rollouts, temperature=1.0,
                          max_new_tokens=args.new_tokens, seed=1)
     sync()
     gen_s = time.perf_counter() - t4

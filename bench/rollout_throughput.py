@@ -50,11 +50,11 @@ def main() -> None:
     records = trainer.usable(records[: 4 * args.prompts])
     # generation alone: tokens per second
     prompts = [trainer.encode(r) for r in records[: args.prompts]]
-    policy.generate(prompts, num_rollouts=args.rollouts, temperature=0.7, top_p=0.95, max_new_tokens=8, seed=0)
+    policy.generate(prompts, num_rollouts=args.rollouts, temperature=0.7, max_new_tokens=8, seed=0)
     if bundle.device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    ro = policy.generate(prompts, num_rollouts=args.rollouts, temperature=0.7, top_p=0.95,
+    ro = policy.generate(prompts, num_rollouts=args.rollouts, temperature=0.7,
                          max_new_tokens=args.new_tokens, seed=1)
     if bundle.device.type == "cuda":
         torch.cuda.synchronize()

@@ -30,7 +30,7 @@ from common.metrics import balanced_accuracy, count_classes, macro_f1
 from common.modeling.policy import Policy, Rollouts
 from common.modeling.prompts import EncodedPrompt, encode_prompt
 from common.policy_loss import low_var_kl, ppo_token_losses, reduce_token_mean
-from common.rewards import RewardWeights, extract_boxed, split_labels, total_reward
+from common.rewards import RewardBreakdown, RewardWeights, total_reward
 from common.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class LocalTrainer:
             self._masks[record.id] = hit
         return hit
 
-    def score(self, record: Record, text: str) -> Any:
+    def score(self, record: Record, text: str) -> RewardBreakdown:
         """The response's reward; localisation targets are moved into the model's image frame."""
         boxes, mask = list(record.bboxes) or None, self._mask_for(record)
         frame = self.encode(record).box_frame if (boxes or mask is not None) else None
@@ -202,6 +202,7 @@ class LocalTrainer:
         return total_reward(
             text,
             true_labels=record.answers,
+            options=record.options,
             target_boxes=boxes,
             target_mask=mask,
             expect_boxes=record.has_localisation,
@@ -311,7 +312,6 @@ class LocalTrainer:
                     [self.encode(r) for r in recs],
                     num_rollouts=cfg.rollout.num_rollouts,
                     temperature=cfg.rollout.temperature,
-                    top_p=cfg.rollout.top_p,
                     max_new_tokens=cfg.rollout.max_new_tokens,
                     seed=derive_seed(_rollout_base(seed, dp), "rollout", step),
                 )
@@ -475,7 +475,7 @@ class LocalTrainer:
         """Greedy (or eval-temperature) answers on held-out records, metrics per domain."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        by_domain: dict[str, list[tuple[Record, Any, frozenset[str]]]] = {}
+        by_domain: dict[str, list[RewardBreakdown]] = {}
         records = list(records)
         bar = _progress(len(records), progress)
         for i, chunk in enumerate(_chunks(records, cfg.rollout.eval_batch_prompts)):
@@ -483,22 +483,20 @@ class LocalTrainer:
                 [self.encode(r) for r in chunk],
                 num_rollouts=1,
                 temperature=cfg.rollout.eval_temperature,
-                top_p=1.0,
                 max_new_tokens=cfg.rollout.max_new_tokens,
                 seed=derive_seed(seed, "eval", i),
             )
             for r, text in zip(chunk, rollouts.texts, strict=True):
-                boxed = extract_boxed(text)
-                pred = split_labels(boxed) if boxed is not None else frozenset()
-                by_domain.setdefault(r.domain, []).append((r, self.score(r, text), pred))
+                by_domain.setdefault(r.domain, []).append(self.score(r, text))
             bar.update(len(chunk))
         bar.close()
         out: dict[str, DomainEval] = {}
         for domain, items in sorted(by_domain.items()):
-            truth = [split_labels(", ".join(r.answers)) for r, _, _ in items]
-            preds = [p for _, _, p in items]
+            # The labels the accuracy reward read: evaluation and reward agree.
+            truth = [s.truth for s in items]
+            preds = [s.predicted or frozenset() for s in items]
             counts = count_classes(truth, preds)
-            ious = [s.iou for _, s, _ in items if s.iou is not None]
+            ious = [s.iou for s in items if s.iou is not None]
             histogram: dict[str, int] = {}
             for p in preds:
                 key = ", ".join(sorted(p)) or "(none)"
@@ -508,9 +506,9 @@ class LocalTrainer:
                 balanced_accuracy=balanced_accuracy(counts),
                 macro_f1=macro_f1(counts),
                 mean_iou=float(np.mean(ious)) if ious else 0.0,
-                format_rate=float(np.mean([s.format >= 1.0 - 1e-9 for _, s, _ in items])),
-                mean_reward=float(np.mean([s.total for _, s, _ in items])),
-                accuracy=float(np.mean([s.accuracy for _, s, _ in items])),
+                format_rate=float(np.mean([s.format >= 1.0 - 1e-9 for s in items])),
+                mean_reward=float(np.mean([s.total for s in items])),
+                accuracy=float(np.mean([s.accuracy for s in items])),
                 predictions=histogram,
             )
         return EvalResult(out, time.perf_counter() - t0)

@@ -244,7 +244,10 @@ class RolloutConfig:
 
     num_rollouts: int = 5
     temperature: float = 1.0
-    top_p: float = 0.99
+    # Nucleus sampling is not supported: rollouts are drawn from the full
+    # softmax(logits / temperature), the distribution the PPO loss scores. Kept so that a
+    # config still setting it gets an error that says why; lower temperature instead.
+    top_p: float = 1.0
     max_new_tokens: int = 512
     # Prompts (records) per local step.
     batch_prompts: int = 8
@@ -255,7 +258,10 @@ class RolloutConfig:
         _check(self.num_rollouts >= 2, "rollout.num_rollouts",
                f"must be >= 2 for group-relative advantages, got {self.num_rollouts}")
         _check(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_p == 1.0, "rollout.top_p",
+               f"must be 1.0, got {self.top_p}: rollouts are sampled from the full softmax(logits / "
+               "temperature) that the PPO ratio and KL score; truncated sampling would make every update "
+               "off-policy. Remove the key (or set 1.0); lower rollout.temperature to sample more sharply")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.batch_prompts >= 1, "rollout.batch_prompts", f"must be >= 1, got {self.batch_prompts}")
         _check(self.eval_temperature >= 0, "rollout.eval_temperature", f"must be >= 0, got {self.eval_temperature}")

@@ -33,6 +33,24 @@ from common.modeling.prompts import EncodedPrompt, collate_prompts
 __all__ = ["Rollouts", "Policy"]
 
 
+@contextlib.contextmanager
+def _checkpoint_defaults_off(model: Any) -> Iterator[None]:
+    """Hide the checkpoint's generation config from ``generate`` while it runs.
+
+    transformers fills every field a passed GenerationConfig leaves None from
+    ``model.generation_config`` (a checkpoint's ``generation_config.json``: e.g.
+    Qwen2.5-VL's repetition_penalty 1.05, top_k 1, top_p 0.001), which would add logits
+    processors the scoring pass does not apply. An empty config leaves only the library
+    defaults, which change nothing once temperature, top-p and top-k are explicit.
+    """
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @dataclass
 class Rollouts:
     """K sampled responses for each of P prompts (rows grouped by prompt)."""
@@ -118,11 +136,18 @@ class Policy:
         *,
         num_rollouts: int,
         temperature: float,
-        top_p: float,
         max_new_tokens: int,
         seed: int,
     ) -> Rollouts:
-        """Sample ``num_rollouts`` responses per prompt (temperature 0 = greedy)."""
+        """Sample ``num_rollouts`` responses per prompt (temperature 0 = greedy).
+
+        Each token is drawn from exactly the distribution :meth:`token_logprobs` scores:
+        ``softmax(logits / temperature)`` with the vision placeholders suppressed and,
+        for constrained prompts, every token outside the options masked. There is no
+        top-p / top-k truncation and no processor from the checkpoint's generation
+        config (repetition penalty, n-gram blocking, bad words, minimum length...):
+        the PPO ratio and the KL are only on-policy if the sampler and the scorer agree.
+        """
         rows = [p for p in prompts for _ in range(num_rollouts)]
         index = torch.arange(len(prompts)).repeat_interleave(num_rollouts)
         inputs = self._inputs(rows)
@@ -134,22 +159,9 @@ class Policy:
             processors.append(ConstrainedLogits(tries, prompt_len, self.pad_id))
             max_new_tokens = max(len(s) for p in rows for s in (p.answer_sequences or []))
         torch.manual_seed(seed)
-        sampling = temperature > 0
-        # A fresh GenerationConfig: no repetition penalty or other processor inherited from
-        # the checkpoint, so rollouts come from the same distribution token_logprobs scores.
-        gen = GenerationConfig(
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=top_p if sampling else None,
-            top_k=0 if sampling else None,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.bundle.eos_token_ids,
-            pad_token_id=self.pad_id,
-            suppress_tokens=self.suppressed or None,
-            use_cache=True,
-        )
+        gen = self.sampling_config(temperature=temperature, max_new_tokens=max_new_tokens)
         self.peft.eval()
-        with self.autocast():
+        with self.autocast(), _checkpoint_defaults_off(self.peft.get_base_model()):
             out = self.peft.generate(**inputs, generation_config=gen, logits_processor=processors or None)
         responses = out[:, prompt_len:].cpu()
         mask = self._response_mask(responses)
@@ -159,6 +171,28 @@ class Policy:
             for p, r, m in zip(rows, responses, mask, strict=True)
         ]
         return Rollouts(list(prompts), index, responses, mask, texts)
+
+    def sampling_config(self, *, temperature: float, max_new_tokens: int) -> GenerationConfig:
+        """The generation config of :meth:`generate`: plain sampling at ``temperature``.
+
+        Top-p 1, top-k 0 and no repetition penalty are explicit; every field left None is
+        filled by ``generate`` from the model's own generation config, which
+        :meth:`generate` replaces by an empty one while it runs (library defaults only).
+        """
+        sampling = temperature > 0
+        return GenerationConfig(
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=1.0 if sampling else None,
+            top_k=0 if sampling else None,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.bundle.eos_token_ids,
+            pad_token_id=self.pad_id,
+            suppress_tokens=self.suppressed or None,
+            use_cache=True,
+        )
 
     def _response_mask(self, responses: torch.Tensor) -> torch.Tensor:
         is_end = torch.zeros_like(responses, dtype=torch.bool)

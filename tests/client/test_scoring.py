@@ -14,7 +14,7 @@ from client.trainer import LocalTrainer
 from common.climb.records import load_records
 from common.config import load_config
 from common.modeling.loader import load_base_model
-from common.modeling.policy import Policy
+from common.modeling.policy import Policy, Rollouts
 
 
 def test_targets_are_scaled_into_the_model_image_frame(tmp_path: Path) -> None:
@@ -41,3 +41,34 @@ def test_targets_are_scaled_into_the_model_image_frame(tmp_path: Path) -> None:
     # the unscaled box [16, 16, 48, 32] misses the scaled target [42, 42, 126, 84]: y-ranges
     # [16, 32] and [42, 84] do not overlap
     assert wrong.iou == 0.0
+
+
+def test_a_correct_compound_answer_scores_one_in_training_and_in_evaluation(tmp_path: Path) -> None:
+    """CLIMB's "Actinic keratoses and intraepithelial carcinoma" is one option: the reward
+    and the evaluation metrics both count the same answer as that one, correct class."""
+    torch.set_num_threads(1)
+    folder = tmp_path / "data" / "dermatology" / "toy"
+    (folder / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "images" / "a.png")
+    akiec = "Actinic keratoses and intraepithelial carcinoma"
+    record = {"conversations": [{"from": "human", "value": f"<image>\\nWhich lesion? Answer with one phrase from the following:\\n{akiec}\\nMelanoma"},
+                                {"from": "gpt", "value": akiec}],
+              "images": ["dermatology/toy/images/a.png"]}
+    (folder / "annotation_train.jsonl").write_text(json.dumps(record) + "\n")
+    cfg = load_config(overrides=["privacy=off", "prompt.constrained=false", f"model.cache_dir={tmp_path / 'cache'}"])
+    trainer = LocalTrainer(Policy(load_base_model(cfg.model), cfg.lora), cfg)
+    rec = load_records(tmp_path / "data", "train")[0]
+    assert rec.answers == (akiec,)
+    text = f"<think>scaly patch</think>\\boxed{{{akiec}}}"
+
+    # Training: the accuracy reward of this answer.
+    assert trainer.score(rec, text).accuracy == 1.0
+
+    # Evaluation: the same answer, through the metrics (generation replaced by the text).
+    trainer.policy.generate = lambda prompts, **_: Rollouts(  # type: ignore[method-assign]
+        list(prompts), torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), [text]
+    )
+    result = trainer.evaluate([rec], seed=0).domains[rec.domain]
+    assert result.accuracy == 1.0
+    assert result.balanced_accuracy == 1.0 and result.macro_f1 == 1.0
+    assert result.predictions == {akiec.casefold(): 1}

@@ -235,7 +235,7 @@ def test_prompt_text_ends_with_the_constrained_prefix(mm):
 
 def test_constrained_generation_only_produces_the_options(mm):
     rollouts = mm.policy.generate(
-        mm.constrained, num_rollouts=24, temperature=1.0, top_p=1.0, max_new_tokens=16, seed=0
+        mm.constrained, num_rollouts=24, temperature=1.0, max_new_tokens=16, seed=0
     )
     assert rollouts.num_rows == 24 * len(RECORDS)
     seen: list[set[str]] = [set() for _ in RECORDS]
@@ -274,7 +274,7 @@ def test_token_logprobs_equal_the_generation_scores(request, which, constrained)
     bias = contextlib.nullcontext() if constrained else end_bias(policy, END_BIAS)
     with bias:
         rollouts = policy.generate(
-            prompts, num_rollouts=k, temperature=TEMPERATURE, top_p=1.0, max_new_tokens=max_new, seed=seed
+            prompts, num_rollouts=k, temperature=TEMPERATURE, max_new_tokens=max_new, seed=seed
         )
         rows = list(range(rollouts.num_rows))
         row_prompts = [prompts[int(i)] for i in rollouts.prompt_index]
@@ -363,7 +363,7 @@ def test_adapter_off_is_the_base_model(mm, cfg):
     policy = mm.policy
     with end_bias(policy, END_BIAS):
         rollouts = policy.generate(
-            mm.free, num_rollouts=2, temperature=TEMPERATURE, top_p=1.0, max_new_tokens=6, seed=3
+            mm.free, num_rollouts=2, temperature=TEMPERATURE, max_new_tokens=6, seed=3
         )
     rows = list(range(rollouts.num_rows))
     with torch.no_grad():
@@ -382,7 +382,7 @@ def test_adapter_off_is_the_base_model(mm, cfg):
 
 def test_logprobs_backpropagate_to_lora_only(mm):
     policy = mm.policy
-    rollouts = policy.generate(mm.free, num_rollouts=1, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=5)
+    rollouts = policy.generate(mm.free, num_rollouts=1, temperature=1.0, max_new_tokens=4, seed=5)
     policy.peft.zero_grad(set_to_none=True)
     logp = policy.token_logprobs(rollouts, [0, 1, 2], temperature=1.0)
     logp.sum().backward()
@@ -405,7 +405,7 @@ def test_free_form_masks_stop_after_the_first_end_of_turn(mm):
     max_new = 10
     with end_bias(policy, END_BIAS):
         rollouts = policy.generate(
-            mm.free, num_rollouts=8, temperature=1.0, top_p=1.0, max_new_tokens=max_new, seed=7
+            mm.free, num_rollouts=8, temperature=1.0, max_new_tokens=max_new, seed=7
         )
     assert rollouts.responses.shape[1] <= max_new
     ended_early = 0
@@ -436,3 +436,53 @@ def test_response_mask_by_hand(mm):
         [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.float32
     )
     assert torch.equal(mm.policy._response_mask(responses), expected)  # noqa: SLF001
+
+
+# ---------------------------------------------------------------------------- sampler = scorer
+
+
+@pytest.mark.parametrize("which", ["mm", "text"])
+def test_sampling_distribution_is_the_scored_one_whatever_the_checkpoint_config(request, which, monkeypatch):
+    """A checkpoint's generation config (repetition penalty 2, top-p 0.5, top-k 3, n-gram
+    blocking, a minimum length) must not reach the sampler: the processors ``generate``
+    builds are only the temperature and masks that token_logprobs applies as well, and
+    the processed per-step scores give the sampled tokens exactly the scored log-probs."""
+    setup: Setup = request.getfixturevalue(which)
+    policy = setup.policy
+    base = policy.peft.get_base_model()
+    checkpoint = base.generation_config
+    for name, value in dict(repetition_penalty=2.0, top_p=0.5, top_k=3, no_repeat_ngram_size=1,
+                            min_new_tokens=4, do_sample=False).items():
+        monkeypatch.setattr(checkpoint, name, value)
+    built: list = []
+    scores: list = []
+    original_processors = base._get_logits_processor  # noqa: SLF001
+    original_generate = policy.peft.generate
+
+    def capture_processors(*args, **kwargs):
+        built.append(original_processors(*args, **kwargs))
+        return built[-1]
+
+    def generate_with_scores(**kwargs):
+        out = original_generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+        scores.append(out.scores)  # per step: the logits after every processor, (R, V)
+        return out.sequences
+
+    monkeypatch.setattr(base, "_get_logits_processor", capture_processors)
+    monkeypatch.setattr(policy.peft, "generate", generate_with_scores)
+    with end_bias(policy, END_BIAS):
+        rollouts = policy.generate(setup.free, num_rollouts=3, temperature=TEMPERATURE, max_new_tokens=6, seed=4)
+        logp = policy.token_logprobs(rollouts, list(range(rollouts.num_rows)), temperature=TEMPERATURE).detach()
+
+    # Prepare: what the sampler applied
+    from transformers.generation.logits_process import SuppressTokensLogitsProcessor, TemperatureLogitsWarper
+
+    kinds = {type(p) for p in built[0]}
+    expected = {TemperatureLogitsWarper} | ({SuppressTokensLogitsProcessor} if policy.suppressed else set())
+    assert kinds == expected, kinds
+    assert checkpoint.repetition_penalty == 2.0  # restored after generate
+    # Assert: the sampled tokens' log-probs under the processed scores are the scored ones
+    sampled = torch.stack([F.log_softmax(s.float(), dim=-1) for s in scores[0]], dim=1)  # (R, T, V)
+    sampled = sampled.gather(2, rollouts.responses.unsqueeze(-1)).squeeze(-1)
+    mask = rollouts.mask > 0
+    torch.testing.assert_close(logp[mask], sampled[mask], atol=1e-4, rtol=0)

@@ -29,7 +29,7 @@ def test_reference_pass_keeps_lora_a_frozen_in_ffa(tmp_path: Path) -> None:
         root=tmp_path, file="m/d/annotation_train.jsonl", line=1, split="train")
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
     prompt = encode_prompt(bundle, record, RecordVisuals([image], [1], 0), cfg.prompt)
-    rollouts = policy.generate([prompt], num_rollouts=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0)
+    rollouts = policy.generate([prompt], num_rollouts=2, temperature=1.0, max_new_tokens=8, seed=0)
     policy.token_logprobs(rollouts, [0, 1], temperature=1.0, adapter=False)
     after = [n for n, p in policy.peft.named_parameters() if p.requires_grad]
     assert after == before  # PEFT's disable_adapter() would otherwise re-enable lora_A
