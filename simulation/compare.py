@@ -26,6 +26,7 @@ import numpy as np
 from client.rounds import Instruction, evaluate_round, train_round
 from client.runtime import Runtime
 from client.site import Site, effective_config
+from common.climb.records import LINKED_ROOTS_FILE, linked_roots
 from common.config import FedClimbConfig, load_hospital_config
 from simulation.simulate import prepare_run, run_inprocess
 
@@ -116,10 +117,18 @@ def _link_into_pool(entry: Path, link: Path, pool: Path, src: Path) -> None:
 
 
 def _pooled_site(run_dir: Path, sites: list[Site], cfg: FedClimbConfig) -> Site:
-    """One site whose data root holds every hospital's records (symlinked media)."""
+    """One site whose data root holds every hospital's records (symlinked media).
+
+    The pool's ``linked_roots.txt`` names every hospital root and the roots they link, so
+    the links pass the data-root boundary as an explicit allow-list and nothing else does.
+    """
     pool = run_dir / "pooled-data"
+    allowed: list[str] = []
     for site in sites:
         src = Path(site.hospital.data_root)
+        for folder in (str(src.resolve()), *linked_roots(src)):
+            if folder not in allowed:
+                allowed.append(folder)
         for path in sorted(src.rglob("annotation_*.jsonl")):
             rel = path.relative_to(src)
             target = pool / rel
@@ -128,6 +137,7 @@ def _pooled_site(run_dir: Path, sites: list[Site], cfg: FedClimbConfig) -> Site:
                 f.write(path.read_text(encoding="utf-8"))
             for entry in _media_entries(path.parent):
                 _link_into_pool(entry, target.parent / entry.relative_to(path.parent), pool, src)
+    (pool / LINKED_ROOTS_FILE).write_text("".join(f"{folder}\n" for folder in allowed), encoding="utf-8")
     state = run_dir / "pooled-state"
     state.mkdir(parents=True, exist_ok=True)
     hospital = copy.deepcopy(sites[0].hospital)

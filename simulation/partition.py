@@ -12,12 +12,14 @@ Modes (``simulation.partition``):
 
 Every split is partitioned with the same per-group shares, so each hospital keeps its own
 held-out data. Records are copied verbatim (one JSONL line each); media are not copied:
-every other file or folder beside an annotation file is a symbolic link to the original.
+every other file or folder beside an annotation file is a symbolic link to the original,
+and each hospital root names the original root in its ``linked_roots.txt`` (the explicit
+allow-list without which the data-root boundary refuses the links; see
+:func:`common.climb.records.linked_roots`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -27,7 +29,15 @@ from typing import Literal
 import numpy as np
 
 from common.climb.errors import RecordError
-from common.climb.records import annotation_files, parse_record
+from common.climb.limits import DEFAULT_BOUNDS
+from common.climb.records import (
+    LINKED_ROOTS_FILE,
+    annotation_files,
+    linked_roots,
+    parse_json_line,
+    parse_record,
+    read_lines,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,8 @@ def _mirror(src: Path, dst: Path, keep: set[Path]) -> None:
             _mirror(entry, target, keep)
         elif entry.name.startswith("annotation_") and entry.suffix == ".jsonl":
             continue
+        elif entry.name == LINKED_ROOTS_FILE:  # written, never linked (a write would land in the source)
+            continue
         elif not target.exists():
             os.symlink(entry.resolve(), target)
 
@@ -88,14 +100,18 @@ def partition_root(
     items: list[tuple[Path, str, str, str]] = []
     for path, split in files:
         rel = path.relative_to(root).as_posix()
-        for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not text.strip():
+        for number, raw in read_lines(path, max_line_bytes=DEFAULT_BOUNDS.max_line_bytes):
+            if raw is not None and not raw.strip():
                 continue
             try:
-                rec = parse_record(json.loads(text), root=root, file=rel, line=number, split=split, domain_key=domain_key)
-            except (json.JSONDecodeError, RecordError):
+                if raw is None:
+                    raise RecordError("line too long")
+                obj = parse_json_line(raw, first=number == 1)
+                rec = parse_record(obj, root=root, file=rel, line=number, split=split, domain_key=domain_key)
+            except RecordError:
                 log.warning("partition: skipping %s:%d (invalid; see `fedclimb data validate`)", rel, number)
                 continue
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             items.append((path, text, rec.domain, rec.answer_text))
     domains = sorted({d for _, _, d, _ in items})
     groups = sorted({(d, lab) for _, _, d, lab in items})
@@ -113,10 +129,12 @@ def partition_root(
         h = int(rng.choice(hospitals, p=shares[(d, lab)]))
         assigned[(h, path)].append(text)
     keep = {p.parent for p, _ in files}
+    allowed = "".join(f"{r}\n" for r in (str(root), *linked_roots(root)))
     roots = []
     for h in range(hospitals):
         dst_root = out / f"hospital-{h}"
         _mirror(root, dst_root, keep)
+        (dst_root / LINKED_ROOTS_FILE).write_text(allowed, encoding="utf-8")
         for path, _ in files:
             lines = assigned.get((h, path), [])
             target = dst_root / path.relative_to(root)
