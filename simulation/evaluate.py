@@ -160,6 +160,7 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     from common.modeling.loader import load_base_model
     from common.modeling.lora import is_lora_b, read_peft_folder
     from common.modeling.policy import Policy
+    from simulation.explain import explain_answers
     from simulation.export import adapter_folder
 
     t0 = time.perf_counter()
@@ -189,7 +190,7 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     reports = _domain_reports(answers, base_answers, majority)
     overall = _overall(reports)
     out.mkdir(parents=True, exist_ok=True)
-    explained = _explain(trainer, [a for a in answers if a.record in chosen], out / "explanations") if chosen else []
+    explained = explain_answers(trainer, [a for a in answers if a.record in chosen], out / "explanations") if chosen else []
     meta = {"adapter": str(folder) if folder else None, "base_model": bundle.source or bundle.name, "data": str(data),
             "split": split, "seed": seed, "seconds": time.perf_counter() - t0,
             "constant_from": "training split" if majority else "evaluated split"}
@@ -201,34 +202,6 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     (out / "evaluation.md").write_text(_markdown(meta, reports, overall, [str(Path(p).relative_to(out)) for p in explained]),
                                        encoding="utf-8")
     return result
-
-
-def _explain(trainer: Any, answers: Sequence[Any], folder: Path) -> list[Path]:
-    """One review PNG per answer; boxes moved from the model's image frame to the original pixels."""
-    from common.climb.inputs import load_visuals
-    from common.rewards import parse_boxes
-    from simulation.explain import Explanation, render_explanation, safe_name
-
-    cfg = trainer.cfg
-    paths = []
-    for a in answers:
-        r = a.record
-        visuals = load_visuals(r, video_frames=cfg.data.video_frames, ecg_px_per_mm=cfg.data.ecg_px_per_mm)
-        frame = trainer.encode(r).box_frame
-        pred_boxes = parse_boxes(a.text) if r.has_localisation else []
-        if frame is not None and pred_boxes:
-            ow, oh, mw, mh = frame
-            pred_boxes = [(x1 * ow / mw, y1 * oh / mh, x2 * ow / mw, y2 * oh / mh) for x1, y1, x2, y2 in pred_boxes]
-        first = visuals.leading if r.images and visuals.leading < len(visuals.images) else None
-        ex = Explanation(
-            record_id=r.id, domain=r.domain, question=r.question, options=r.options, images=visuals.images,
-            first_record_image=first, ecg_images=visuals.leading, response=a.text, predicted=label_key(a.predicted),
-            truth=label_key(truth_set(r)), correct=a.predicted == truth_set(r),
-            reward={"total": a.score.total, "accuracy": a.score.accuracy, "format": a.score.format, "iou": a.score.iou},
-            truth_boxes=list(r.bboxes), predicted_boxes=pred_boxes, truth_mask=trainer.mask_for(r),
-        )
-        paths.append(render_explanation(ex, folder / f"{safe_name(r.id)}.png"))
-    return paths
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Explanation", "render_explanation", "reasoning_text", "safe_name"]
+__all__ = ["Explanation", "render_explanation", "reasoning_text", "safe_name", "explain_answers", "explain_run"]
 
 TRUTH_COLOUR = "#1a9850"
 PRED_COLOUR = "#d73027"
@@ -130,3 +130,86 @@ def render_explanation(ex: Explanation, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path) -> list[Path]:
+    """One review PNG per scored answer (client.trainer.Answer) in ``folder``.
+
+    Predicted boxes are moved from the model's image frame back to the original pixels,
+    where the ground-truth boxes and masks are.
+    """
+    from client.trainer import truth_labels
+    from common.climb.inputs import load_visuals
+    from common.evaluation import label_key
+    from common.rewards import parse_boxes
+
+    cfg = trainer.cfg
+    paths = []
+    for a in answers:
+        r = a.record
+        visuals = load_visuals(r, video_frames=cfg.data.video_frames, ecg_px_per_mm=cfg.data.ecg_px_per_mm)
+        frame = trainer.encode(r).box_frame
+        pred_boxes = parse_boxes(a.text) if r.has_localisation else []
+        if frame is not None and pred_boxes:
+            ow, oh, mw, mh = frame
+            pred_boxes = [(x1 * ow / mw, y1 * oh / mh, x2 * ow / mw, y2 * oh / mh) for x1, y1, x2, y2 in pred_boxes]
+        truth = truth_labels(r)
+        ex = Explanation(
+            record_id=r.id, domain=r.domain, question=r.question, options=r.options, images=visuals.images,
+            first_record_image=visuals.leading if r.images and visuals.leading < len(visuals.images) else None,
+            ecg_images=visuals.leading, response=a.text, predicted=label_key(a.predicted), truth=label_key(truth),
+            correct=a.predicted == truth,
+            reward={"total": a.score.total, "accuracy": a.score.accuracy, "format": a.score.format, "iou": a.score.iou},
+            truth_boxes=list(r.bboxes), predicted_boxes=pred_boxes, truth_mask=trainer.mask_for(r),
+        )
+        paths.append(render_explanation(ex, folder / f"{safe_name(r.id)}.png"))
+    return paths
+
+
+def explain_run(run_dir: Path, cfg: Any, roots: Sequence[Path], *, per_domain: int = 2, seed: int = 0) -> list[Path]:
+    """Review PNGs of the final global adapter on ``per_domain`` test records of every domain.
+
+    The records are the first of each domain over the hospitals' test splits; the PNGs go
+    to ``RUN_DIR/explanations``.
+    """
+    from client.trainer import LocalTrainer
+    from common.climb.records import load_records
+    from common.modeling.loader import load_base_model
+    from common.modeling.lora import read_peft_folder
+    from common.modeling.policy import Policy
+
+    adapter = Path(run_dir) / "latest" / "adapter"
+    if not adapter.is_dir():
+        return []
+    policy = Policy(load_base_model(cfg.model), cfg.lora, freeze_a=cfg.aggregation.mode == "ffa")
+    policy.set_adapter(read_peft_folder(adapter))
+    trainer = LocalTrainer(policy, cfg)
+    chosen: dict[str, list[Any]] = {}
+    for root in roots:
+        for r in load_records(root, cfg.data.eval_split, domain_key=cfg.data.domain_key):
+            if len(chosen.setdefault(r.domain, [])) < per_domain:
+                chosen[r.domain].append(r)
+    records = trainer.usable([r for _, rs in sorted(chosen.items()) for r in rs])
+    if not records:
+        return []
+    return explain_answers(trainer, trainer.answers(records, seed=seed), Path(run_dir) / "explanations")
+
+
+def hospital_roots(run_dir: Path) -> list[Path]:
+    """The simulated hospitals' data roots, from their ``hospitals/hospital-<i>/hospital.yaml``."""
+    from common.config import load_hospital_config
+
+    files = sorted(Path(run_dir).glob("hospitals/hospital-*/hospital.yaml"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return [Path(load_hospital_config(f).data_root) for f in files]
+
+
+def link_in_report(report: Path, pngs: Sequence[Path]) -> None:
+    """Append a section linking the review PNGs to ``report`` (paths relative to its folder)."""
+    if not pngs:
+        return
+    lines = ["", "## Example answers of the final adapter (test records)", "",
+             "One review image per record: what the model saw, its reasoning and answer against the truth, "
+             "its boxes (red) against the ground truth (green).", ""]
+    lines += [f"![{p.stem}]({p.relative_to(report.parent)})" for p in pngs]
+    with open(report, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")

@@ -86,3 +86,24 @@ def test_choose_explained_spreads_over_domains_in_file_order(setup):
     assert all(chosen[i] == first[d] for i, d in enumerate(domains))
     ids = [records[3].id, records[0].id]
     assert [r.id for r in choose_explained(records, 0, ids)] == ids
+
+
+def test_simulate_report_links_review_pngs_of_every_domain(setup):
+    from simulation.explain import explain_run, hospital_roots, link_in_report
+
+    tmp, run, data = setup
+    cfg = load_config(str(run / "config.yaml"))
+    folder = run / "hospitals" / "hospital-0"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hospital.yaml").write_text(f"name: hospital-0\ndata_root: {data}\nstate_dir: {folder / 'state'}\n"
+                                          "privacy:\n  planned_rounds: 3\n")
+    assert hospital_roots(run) == [data]
+    pngs = explain_run(run, cfg, hospital_roots(run), per_domain=2)
+    domains = {r.domain for r in load_records(data, "test")}
+    assert len(pngs) == 2 * len(domains)
+    assert all(p.parent == run / "explanations" and p.stat().st_size > 10_000 for p in pngs)
+    report = run / "report.md"
+    report.write_text("# report\n")
+    link_in_report(report, pngs)
+    text = report.read_text()
+    assert all(f"(explanations/{p.name})" in text for p in pngs)
