@@ -7,7 +7,10 @@ sums them into per-unit gradients (:func:`group_rows_to_units`), then
 parameter tensors, sums, adds N(0, sigma^2 C^2) per coordinate and divides by the
 expected batch size q N (Abadi et al. 2016, arXiv:1607.00133, Algorithm 1, with
 Poisson sampling as in Opacus). One call is one step ``(sigma, q, 1)`` for the
-accountant (see ``effective_noise_multiplier`` when a sample is reused).
+accountant (see ``effective_noise_multiplier`` when a sample is reused). A unit whose
+gradient is not finite contributes zero (its contribution is still bounded by C, so the
+guarantee holds) and is counted in the step's statistics. All randomness comes from a
+:class:`~common.privacy.noise.NoiseSource` (ChaCha20), never from torch's generators.
 
 Shape legend: U units, R rows, ``*shape`` one parameter tensor's shape.
 """
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from common.privacy.noise import NoiseSource
 
 __all__ = [
     "CLIP_NORM_EPS",
@@ -43,15 +48,19 @@ class DPStepStats:
     num_clipped : int
         Units whose pre-clip norm exceeded the clipping bound C.
     mean_norm : float
-        Mean per-unit pre-clip L2 norm (0.0 for an empty batch).
+        Mean per-unit pre-clip L2 norm over the finite units (0.0 if none).
     max_norm : float
-        Largest per-unit pre-clip L2 norm (0.0 for an empty batch).
+        Largest per-unit pre-clip L2 norm over the finite units (0.0 if none).
+    num_nonfinite : int
+        Units whose gradient had a NaN or inf (or whose norm overflowed): they
+        contributed zero.
     """
 
     num_units: int
     num_clipped: int
     mean_norm: float
     max_norm: float
+    num_nonfinite: int = 0
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -65,7 +74,7 @@ def clip_and_noise(
     max_grad_norm: float,
     noise_multiplier: float,
     expected_batch_size: float,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     norm_eps: float = CLIP_NORM_EPS,
 ) -> tuple[list[Tensor], DPStepStats]:
     """Clip each unit's gradient, sum, add Gaussian noise, divide by q N.
@@ -73,7 +82,11 @@ def clip_and_noise(
     For unit u with gradients g_u (all tensors together) and norm
     n_u = sqrt(sum over tensors of ||g_u,t||^2)::
 
-        out_t = (sum_u min(1, C / (n_u + norm_eps)) g_u,t + N(0, sigma^2 C^2 I)) / B
+        out_t = (sum_u s_u g_u,t + N(0, sigma^2 C^2 I)) / B
+
+    with s_u = min(1, C / (n_u + norm_eps)) when n_u is finite and s_u g_u = 0 when it
+    is not (a NaN or inf anywhere in the unit's gradient): either way the unit moves
+    the sum by at most C, which is all the accounting assumes.
 
     where B is the *expected* batch size q N, not the realised one: the realised size
     itself changes when one unit is added or removed, so dividing by it would not keep
@@ -90,8 +103,9 @@ def clip_and_noise(
         sigma, >= 0 (0 gives no privacy; for tests).
     expected_batch_size : float
         B = q N, > 0.
-    generator : torch.Generator or None
-        Source of the noise (on the gradients' device); None uses torch's global RNG.
+    noise : NoiseSource or None
+        Source of the noise (drawn on the CPU in float64, cast to each tensor's dtype
+        and device); None draws from a fresh ``NoiseSource.secure()``.
     norm_eps : float
         Added to each norm before dividing.
 
@@ -99,13 +113,12 @@ def clip_and_noise(
     -------
     (list of Tensor, DPStepStats)
         One (*shape) tensor per parameter, same dtype and device as the input; and
-        statistics of the pre-clip norms.
+        statistics of the pre-clip norms (non-finite units counted, never raised).
 
     Raises
     ------
     ValueError
-        If the list is empty, the tensors disagree on U, a constant is out of range,
-        or a unit's gradient is not finite (clipping cannot bound NaN or inf).
+        If the list is empty, the tensors disagree on U, or a constant is out of range.
     """
     if not per_unit_grads:
         raise ValueError(
@@ -130,30 +143,34 @@ def clip_and_noise(
         for g in per_unit_grads
     ]  # (U,) each
     norms = torch.stack(tensor_norms, dim=1).double().pow(2).sum(dim=1).sqrt()  # (U,)
-    if not bool(torch.isfinite(norms).all()):
-        bad = int(torch.nonzero(~torch.isfinite(norms))[0, 0])
-        raise ValueError(
-            f"unit #{bad} has a non-finite gradient norm ({float(norms[bad])}); "
-            "check the loss for NaN or inf before the DP step"
-        )
+    finite = torch.isfinite(norms)  # (U,)
+    num_nonfinite = int((~finite).sum())
     scale = (max_grad_norm / (norms + norm_eps)).clamp(max=1.0)  # (U,)
+    scale = torch.where(finite, scale, torch.zeros_like(scale))
 
     noise_std = noise_multiplier * max_grad_norm
+    shapes = [g.shape[1:] for g in per_unit_grads]
+    if noise_std > 0:  # one draw for all tensors, split below
+        source = noise if noise is not None else NoiseSource.secure()
+        flat = torch.from_numpy(source.standard_normal(sum(math.prod(s) for s in shapes)))
+        draws = torch.split(flat, [math.prod(s) for s in shapes])
     out = []
-    for g in per_unit_grads:
-        clipped_sum = torch.einsum("u,u...->...", scale.to(g.dtype), g)  # (*shape)
+    for t, g in enumerate(per_unit_grads):
+        if num_nonfinite:  # 0 * NaN is NaN: zero the units themselves
+            g = torch.where(finite.to(g.device).view(-1, *[1] * (g.dim() - 1)), g, torch.zeros_like(g))
+        clipped_sum = torch.einsum("u,u...->...", scale.to(g.dtype).to(g.device), g)  # (*shape)
         if noise_std > 0:
-            noise = torch.randn(
-                g.shape[1:], generator=generator, dtype=g.dtype, device=g.device
-            )  # (*shape)
-            clipped_sum = clipped_sum + noise_std * noise
+            z = draws[t].reshape(shapes[t]).to(dtype=g.dtype, device=g.device)  # (*shape)
+            clipped_sum = clipped_sum + noise_std * z
         out.append(clipped_sum / expected_batch_size)
 
+    finite_norms = norms[finite]
     stats = DPStepStats(
         num_units=int(num_units),
-        num_clipped=int((norms > max_grad_norm).sum()),
-        mean_norm=float(norms.mean()) if num_units else 0.0,
-        max_norm=float(norms.max()) if num_units else 0.0,
+        num_clipped=int((finite_norms > max_grad_norm).sum()),
+        mean_norm=float(finite_norms.mean()) if finite_norms.numel() else 0.0,
+        max_norm=float(finite_norms.max()) if finite_norms.numel() else 0.0,
+        num_nonfinite=num_nonfinite,
     )
     return out, stats
 
@@ -210,7 +227,7 @@ def group_rows_to_units(
 def poisson_sample(
     num_units: int,
     sample_rate: float,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
 ) -> Tensor:
     """Poisson sampling: each unit is selected independently with probability q.
 
@@ -220,8 +237,8 @@ def poisson_sample(
         N, >= 0.
     sample_rate : float
         q, in (0, 1].
-    generator : torch.Generator or None
-        Source of randomness (CPU); None uses torch's global RNG.
+    noise : NoiseSource or None
+        Source of randomness; None draws from a fresh ``NoiseSource.secure()``.
 
     Returns
     -------
@@ -232,5 +249,6 @@ def poisson_sample(
         raise ValueError(f"num_units must be an integer >= 0, got {num_units!r}")
     if not (0 < sample_rate <= 1):
         raise ValueError(f"privacy.sample_rate must be in (0, 1], got {sample_rate!r}")
-    draws = torch.rand(num_units, generator=generator)  # (N,)
-    return torch.nonzero(draws < sample_rate).flatten().long()
+    source = noise if noise is not None else NoiseSource.secure()
+    draws = source.rand(num_units)  # (N,) in (0, 1]
+    return torch.nonzero(draws <= sample_rate).flatten().long()

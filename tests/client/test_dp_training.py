@@ -26,6 +26,7 @@ from common.modeling.loader import load_base_model
 from common.modeling.lora import adapter_shapes, init_adapter
 from common.modeling.policy import Policy, Rollouts
 from common.privacy.dpsgd import clip_and_noise
+from common.privacy.noise import NoiseSource
 from common.policy_loss import ppo_token_losses
 from simulation.synth import generate_federation
 
@@ -80,7 +81,7 @@ def use_cfg(env: Env) -> Iterator[Callable[..., FedClimbConfig]]:
 def _settings(*, sigma: float, q: float, clip: float, unit: str, seed: int) -> DPSettings:
     return DPSettings(
         noise_multiplier=sigma, sample_rate=q, max_grad_norm=clip, unit=unit,
-        generator=torch.Generator().manual_seed(seed),
+        generator=NoiseSource.from_seed(seed),
     )
 
 
@@ -120,12 +121,11 @@ def _instrumented_step(env: Env, monkeypatch: pytest.MonkeyPatch, dp: DPSettings
         cap.chosen = list(chosen)
         return chosen
 
-    def update(self: LocalTrainer, rollouts: Rollouts, advantages: torch.Tensor, old_logp: Any, ref_logp: Any,
+    def update(self: LocalTrainer, rollouts: Rollouts, advantages: torch.Tensor, ref_logp: Any,
                optimizer: Any, settings: Any, unit_of_prompt: list[int], num_units: int) -> Any:
-        cap.update = dict(rollouts=rollouts, advantages=advantages.detach().clone(), old_logp=old_logp,
+        cap.update = dict(rollouts=rollouts, advantages=advantages.detach().clone(),
                           ref_logp=ref_logp, unit_of_prompt=list(unit_of_prompt))
-        return real_update(self, rollouts, advantages, old_logp, ref_logp, optimizer, settings, unit_of_prompt,
-                           num_units)
+        return real_update(self, rollouts, advantages, ref_logp, optimizer, settings, unit_of_prompt, num_units)
 
     monkeypatch.setattr(dp_step, "group_rows_to_units", group)
     monkeypatch.setattr(dp_step, "clip_and_noise", clip)
@@ -361,6 +361,54 @@ def test_noise_is_drawn_from_the_dp_generator(env: Env, use_cfg: Callable[..., F
         runs[global_seed, dp_seed] = spy.steps[0]
     assert torch.equal(runs[0, 7], runs[1, 7])
     assert not torch.equal(runs[0, 7], runs[0, 8])
+
+
+def test_secure_default_noise_ignores_torch_seeds(env: Env, use_cfg: Callable[..., FedClimbConfig]) -> None:
+    """DPSettings' default source is keyed from os.urandom: the same torch seed, different noise."""
+    use_cfg()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        env.policy.set_adapter(env.start)
+        settings = DPSettings(noise_multiplier=1.0, sample_rate=1e-6, max_grad_norm=1e-6, unit="record")
+        assert isinstance(settings.generator, NoiseSource)
+        with _GradSpy() as spy:
+            env.trainer.train(env.records, steps=1, seed=2, dp=settings)
+        runs.append(spy.steps[0])
+    assert not torch.equal(runs[0], runs[1])
+
+
+# --------------------------------------------------------------------------- non-finite units
+
+
+def test_a_unit_with_a_nan_loss_contributes_zero_and_training_goes_on(
+    env: Env, use_cfg: Callable[..., FedClimbConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first unit of every micro-batch gets a NaN loss: the step goes on, counts it, and
+    its update equals the one where that unit's loss is multiplied by 0 (same sample, noise)."""
+    use_cfg("train.kl_coef=0")
+    real_reduce = dp_step.reduce_per_unit
+    updater = DPUpdater.for_policy(env.policy)
+    grads, counted = {}, {}
+    for name, factor in (("nan", float("nan")), ("zero", 0.0)):
+
+        def poisoned(losses: torch.Tensor, mask: torch.Tensor, unit_index: torch.Tensor, num_units: int,
+                     factor: float = factor) -> torch.Tensor:
+            per_row = real_reduce(losses, mask, unit_index, num_units)
+            ones = torch.ones_like(per_row)
+            return per_row * torch.where(unit_index.to(per_row.device) == 0, ones * factor, ones)
+
+        monkeypatch.setattr(dp_step, "reduce_per_unit", poisoned)
+        before = updater.nonfinite_units
+        env.policy.set_adapter(env.start)
+        with _GradSpy() as spy:
+            result = env.trainer.train(env.records, steps=1, seed=3,
+                                       dp=_settings(sigma=1.0, q=0.2, clip=1.0, unit="record", seed=4))
+        assert result.history[0].prompts > 1  # the poisoned unit and at least one other
+        grads[name], counted[name] = spy.steps[0], updater.nonfinite_units - before
+    assert counted == {"nan": 1, "zero": 0}
+    assert bool(torch.isfinite(grads["nan"]).all())
+    torch.testing.assert_close(grads["nan"], grads["zero"], rtol=1e-6, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- 4. empty Poisson batch
