@@ -9,6 +9,7 @@ result is divided by the expected batch size q * N (Poisson sampling).
 
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ import torch
 
 from common.policy_loss import reduce_per_unit
 from common.privacy.dpsgd import clip_and_noise, group_rows_to_units, poisson_sample
-from common.seeding import secret_seed
+from common.privacy.noise import NoiseSource
 
 __all__ = ["DPSettings", "DPUpdater"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,9 +34,10 @@ class DPSettings:
     sample_rate: float
     max_grad_norm: float
     unit: str
-    # Draws the Poisson samples and the noise; by default seeded from os.urandom (a fixed
-    # or guessable seed would let the server recompute and subtract the noise).
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(secret_seed()))
+    # Draws the Poisson samples and the noise (ChaCha20, common/privacy/noise.py); by
+    # default keyed from os.urandom (a fixed or guessable key would let the server
+    # recompute and subtract the noise).
+    generator: NoiseSource = field(default_factory=NoiseSource.secure)
     # Seeds the rollouts' sampling (and anything else on torch's global RNG in the step).
     # It must be secret too: with a seed the server knows, adding one unit to the batch
     # shifts the random draws of every unit after it, so other units' gradients would
@@ -68,6 +72,9 @@ class DPUpdater:
         self._sum: list[torch.Tensor] = []
         self._clipped = 0
         self._num_units = 0
+        #: Units whose gradient was not finite (NaN/inf) and so contributed zero, over
+        #: this updater's life. A local diagnostic: it is logged, never sent.
+        self.nonfinite_units = 0
 
     def sample_units(self, num_units: int, dp: DPSettings) -> list[int]:
         """Poisson sampling: each unit independently with probability q."""
@@ -115,11 +122,18 @@ class DPUpdater:
         per_row_grads = [p.grad_sample.float() for p in self.params]
         per_unit = group_rows_to_units(per_row_grads, unit_index, num_units)
         summed, stats = clip_and_noise(
-            per_unit, max_grad_norm=dp.max_grad_norm, noise_multiplier=0.0, expected_batch_size=1.0, generator=None
+            per_unit, max_grad_norm=dp.max_grad_norm, noise_multiplier=0.0, expected_batch_size=1.0
         )
         for acc, g in zip(self._sum, summed, strict=True):
             acc.add_(g)
         self._clipped += stats.num_clipped
+        if stats.num_nonfinite:
+            self.nonfinite_units += stats.num_nonfinite
+            log.warning(
+                "%d privacy unit(s) of this micro-batch had a non-finite (NaN/inf) gradient and "
+                "contributed zero to the DP step (%d so far; a local count, never sent)",
+                stats.num_nonfinite, self.nonfinite_units,
+            )
         for p in self.params:
             p.grad = None
             p.grad_sample = None
@@ -135,7 +149,7 @@ class DPUpdater:
             max_grad_norm=dp.max_grad_norm,
             noise_multiplier=dp.noise_multiplier,
             expected_batch_size=expected,
-            generator=dp.generator,
+            noise=dp.generator,
         )
         for p, s, n in zip(self.params, self._sum, noise, strict=True):
             p.grad = (s / expected + n.to(s.device)).to(p.dtype)

@@ -30,6 +30,7 @@ from client.trainer import privacy_units
 from common import keys
 from common.config import FedClimbConfig
 from common.files import write_text_atomic
+from common.privacy.noise import NoiseSource
 from common.privacy.accounting import (
     PrivacyAccountingError,
     calibrate_noise_multiplier,
@@ -135,10 +136,15 @@ def plan_privacy(
     return PrivacyPlan(sigma, sigma_eff, q, steps, stats_sigma, eps_after, fits, reason)
 
 
-def _dp_generator(cfg: FedClimbConfig, seed: int) -> torch.Generator:
+def _dp_generator(cfg: FedClimbConfig, seed: int) -> NoiseSource:
+    """The round's source of Poisson samples and DP noise: ChaCha20 (common/privacy/noise.py).
+
+    Keyed from os.urandom with ``secure_rng``; else from the round seed (reproducible
+    simulations: whoever knows the seed can subtract the noise).
+    """
     if cfg.privacy.secure_rng:
-        return torch.Generator().manual_seed(secret_seed())
-    return torch.Generator().manual_seed(derive_seed(seed, "dp-noise"))
+        return NoiseSource.secure()
+    return NoiseSource.from_seed(derive_seed(seed, "dp-noise"))
 
 
 # ------------------------------------------------------------------------- DRPO state

@@ -10,6 +10,7 @@ in the DP-SGD accounting.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 
@@ -21,12 +22,19 @@ __all__ = [
 ]
 
 
+class NormalSource(Protocol):
+    """Anything with NumPy's ``normal(loc, scale, size)``: a ``common.privacy.noise.NoiseSource``
+    (ChaCha20; what hospitals use) or, in tests, a ``numpy.random.Generator``."""
+
+    def normal(self, loc: float = ..., scale: float = ..., size: tuple[int, ...] = ...) -> np.ndarray: ...
+
+
 def gaussian_release(
     values: np.ndarray,
     *,
     l2_sensitivity: float,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: NormalSource,
 ) -> np.ndarray:
     """Gaussian mechanism: ``values + N(0, (noise_multiplier * l2_sensitivity)^2 I)``.
 
@@ -39,8 +47,8 @@ def gaussian_release(
         added or removed, > 0. The caller must guarantee it (clip before summing).
     noise_multiplier : float
         sigma, > 0: noise std in units of the sensitivity.
-    rng : np.random.Generator
-        Source of the noise.
+    rng : NormalSource
+        Source of the noise: a ``NoiseSource`` (cryptographic) for real releases.
 
     Returns
     -------
