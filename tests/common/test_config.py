@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from common.config import (
+    NON_FINITE_OK,
     ConfigError,
     FedClimbConfig,
     HospitalConfig,
+    HospitalLimits,
     TrainConfig,
     config_dir,
     from_yaml,
@@ -286,7 +293,7 @@ def test_to_flat_dict_has_dotted_leaf_keys():
 def test_hospital_config_resolves_relative_paths_against_its_folder(tmp_path):
     folder = tmp_path / "site"
     folder.mkdir()
-    path = write(folder / "hospital.yaml", "name: st-elsewhere\ndata_root: data\nstate_dir: ../state\n")
+    path = write(folder / "hospital.yaml", "name: st-elsewhere\ndata_root: data\nstate_dir: ../state\nprivacy:\n  planned_rounds: 4\n")
     hospital = load_hospital_config(path)
     assert isinstance(hospital, HospitalConfig)
     assert hospital.name == "st-elsewhere"
@@ -296,7 +303,7 @@ def test_hospital_config_resolves_relative_paths_against_its_folder(tmp_path):
 
 def test_hospital_config_keeps_absolute_paths_and_empty_values(tmp_path):
     absolute = tmp_path / "elsewhere"
-    path = write(tmp_path / "hospital.yaml", f"data_root: {absolute}\n")
+    path = write(tmp_path / "hospital.yaml", f"data_root: {absolute}\nprivacy:\n  planned_rounds: 4\n")
     hospital = load_hospital_config(path)
     assert hospital.data_root == str(absolute)
     assert hospital.state_dir == ""
@@ -320,3 +327,171 @@ def test_the_example_hospital_config_is_valid():
     assert hospital.privacy.enabled and hospital.privacy.secure_rng
     assert hospital.privacy.unit == "patient"
     assert hospital.limits.max_ppo_epochs >= 1
+
+
+# ------------------------------------------------------------------------ numeric ranges
+
+
+def _numeric_keys(cfg: object, kind: type) -> list[str]:
+    """Dotted scalar keys of a config whose default value is of ``kind`` (bools excluded)."""
+    return [k for k, v in to_flat_dict(cfg).items() if isinstance(v, kind) and not isinstance(v, bool)]
+
+
+def _may_be_non_finite(schema: type, key: str) -> bool:
+    """Whether the field at ``key`` opted out of the finiteness rule (NON_FINITE_OK)."""
+    node: type = schema
+    *path, leaf = key.split(".")
+    for part in path:
+        node = type(getattr(node(), part))
+    field = next(f for f in dataclasses.fields(node) if f.name == leaf)
+    return bool(field.metadata.get("non_finite_ok"))
+
+
+RUN_FLOATS = [k for k in _numeric_keys(FedClimbConfig(), float) if not _may_be_non_finite(FedClimbConfig, k)]
+RUN_INTS = _numeric_keys(FedClimbConfig(), int)
+HOSPITAL_FLOATS = [k for k in _numeric_keys(HospitalConfig(), float) if not _may_be_non_finite(HospitalConfig, k)]
+NON_FINITE = ["inf", "-inf", "nan"]
+
+
+def _yaml(*words: str) -> str:
+    """The YAML text that sets dotted ``key=value`` words."""
+    return OmegaConf.to_yaml(OmegaConf.from_dotlist(list(words)))
+
+
+def _names(message: str, key: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message) is not None
+
+# Out-of-range values per key: negative, zero where zero is not a documented setting,
+# and beyond the upper end of fractions and probabilities.
+POSITIVE = [  # 0 and -1 are refused
+    "model.min_pixels", "model.max_pixels", "model.tiny.vocab_size", "model.tiny.hidden_size",
+    "model.tiny.intermediate_size", "model.tiny.num_hidden_layers", "model.tiny.num_attention_heads",
+    "model.tiny.num_key_value_heads", "model.tiny.vision_depth", "model.tiny.vision_hidden_size",
+    "model.tiny.vision_intermediate_size", "model.tiny.vision_num_heads", "model.tiny.patch_size",
+    "model.tiny.spatial_merge_size", "model.tiny.temporal_patch_size", "model.tiny.initializer_range",
+    "lora.r", "lora.alpha", "data.video_frames", "data.max_images", "data.prompt_cache", "data.ecg_px_per_mm",
+    "rollout.num_rollouts", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens",
+    "rollout.batch_prompts", "rollout.eval_batch_prompts", "advantage.eps", "advantage.k_max",
+    "advantage.elbow_tol", "advantage.kl_quantile", "train.steps", "train.lr", "train.ppo_epochs",
+    "train.micro_batch", "privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm",
+    "privacy.stats_noise_multiplier", "federation.rounds", "federation.min_replies", "federation.fraction_train",
+    "federation.round_timeout_s", "federation.min_hospitals",
+    "simulation.hospitals", "simulation.synth_scale", "simulation.dirichlet_alpha", "simulation.cpus_per_hospital",
+]
+NON_NEGATIVE = [  # 0 is a documented setting (off, all, auto, default); -1 is refused
+    "seed", "model.cpu_threads", "model.tiny.init_seed", "lora.dropout", "lora.init_seed", "lora.init_b_std",
+    "data.max_records", "rollout.eval_temperature", "reward.accuracy", "reward.iou", "reward.format",
+    "train.weight_decay", "train.beta1", "train.beta2", "train.max_grad_norm", "train.clip_low", "train.clip_high",
+    "train.dual_clip", "train.kl_coef", "train.entropy_coef", "privacy.noise_multiplier", "privacy.planned_rounds",
+    "privacy.sample_rate", "federation.connect_timeout_s", "federation.max_update_norm",
+    "federation.eval_max_records", "aggregation.weight_cap", "simulation.gpus_per_hospital",
+    "simulation.parallel_hospitals",
+]
+TOO_LARGE = {
+    "model.tiny.vocab_size": "100", "lora.dropout": "1.0", "rollout.num_rollouts": "1", "rollout.top_p": "1.5",
+    "advantage.elbow_tol": "1.0", "advantage.kl_quantile": "1.0", "train.beta1": "1.0", "train.beta2": "1.0",
+    "train.clip_low": "1.0", "train.dual_clip": "0.5", "privacy.delta": "1.0", "privacy.sample_rate": "1.5",
+    "federation.fraction_train": "1.5", "aggregation.weight_cap": "1.5",
+}
+OUT_OF_RANGE = sorted(
+    [(k, "-1") for k in POSITIVE + NON_NEGATIVE] + [(k, "0") for k in POSITIVE] + list(TOO_LARGE.items())
+)
+
+
+def test_the_range_table_names_real_keys():
+    """A misspelt key would be refused as unknown and make its row pass for the wrong reason."""
+    flat = to_flat_dict(FedClimbConfig())
+    assert not set(POSITIVE) & set(NON_NEGATIVE)
+    assert {k for k, _ in OUT_OF_RANGE} <= set(flat)
+
+
+def test_every_float_key_is_in_the_non_finite_table():
+    """The finiteness rule is generic: the table below is built from the schema itself."""
+    assert {"train.lr", "rollout.temperature", "privacy.target_epsilon", "federation.round_timeout_s"} <= set(RUN_FLOATS)
+    assert {"privacy.target_epsilon", "limits.max_lr"} <= set(HOSPITAL_FLOATS)
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("key", RUN_FLOATS)
+def test_a_non_finite_float_is_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as info:
+        from_yaml(_yaml(f"{key}={value}"))
+    assert str(info.value).startswith(f"serialised config: {key}: "), str(info.value)
+
+
+@pytest.mark.parametrize("word", ["train.lr=inf", "train.lr=.inf", "train.lr=1e400", "rollout.temperature=Infinity",
+                                  "privacy.target_epsilon=.inf", "federation.round_timeout_s=-inf"])
+def test_every_spelling_of_infinity_on_the_command_line_is_refused(word):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[word])
+    assert str(info.value).startswith(f"command line: {word.split('=')[0]}: "), str(info.value)
+
+
+@pytest.mark.parametrize("key", RUN_INTS)
+def test_an_integer_key_refuses_infinity_naming_the_key(key):
+    with pytest.raises(ConfigError) as info:
+        from_yaml(_yaml(f"{key}=inf"))
+    assert _names(str(info.value), key), str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value"), OUT_OF_RANGE)
+def test_an_out_of_range_value_is_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as info:
+        from_yaml(_yaml(f"{key}={value}"))
+    assert _names(str(info.value), key), str(info.value)
+
+
+@dataclass
+class _NewSection:
+    """A section as another change might add it: no range check of its own."""
+
+    unchecked: float = 1.0
+    unbounded: float = field(default=1.0, metadata=NON_FINITE_OK)
+    weights: list[float] = field(default_factory=lambda: [1.0, 2.0])
+
+
+@dataclass
+class _NewSchema:
+    section: _NewSection = field(default_factory=_NewSection)
+
+
+def test_a_new_float_key_is_checked_for_finiteness_without_a_range_check_of_its_own():
+    """The rule walks the dataclasses: a key added later is covered; NON_FINITE_OK opts out."""
+    with pytest.raises(ConfigError, match=r"section\.unchecked: must be a finite number, got inf"):
+        from_yaml("section:\n  unchecked: .inf\n", _NewSchema)
+    with pytest.raises(ConfigError, match=r"section\.weights: must be a finite number, got nan"):
+        from_yaml("section:\n  weights: [1.0, .nan]\n", _NewSchema)
+    assert from_yaml("section:\n  unbounded: .inf\n", _NewSchema).section.unbounded == math.inf
+
+
+# Hospital files: the same rules, read through load_hospital_config.
+HOSPITAL_OUT_OF_RANGE = sorted(
+    [(f"limits.{f.name}", v) for f in dataclasses.fields(HospitalLimits) for v in ("0", "-1")]
+    + [(k, "-1") for k in ("max_train_records", "max_eval_records", "privacy.noise_multiplier",
+                           "privacy.sample_rate", "privacy.planned_rounds")]
+    + [(k, v) for k in ("privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm",
+                        "privacy.stats_noise_multiplier") for v in ("0", "-1")]
+    + [("privacy.delta", "1.0"), ("privacy.sample_rate", "1.5")]
+)
+
+
+@pytest.fixture()
+def hospital_file(tmp_path: Path) -> Path:
+    return write(tmp_path / "hospital.yaml", "name: h\nprivacy:\n  planned_rounds: 4\n")
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("key", HOSPITAL_FLOATS)
+def test_a_hospital_file_refuses_a_non_finite_float_naming_the_key(hospital_file, key, value):
+    with pytest.raises(ConfigError) as info:
+        load_hospital_config(hospital_file, [f"{key}={value}"])
+    assert str(info.value).startswith(f"command line: {key}: "), str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value"), HOSPITAL_OUT_OF_RANGE)
+def test_a_hospital_file_refuses_an_out_of_range_value_naming_the_key(tmp_path, key, value):
+    words = ["privacy.planned_rounds=4", f"{key}={value}"] if key != "privacy.planned_rounds" else [f"{key}={value}"]
+    path = write(tmp_path / "hospital.yaml", _yaml(*words))
+    with pytest.raises(ConfigError) as info:
+        load_hospital_config(path)
+    assert str(info.value).startswith(f"{path}: {key}: "), str(info.value)
