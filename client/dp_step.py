@@ -43,6 +43,10 @@ class DPSettings:
     # shifts the random draws of every unit after it, so other units' gradients would
     # depend on it. None = derive from the run seed (simulations with secure_rng off).
     rollout_seed: int | None = None
+    # The divisor of the noisy sum: q * N with N public or DP-released (rounds pass
+    # client/privacy_round.py's; the exact N would reveal itself through the update).
+    # None = q * the exact number of units, for direct calls of the trainer only.
+    expected_batch_size: float | None = None
 
 
 _UPDATERS: "weakref.WeakKeyDictionary[Any, DPUpdater]" = weakref.WeakKeyDictionary()
@@ -141,7 +145,7 @@ class DPUpdater:
     def finish_step(self, optimizer: torch.optim.Optimizer, dp: DPSettings) -> int:
         """Add the noise once, divide by q * N and step. Returns how many units were clipped."""
         self.module.disable_hooks()
-        expected = dp.sample_rate * self._num_units
+        expected = dp.expected_batch_size if dp.expected_batch_size is not None else dp.sample_rate * self._num_units
         if expected <= 0:
             raise ValueError(f"expected batch size q*N = {dp.sample_rate}*{self._num_units} must be > 0")
         noise, _ = clip_and_noise(

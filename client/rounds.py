@@ -1,9 +1,11 @@
 """What a hospital does for one train or evaluate instruction (no Flower types here).
 
-Train: check the privacy budget first (refuse with ``budget_exhausted`` if the round would
-exceed it), run local DRPO (DP-SGD when the hospital enabled DP), write the ledger, and
-return the adapter plus whitelisted numbers only. Evaluate: per-domain metrics on the
-held-out split. client/client_app.py turns these into Flower Messages.
+Train: under DP, client/privacy_round.py plans the round, checks and charges the budget
+(refusing with ``budget_exhausted`` when it would exceed it) and releases what may be
+released; then local DRPO runs (DP-SGD when the hospital enabled DP) and the reply carries
+the adapter plus whitelisted numbers only. Evaluate: per-domain metrics on the held-out
+split, exact without DP and, under DP, as privacy_round releases them.
+client/client_app.py turns these into Flower Messages.
 """
 
 from __future__ import annotations
@@ -12,37 +14,30 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from client import privacy_round
 from client.dp_step import DPSettings
+from client.privacy_round import PrivacyPlan, plan_privacy
 from client.runtime import HospitalData, Runtime
 from client.site import Site
-from client.stats import ReleasedCounts, fingerprint, load_released, save_released, unit_domain_counts
-from client.trainer import privacy_units
+from client.stats import unit_domain_counts
 from common import keys
 from common.config import FedClimbConfig
 from common.files import write_text_atomic
 from common.privacy.noise import NoiseSource
-from common.privacy.accounting import (
-    PrivacyAccountingError,
-    calibrate_noise_multiplier,
-    effective_noise_multiplier,
-)
-from common.privacy.ledger import PrivacyLedger
-from common.privacy.release import gaussian_release
 from common.seeding import derive_seed, secret_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Instruction", "TrainOutcome", "EvalOutcome", "train_round", "evaluate_round", "plan_privacy"]
+__all__ = ["Instruction", "TrainOutcome", "EvalOutcome", "train_round", "evaluate_round", "plan_privacy",
+           "PrivacyPlan"]
 
 
 @dataclass
@@ -51,7 +46,7 @@ class Instruction:
 
     server_round: int
     seed: int = 0
-    planned_rounds: int = 0
+    planned_rounds: int = 0  # the server's announcement; a hospital's DP budget never uses it
     domain_names: list[str] = field(default_factory=list)
     domain_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     only_lora_b: bool = False
@@ -70,70 +65,6 @@ class EvalOutcome:
     status: int
     metrics: dict[str, Any]
     per_domain: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class PrivacyPlan:
-    """The DP mechanisms of one round and what the ledger will say after them."""
-
-    noise_multiplier: float  # per noisy update
-    effective_noise_multiplier: float  # per sampled step (ppo_epochs composed)
-    sample_rate: float
-    steps: int
-    # The one-off release of the per-domain unit counts, if this round makes it.
-    stats_noise_multiplier: float | None
-    epsilon_after: float
-    fits: bool
-    reason: str = ""
-
-
-def plan_privacy(
-    ledger: PrivacyLedger, cfg: FedClimbConfig, *, num_units: int, planned_rounds: int, release_counts: bool = False
-) -> PrivacyPlan:
-    """Decide sigma and q for this round and check the budget before any training.
-
-    The noise multiplier is calibrated so that this round and the remaining planned
-    rounds together end at the target epsilon; ``release_counts`` adds the one-off
-    Gaussian release of the per-domain counts (client/stats.py) to this round.
-    """
-    p = cfg.privacy
-    steps = cfg.train.steps
-    epochs = cfg.train.ppo_epochs
-    q = p.sample_rate or min(1.0, cfg.rollout.batch_prompts / max(num_units, 1))
-    stats_sigma = p.stats_noise_multiplier if release_counts else None
-    extra = [(stats_sigma, 1.0, 1)] if stats_sigma else []
-    done = sum(1 for e in ledger.entries() if e.get("kind") == "dpsgd")
-    planned = p.planned_rounds or planned_rounds or 1
-    rounds_left = max(1, planned - done)
-    if p.noise_multiplier > 0:
-        sigma = p.noise_multiplier
-    elif done >= planned:
-        # The budget was calibrated to last `planned` rounds and they have run; what is left
-        # would only buy rounds of pure noise.
-        return PrivacyPlan(0.0, 0.0, q, steps, stats_sigma, ledger.spent_epsilon(), False,
-                           f"the {planned} planned round(s) have run (spent {ledger.spent_epsilon():.3f} of "
-                           f"{p.target_epsilon}); raise privacy.planned_rounds and privacy.target_epsilon to train more")
-    else:
-        try:
-            sigma_eff = calibrate_noise_multiplier(
-                target_epsilon=p.target_epsilon,
-                delta=p.delta,
-                sample_rate=q,
-                steps=steps * rounds_left,
-                accountant=p.accountant,
-                spent_history=list(ledger.history()) + extra,
-            )
-        except PrivacyAccountingError as exc:
-            return PrivacyPlan(0.0, 0.0, q, steps, stats_sigma, ledger.spent_epsilon(), False, str(exc))
-        sigma = sigma_eff * math.sqrt(epochs)
-    sigma_eff = effective_noise_multiplier(sigma, ppo_epochs=epochs)
-    eps_after = ledger.epsilon_if([(sigma_eff, q, steps), *extra])
-    fits = eps_after <= p.target_epsilon * (1 + 1e-9)
-    reason = "" if fits else (
-        f"this round would bring epsilon to {eps_after:.3f}, above the target {p.target_epsilon} "
-        f"(spent {ledger.spent_epsilon():.3f} at delta={p.delta})"
-    )
-    return PrivacyPlan(sigma, sigma_eff, q, steps, stats_sigma, eps_after, fits, reason)
 
 
 def _dp_generator(cfg: FedClimbConfig, seed: int) -> NoiseSource:
@@ -226,39 +157,17 @@ def _train_round(
     policy.set_adapter(dict(adapter))
     seed = _round_seed(cfg, site, ins)
     dp = None
-    ledger = None
-    plan = None
+    guard = None
     if cfg.privacy.enabled:
-        ledger = PrivacyLedger.open(
-            site.state_dir, delta=cfg.privacy.delta, target_epsilon=cfg.privacy.target_epsilon,
-            accountant=cfg.privacy.accountant,
-        )
-        units = privacy_units(data.train, cfg.privacy.unit)
-        if cfg.privacy.delta >= 1.0 / len(units):
-            raise ValueError(
-                f"privacy.delta={cfg.privacy.delta} is not below 1/N = 1/{len(units)} privacy units; "
-                f"set it to at most {0.1 / len(units):.1e}"
-            )
-        fp = fingerprint([r.id for r in data.train], cfg.privacy.unit, ins.domain_names)
-        released = load_released(site.state_dir, fp)
-        release_now = cfg.privacy.stats_release == "dp" and bool(ins.domain_names) and released is None
-        plan = plan_privacy(ledger, cfg, num_units=len(units), planned_rounds=ins.planned_rounds,
-                            release_counts=release_now)
-        if not plan.fits:
-            log.warning("%s: not training round %d: %s", site.name, ins.server_round, plan.reason)
-            return TrainOutcome(
-                keys.STATUS_BUDGET_EXHAUSTED,
-                None,
-                {keys.STATUS: keys.STATUS_BUDGET_EXHAUSTED, keys.EPSILON: ledger.spent_epsilon(),
-                 keys.DELTA: cfg.privacy.delta},
-                plan.reason,
-            )
+        guard = privacy_round.begin_train(site, cfg, ins.server_round, ins.domain_names, data.train,
+                                          data.evaluation, seed)
+        if isinstance(guard, privacy_round.Refused):
+            log.warning("%s: not training round %d: %s", site.name, ins.server_round, guard.reason)
+            return TrainOutcome(keys.STATUS_BUDGET_EXHAUSTED, None, guard.metrics, guard.reason)
+        plan = guard.plan
         dp = DPSettings(plan.noise_multiplier, plan.sample_rate, cfg.privacy.max_grad_norm, cfg.privacy.unit,
-                        _dp_generator(cfg, seed), secret_seed() if cfg.privacy.secure_rng else None)
-        # Charged before training: a round that fails half-way (its error status is
-        # visible to the server) has already run part of the mechanism.
-        ledger.record(round=ins.server_round, kind="dpsgd", sample_rate=plan.sample_rate,
-                      noise_multiplier=plan.effective_noise_multiplier, steps=plan.steps)
+                        _dp_generator(cfg, seed), secret_seed() if cfg.privacy.secure_rng else None,
+                        expected_batch_size=plan.expected_batch_size)
     _warn_unknown_domains(site, data.train, ins.domain_names)
     drpo_state = _load_drpo_state(site, ins.server_round) if cfg.advantage.history == "run" and dp is None else None
     result = data.trainer.train(
@@ -269,38 +178,21 @@ def _train_round(
         global_domain_stats=ins.domain_stats or None,
         drpo_state=drpo_state,
     )
-    metrics: dict[str, Any] = {
-        keys.STATUS: keys.STATUS_OK,
-        keys.LOCAL_STEPS: result.steps,
-        keys.ROLLOUT_SECONDS: round(result.rollout_s, 3),
-        keys.UPDATE_SECONDS: round(result.update_s, 3),
-    }
-    counts = unit_domain_counts([r.domain for r in data.train], result.units, ins.domain_names)
-    if dp is not None and ledger is not None and plan is not None:
-        if release_now and plan.stats_noise_multiplier is not None:
-            rng = np.random.default_rng(
-                secret_seed() if cfg.privacy.secure_rng else derive_seed(seed, "stats")
-            )
-            noisy = gaussian_release(counts, l2_sensitivity=1.0, noise_multiplier=plan.stats_noise_multiplier, rng=rng)
-            released = ReleasedCounts(fp, list(ins.domain_names), plan.stats_noise_multiplier, [float(x) for x in noisy])
-            ledger.record(round=ins.server_round, kind="stats_release", sample_rate=1.0,
-                          noise_multiplier=plan.stats_noise_multiplier, steps=1)
-            save_released(site.state_dir, released)
-        metrics.update({keys.EPSILON: ledger.spent_epsilon(), keys.DELTA: cfg.privacy.delta,
-                        keys.NOISE_MULTIPLIER: plan.noise_multiplier, keys.SAMPLE_RATE: plan.sample_rate})
-        # Only DP-released values may leave: the released counts (once released), never
-        # exact counts, sampled sizes or training rewards.
-        if released is not None and cfg.privacy.stats_release == "dp":
-            metrics[keys.D_COUNT] = list(released.counts)
-            metrics[keys.NUM_EXAMPLES] = max(int(round(float(np.clip(released.counts, 0, None).sum()))), 0)
-        else:
-            metrics[keys.NUM_EXAMPLES] = 0
+    if guard is not None:
+        metrics = privacy_round.train_metrics(guard, cfg, ins.domain_names)
     else:
         _save_drpo_state(site, ins.server_round, result.drpo_state)
+        metrics = {
+            keys.STATUS: keys.STATUS_OK,
+            keys.LOCAL_STEPS: result.steps,
+            keys.ROLLOUT_SECONDS: round(result.rollout_s, 3),
+            keys.UPDATE_SECONDS: round(result.update_s, 3),
+            keys.NUM_EXAMPLES: len(data.train),
+            keys.REWARD_MEAN: float(result.mean_reward),
+        }
         if ins.domain_names:
+            counts = unit_domain_counts([r.domain for r in data.train], result.units, ins.domain_names)
             metrics[keys.D_COUNT] = [float(x) for x in counts]
-        metrics[keys.NUM_EXAMPLES] = len(data.train)
-        metrics[keys.REWARD_MEAN] = float(result.mean_reward)
     out = result.adapter
     if ins.only_lora_b:
         out = {k: v for k, v in out.items() if k.endswith(".lora_B.weight")}
@@ -310,16 +202,31 @@ def _train_round(
 def evaluate_round(
     runtime: Runtime, site: Site, cfg: FedClimbConfig, ins: Instruction, adapter: Mapping[str, torch.Tensor]
 ) -> EvalOutcome:
-    """Per-domain held-out metrics of the global ``adapter`` (aligned with the domain names)."""
-    if cfg.privacy.enabled and cfg.privacy.eval_release == "none":
+    """Per-domain held-out metrics of the global ``adapter`` (aligned with the domain names).
+
+    Under DP they leave as privacy_round releases them (``privacy.eval_release``): noisy
+    sums charged to the ledger (dp), exact metrics the hospital opted in to (exact), or
+    nothing (none).
+    """
+    p = cfg.privacy
+    if p.enabled and p.eval_release == "none":
         return EvalOutcome(keys.STATUS_OK, {keys.STATUS: keys.STATUS_OK, keys.NUM_EXAMPLES: 0})
     data = runtime.hospital_data(site, cfg)
     policy = runtime.policy(cfg)
     policy.set_adapter(dict(adapter))
+    seed = _round_seed(cfg, site, ins)
+    if p.enabled and p.eval_release == "dp":
+        with _exclusive(site.state_dir):
+            status, released = privacy_round.evaluate_release(
+                site, cfg, ins.server_round, ins.domain_names, data.train, data.evaluation,
+                lambda records: data.trainer.evaluate(records, seed=seed).domains, seed)
+        return EvalOutcome(status, released)
+    if p.enabled and p.unit == "patient":
+        privacy_round.check_patient_units(data.train, data.evaluation)
     records = data.evaluation
     if not records:
         return EvalOutcome(keys.STATUS_NO_DATA, {keys.STATUS: keys.STATUS_NO_DATA, keys.NUM_EXAMPLES: 0})
-    result = data.trainer.evaluate(records, seed=_round_seed(cfg, site, ins))
+    result = data.trainer.evaluate(records, seed=seed)
     names = ins.domain_names or sorted(result.domains)
     columns: dict[str, list[float]] = {k: [] for k in keys.EVAL_PER_DOMAIN}
     for d in names:

@@ -9,9 +9,12 @@ add/remove-one-unit is 1.
 
 The statistic covers the whole training split, not the units sampled in a round, so it
 does not depend on (or reveal) the Poisson samples that DP-SGD's amplification relies on.
-Under DP it is released once with the Gaussian mechanism, recorded in the ledger, and the
-noisy value is kept in the hospital's state directory and re-sent every round (re-sending
-a released value is post-processing; a changed training split is released anew).
+Under DP it is released once per domain name with the Gaussian mechanism, recorded in the
+ledger, and the noisy values are kept by name in the hospital's state directory and re-sent
+every round in the order the server lists them (re-sending a released value is
+post-processing; a changed training split is released anew). The total number of units N
+is released the same way, once per split: the sample rate and the DP-SGD divisor are
+computed from that released N, never from the exact one (client/privacy_round.py).
 The domains' difficulty (mean reward) comes from the evaluation of the global adapter on
 the held-out split instead (docs/privacy.md).
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from common.files import write_text_atomic
 __all__ = ["unit_domain_counts", "ReleasedCounts", "load_released", "save_released", "fingerprint"]
 
 RELEASE_FILE = "released_domain_counts.json"
+VERSION = 2
 
 
 def unit_domain_counts(
@@ -56,10 +60,14 @@ def unit_domain_counts(
     return n
 
 
-def fingerprint(record_ids: Sequence[str], unit: str, domain_names: Sequence[str]) -> str:
-    """Identifies the training split, the unit and the domain list a release is about."""
+def fingerprint(record_ids: Sequence[str], unit: str) -> str:
+    """Identifies the training split and the privacy unit a release is about.
+
+    The server's domain list is not part of it: releases are kept by domain name, so a
+    server that reorders or repeats its names cannot force (and charge) a new release.
+    """
     h = hashlib.sha256()
-    for part in (unit, *domain_names, "|", *sorted(record_ids)):
+    for part in (f"v{VERSION}", unit, "|", *sorted(record_ids)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -67,27 +75,37 @@ def fingerprint(record_ids: Sequence[str], unit: str, domain_names: Sequence[str
 
 @dataclass
 class ReleasedCounts:
-    """A DP-released n (or None if nothing was released for this split yet)."""
+    """What was DP-released about one training split: its number of units and n_d by name."""
 
     fingerprint: str
-    domain_names: list[str]
-    noise_multiplier: float
-    counts: list[float]
+    # The DP-released number of privacy units (None until released).
+    units: float | None = None
+    # Domain name -> DP-released n_d. Names are added (each new set released once), never changed.
+    counts: dict[str, float] = field(default_factory=dict)
+
+    def missing(self, domain_names: Sequence[str]) -> list[str]:
+        """The names (first occurrence, in order) with no released count yet."""
+        return [d for d in dict.fromkeys(domain_names) if d not in self.counts]
+
+    def aligned(self, domain_names: Sequence[str]) -> list[float]:
+        """The released counts in the order of ``domain_names`` (all must be released)."""
+        return [float(self.counts[d]) for d in domain_names]
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {"version": VERSION, "fingerprint": self.fingerprint, "units": self.units, "counts": dict(self.counts)}
 
 
-def load_released(state_dir: Path, fp: str) -> ReleasedCounts | None:
-    """The stored release for this exact split, if there is one."""
+def load_released(state_dir: Path, fp: str) -> ReleasedCounts:
+    """The releases stored for this exact split (an empty record for a new split)."""
     path = Path(state_dir) / RELEASE_FILE
     if not path.is_file():
-        return None
+        return ReleasedCounts(fp)
     data: Mapping[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("fingerprint") != fp:
-        return None
-    return ReleasedCounts(data["fingerprint"], list(data["domain_names"]), float(data["noise_multiplier"]),
-                          [float(x) for x in data["counts"]])
+    if data.get("version") != VERSION or data.get("fingerprint") != fp:
+        return ReleasedCounts(fp)
+    units = data.get("units")
+    return ReleasedCounts(fp, None if units is None else float(units),
+                          {str(k): float(v) for k, v in dict(data.get("counts") or {}).items()})
 
 
 def save_released(state_dir: Path, release: ReleasedCounts) -> None:

@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 from client.dp_step import DPSettings, DPUpdater
-from common.advantages import DRPOState, domain_temperature, drpo_advantages, grpo_advantages
+from common.advantages import (
+    DRPOState,
+    domain_temperatures,
+    drpo_advantages,
+    fallback_temperature,
+    grpo_advantages,
+)
 from common.climb.errors import MediaError
 from common.climb.inputs import load_visuals
 from common.climb.limits import bounds_for
@@ -225,9 +231,9 @@ class LocalTrainer:
         a = self.cfg.advantage
         if a.estimator == "grpo":
             return grpo_advantages(rewards, eps=a.eps), state
+        # With stats, every batch domain gets a federation temperature: a domain the server
+        # has none for yet gets their mean (common.advantages.fallback_temperature).
         stats = global_stats if (a.global_domain_stats or dp) else None
-        if stats:  # every batch domain gets a federation temperature (none falls back to local)
-            stats = _complete_stats(stats, domains, eps=a.eps)
         options: dict[str, Any] = dict(
             eps=a.eps,
             history=a.history,
@@ -240,6 +246,8 @@ class LocalTrainer:
             kl=kl,
             kl_quantile=a.kl_quantile,
             restandardize=a.restandardize,
+            mu_floor=a.mu_floor,
+            min_cluster_size=a.min_cluster_size,
             domain_stats=stats,
         )
         if dp:
@@ -260,8 +268,8 @@ class LocalTrainer:
             # Without batch re-standardisation the advantages shrink by 1/T_d; rescale by
             # the mean federation temperature (a function of broadcast, DP-released
             # values only) so that rarity stays relative and the scale stays ~1.
-            temps = [domain_temperature(n, mu, eps_t=a.eps) for n, mu in options["domain_stats"].values()]
-            adv = adv * (sum(temps) / len(temps))
+            temps = domain_temperatures(options["domain_stats"], mu_floor=a.mu_floor)
+            adv = adv * fallback_temperature(temps.values())
         return adv, state
 
     def train(
@@ -525,22 +533,6 @@ def _next_batch(order: list[int], size: int, n: int, rng: np.random.Generator) -
         batch += fresh[:need]
         rest = fresh[need:]
     return batch, rest
-
-
-def _complete_stats(
-    stats: dict[str, tuple[float, float]], domains: Sequence[str], *, eps: float
-) -> dict[str, tuple[float, float]]:
-    """Give every batch domain a broadcast statistic (DP mode: no local fallback).
-
-    A domain the federation has no statistics for yet gets the mean federation
-    temperature (as N = T_mean^2, mu = 1), i.e. neither up- nor down-weighted.
-    """
-    temps = [domain_temperature(n, mu, eps_t=eps) for n, mu in stats.values()]
-    t_mean = sum(temps) / len(temps)
-    out = dict(stats)
-    for d in domains:
-        out.setdefault(d, (t_mean**2, 1.0))
-    return out
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:

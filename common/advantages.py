@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +27,13 @@ from common.kmeans import select_k_elbow
 
 HistoryMode = Literal["step", "run"]
 DomainMean = Literal["plain", "cluster_weighted"]
+
+#: Smallest mean reward a temperature uses (``advantage.mu_floor``,
+#: ``aggregation.mu_floor``); see :func:`domain_temperature`.
+MU_FLOOR = 0.1
+#: Fewest questions in a DRPO cluster (``advantage.min_cluster_size``); see
+#: :func:`common.kmeans.select_k_elbow`.
+MIN_CLUSTER_SIZE = 4
 
 
 # ---------------------------------------------------------------------------
@@ -129,8 +136,9 @@ class DRPOState:
         Diagnostics of the last call, for logging: ``{"domains": {domain:
         {"n_prompts", "n_d", "mu_d", "t_d", "k", "source"}}, "kl_threshold",
         "scale_std"}``. ``source`` is ``"local"``, ``"external"`` (from
-        ``domain_stats``) or ``"fixed"`` (``fixed_temperature``; then ``n_d`` and
-        ``mu_d`` are None). ``k`` is None when clustering is off;
+        ``domain_stats``), ``"fallback"`` (not in ``domain_stats``: the mean of its
+        temperatures) or ``"fixed"`` (``fixed_temperature``); ``n_d`` and ``mu_d``
+        are None for the last two. ``k`` is None when clustering is off;
         ``kl_threshold`` is None without damping and ``scale_std`` without
         re-standardisation.
     """
@@ -226,9 +234,89 @@ class _DomainScale:
     stats: dict[str, Any]
 
 
-def domain_temperature(n_d: float, mu_d: float, *, eps_t: float) -> float:
-    """DRPO's domain temperature ``T_d = max(sqrt(N_d) * mu_d, eps_t)`` (N_d clamped at 0)."""
-    return max(math.sqrt(max(n_d, 0.0)) * mu_d, eps_t)
+def domain_temperature(n: float, mu: float, *, mu_floor: float = MU_FLOOR) -> float:
+    """DRPO temperature of a domain or cluster, ``T = sqrt(max(N, 1)) * max(mu, mu_floor)``.
+
+    The paper's ``T = max(sqrt(N) * mu, eps)`` (QoQ-Med Sec. 3.3) with ``eps = 1e-6``
+    lets one near-zero mean reward make ``T`` a million times smaller than every other
+    temperature; after the batch re-standardisation the other domains' advantages fall
+    to ~1e-7, and on the server the hospital holding that domain takes all the weight.
+    Here a mean below ``mu_floor`` counts as ``mu_floor`` (rewards are in [0, 1], so the
+    difficulty factor of two temperatures differs at most ``1 / mu_floor``-fold), and a
+    count below 1 (DP noise) as 1: a domain or cluster with statistics holds at least
+    one question.
+
+    Parameters
+    ----------
+    n : float
+        Number of questions ``N`` (a DP-released count may be fractional or < 1).
+    mu : float
+        Mean reward ``mu``.
+    mu_floor : float
+        Smallest mean used, > 0.
+
+    Returns
+    -------
+    float
+        ``T >= mu_floor > 0``.
+
+    Raises
+    ------
+    ValueError
+        If ``n`` or ``mu`` is not finite, or ``mu_floor`` is not a finite number > 0.
+    """
+    if not (math.isfinite(mu_floor) and mu_floor > 0):
+        raise ValueError(f"mu_floor must be a finite number > 0, got {mu_floor!r}")
+    if not (math.isfinite(n) and math.isfinite(mu)):
+        raise ValueError(
+            f"a temperature needs a finite N and mu, got N={n!r}, mu={mu!r}"
+        )
+    return math.sqrt(max(n, 1.0)) * max(mu, mu_floor)
+
+
+def fallback_temperature(known: Iterable[float]) -> float:
+    """The temperature of a domain without statistics: the mean of the known ones, else 1.
+
+    The mean neither up- nor down-weights the domain relative to the others; with no
+    known temperature at all every domain gets 1 (no domain weighting). The server's
+    weights and the hospitals' DRPO use this same rule.
+    """
+    values = list(known)
+    return sum(values) / len(values) if values else 1.0
+
+
+def domain_temperatures(
+    stats: Mapping[str, tuple[float, float]],
+    domains: Iterable[str] | None = None,
+    *,
+    mu_floor: float = MU_FLOOR,
+) -> dict[str, float]:
+    """``T_d`` of each domain from ``{domain: (N_d, mu_d)}``, with the shared fallback.
+
+    Parameters
+    ----------
+    stats : mapping of str to (N_d, mu_d)
+        Domains with statistics (e.g. the federation-wide values the server
+        broadcasts); see :func:`domain_temperature`.
+    domains : iterable of str, optional
+        Domains to return, in this order; one without statistics gets
+        :func:`fallback_temperature` of the domains in ``stats``. Default: those of
+        ``stats``.
+    mu_floor : float
+        Passed to :func:`domain_temperature`.
+
+    Returns
+    -------
+    dict of str to float
+        ``T_d`` per requested domain.
+    """
+    known = {
+        d: domain_temperature(float(n), float(mu), mu_floor=mu_floor)
+        for d, (n, mu) in stats.items()
+    }
+    fill = fallback_temperature(known.values())
+    names = list(stats) if domains is None else list(domains)
+    return {d: known.get(d, fill) for d in names}
 
 
 def _is_number(value: object) -> bool:
@@ -258,12 +346,13 @@ def _scale_domain(
     hist: np.ndarray,
     n_current: int,
     *,
-    external: tuple[float, float] | None,
+    external: tuple[float | None, float | None, float] | None,
     fixed_temperature: bool,
     domain_mean: DomainMean,
     clustering: bool,
     cluster_eps_clamp: bool,
-    eps_t: float,
+    mu_floor: float,
+    min_cluster_size: int,
     k_max: int,
     tol: float,
     kmeans_seed: int,
@@ -273,7 +362,8 @@ def _scale_domain(
     """T_d and the per-prompt T_c of one domain (Sec. 3.3, stages 1 and 2).
 
     ``hist`` is the domain's history (N_d, K) whose last ``n_current`` rows are the
-    current prompts.
+    current prompts. ``external`` is ``(N_d, mu_d, T_d)`` from ``domain_stats``
+    (``N_d`` and ``mu_d`` None for a domain given the fallback temperature).
     """
     k: int | None = None
     t_c = np.ones(n_current)
@@ -283,6 +373,7 @@ def _scale_domain(
             hist,
             k_max=k_max,
             tol=tol,
+            min_size=min_cluster_size,
             seed=kmeans_seed,
             n_init=kmeans_n_init,
             max_iter=kmeans_max_iter,
@@ -292,21 +383,28 @@ def _scale_domain(
         means = np.array([hist[labels == c].mean() for c in clusters])
         weighted_mu = float((means / sizes).sum() / (1.0 / sizes).sum())
         position = np.searchsorted(clusters, labels[len(hist) - n_current :])
-        raw = np.sqrt(sizes[position]) * means[position]  # (n_current,)
-        t_c = np.maximum(raw, eps_t) if cluster_eps_clamp else raw
+        if cluster_eps_clamp:
+            t_c = np.array(  # (n_current,)
+                [
+                    domain_temperature(n, mu, mu_floor=mu_floor)
+                    for n, mu in zip(sizes[position], means[position], strict=True)
+                ]
+            )
+        else:  # the released code: no floor at all
+            t_c = np.sqrt(sizes[position]) * means[position]  # (n_current,)
     if fixed_temperature:
         t_d = 1.0
         stats: dict[str, Any] = {"n_d": None, "mu_d": None, "source": "fixed"}
     else:
         if external is not None:
-            n_d, mu_d = external
-            source = "external"
+            n_d, mu_d, t_d = external
+            source = "external" if n_d is not None else "fallback"
         else:
             n_d = float(len(hist))
             use_weighted = domain_mean == "cluster_weighted" and weighted_mu is not None
             mu_d = weighted_mu if use_weighted else float(hist.mean())
             source = "local"
-        t_d = domain_temperature(n_d, mu_d, eps_t=eps_t)
+            t_d = domain_temperature(n_d, mu_d, mu_floor=mu_floor)
         stats = {"n_d": n_d, "mu_d": mu_d, "source": source}
     stats.update({"n_prompts": n_current, "t_d": t_d, "k": k})
     return _DomainScale(t_d=t_d, t_c=t_c, stats=stats)
@@ -318,7 +416,8 @@ def _check_options(
     domain_mean: str,
     kl_quantile: float,
     eps: float,
-    eps_t: float,
+    mu_floor: float,
+    min_cluster_size: int,
 ) -> None:
     if history not in ("step", "run"):
         raise ValueError(f"history must be 'step' or 'run', got {history!r}")
@@ -330,8 +429,16 @@ def _check_options(
         raise ValueError(f"kl_quantile must be in [0, 1], got {kl_quantile!r}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    if not eps_t > 0:
-        raise ValueError(f"eps_t must be > 0, got {eps_t!r}")
+    if not (math.isfinite(mu_floor) and mu_floor > 0):
+        raise ValueError(f"mu_floor must be a finite number > 0, got {mu_floor!r}")
+    if (
+        isinstance(min_cluster_size, bool)
+        or not isinstance(min_cluster_size, numbers.Integral)
+        or min_cluster_size < 1
+    ):
+        raise ValueError(
+            f"min_cluster_size must be an integer >= 1, got {min_cluster_size!r}"
+        )
 
 
 def _check_domains(domains: Sequence[str], n_prompts: int) -> list[str]:
@@ -408,7 +515,8 @@ def drpo_advantages(
     kl_quantile: float = 0.75,
     restandardize: bool = True,
     eps: float = 1e-6,
-    eps_t: float = 1e-6,
+    mu_floor: float = MU_FLOOR,
+    min_cluster_size: int = MIN_CLUSTER_SIZE,
     unbiased: bool = True,
     k_max: int = 10,
     tol: float = 0.10,
@@ -423,10 +531,11 @@ def drpo_advantages(
        ``history="step"`` (paper: "at each step t") the history is this call's
        prompts only; with ``"run"`` (released code) it accumulates across calls.
     3. Per domain, k-means with the elbow rule (:func:`common.kmeans.select_k_elbow`)
-       over the history; a prompt's cluster is the cluster of its own vector.
-    4. ``T_d = max(sqrt(N_d) * mu_d, eps_t)`` and ``T_c = max(sqrt(N_c) * mu_c,
-       eps_t)``; N is a number of questions and mu a mean reward over the domain's
-       history or the cluster.
+       over the history, clusters of at least ``min_cluster_size`` questions; a
+       prompt's cluster is the cluster of its own vector.
+    4. ``T_d = sqrt(N_d) * max(mu_d, mu_floor)`` and ``T_c = sqrt(N_c) * max(mu_c,
+       mu_floor)`` (:func:`domain_temperature`); N is a number of questions and mu a
+       mean reward over the domain's history or the cluster.
     5. ``s_scaled = m * s / (T_d * T_c)`` with the KL-aware damping ``m`` (App. B.2)
        when ``kl_damping``, else ``m = 1``.
     6. With ``restandardize``: ``A = s_scaled / (std(s_scaled over all P*K) + eps)``.
@@ -451,16 +560,18 @@ def drpo_advantages(
     clustering : bool
         Scale by the cluster term; False sets ``T_c = 1``.
     cluster_eps_clamp : bool
-        Clamp ``T_c`` at ``eps_t`` (paper). False follows the released code: no
-        clamp, so a cluster with mean 0 gives ``T_c = 0`` (and a negative mean a
+        Floor ``T_c`` like ``T_d`` (``mu_floor``; the paper clamps at 1e-6). False
+        follows the released code: no floor, so a cluster with mean 0 gives ``T_c = 0`` (and a negative mean a
         negative ``T_c``); a prompt whose scaled advantages come out non-finite
         is left unscaled (``s_scaled = s``), as the later fork's guard does.
     fixed_temperature : bool
         Use ``T_d = 1`` (takes precedence over ``domain_stats``).
     domain_stats : mapping of str to (N_d, mu_d), optional
         Externally supplied domain statistics (e.g. federation-wide values from the
-        server); a domain listed here uses them for ``T_d`` instead of its local
-        history. Clusters stay local.
+        server). When given, no ``T_d`` comes from the local history: a listed domain
+        uses its values and a batch domain not listed gets
+        :func:`fallback_temperature` of the listed ones (``source`` "fallback"), a
+        function of ``domain_stats`` alone. Clusters stay local.
     kl_damping : bool
         Apply ``m = t / (t + z)`` with ``z = max(s_scaled * k_q, 0)`` and ``t`` the
         ``kl_quantile`` quantile of ``z`` over all P*K entries (linear
@@ -471,8 +582,13 @@ def drpo_advantages(
         Divide by the batch standard deviation (step 6); if it is 0 the result is 0.
     eps : float
         Added to standard deviations (steps 1 and 6).
-    eps_t : float
-        Lower clamp of the temperatures.
+    mu_floor : float
+        Smallest mean reward a temperature uses (> 0); bounds how far one hard
+        domain or cluster can outweigh the others (see :func:`domain_temperature`).
+    min_cluster_size : int
+        Fewest questions per cluster (>= 1; 1 is the paper's unconstrained k-means).
+        Smaller clusters are folded into the nearest one, so ``T_c`` is a statistic of
+        a group of questions rather than of a single prompt's own rewards.
     unbiased : bool
         Standard deviations with ``n - 1`` (torch's default, released code) or ``n``.
     k_max : int
@@ -505,7 +621,8 @@ def drpo_advantages(
         domain_mean=domain_mean,
         kl_quantile=kl_quantile,
         eps=eps,
-        eps_t=eps_t,
+        mu_floor=mu_floor,
+        min_cluster_size=min_cluster_size,
     )
     previous = state if state is not None else DRPOState()
     x = rewards.detach().to("cpu", torch.float64).numpy()  # (P, K)
@@ -515,9 +632,15 @@ def drpo_advantages(
         dict(previous.history) if history == "run" else {}
     )
     counts = dict(previous.counts)
+    batch_domains = list(dict.fromkeys(names))  # first-appearance order
+    checked: dict[str, tuple[float, float]] = {}
+    external_t: dict[str, float] = {}
+    if domain_stats is not None and not fixed_temperature:
+        checked = {d: _external_stats(d, v) for d, v in domain_stats.items()}
+        external_t = domain_temperatures(checked, batch_domains, mu_floor=mu_floor)
     scaled = s.copy()
     domain_report: dict[str, dict[str, Any]] = {}
-    for domain in dict.fromkeys(names):  # first-appearance order
+    for domain in batch_domains:
         rows = [i for i, name in enumerate(names) if name == domain]
         current = x[rows].tolist()
         past = new_history.get(domain, []) if history == "run" else []
@@ -529,8 +652,9 @@ def drpo_advantages(
         new_history[domain] = past + current
         counts[domain] = counts.get(domain, 0) + len(rows)
         external = None
-        if domain_stats is not None and domain in domain_stats:
-            external = _external_stats(domain, domain_stats[domain])
+        if domain in external_t:
+            n_d, mu_d = checked.get(domain, (None, None))
+            external = (n_d, mu_d, external_t[domain])
         scale = _scale_domain(
             np.asarray(new_history[domain], dtype=np.float64),
             len(rows),
@@ -539,7 +663,8 @@ def drpo_advantages(
             domain_mean=domain_mean,
             clustering=clustering,
             cluster_eps_clamp=cluster_eps_clamp,
-            eps_t=eps_t,
+            mu_floor=mu_floor,
+            min_cluster_size=min_cluster_size,
             k_max=k_max,
             tol=tol,
             kmeans_seed=kmeans_seed,

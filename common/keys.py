@@ -38,8 +38,8 @@ STATUS_EVAL_LIMIT = 5
 STATUS = "status"
 NUM_EXAMPLES = "num-examples"
 LOCAL_STEPS = "train.steps"
-ROLLOUT_SECONDS = "train.rollout-s"
-UPDATE_SECONDS = "train.update-s"
+ROLLOUT_SECONDS = "train.rollout-s"  # without DP only (wall-clock time reveals sample sizes)
+UPDATE_SECONDS = "train.update-s"  # without DP only
 REWARD_MEAN = "train.reward-mean"  # without DP only
 EPSILON = "dp.epsilon"
 DELTA = "dp.delta"
@@ -51,7 +51,8 @@ SITE_PARTITION = "site.partition"
 # released once with the Gaussian mechanism under DP.
 D_COUNT = "domain.count"
 
-# Evaluate reply metrics: per domain lists aligned with DOMAIN_NAMES.
+# Evaluate reply metrics: per domain lists aligned with DOMAIN_NAMES. Exact metrics: without
+# DP, or under DP where the hospital opted in (privacy.eval_release: exact).
 E_RECORDS = "eval.records"
 E_BALANCED_ACCURACY = "eval.balanced-accuracy"
 E_MACRO_F1 = "eval.macro-f1"
@@ -59,12 +60,19 @@ E_MEAN_IOU = "eval.mean-iou"
 E_FORMAT_RATE = "eval.format-rate"
 E_MEAN_REWARD = "eval.mean-reward"
 E_ACCURACY = "eval.accuracy"
+# Under DP (privacy.eval_release: dp): per-domain sums released once per evaluation with the
+# Gaussian mechanism (client/privacy_round.py); the server divides them (post-processing).
+E_DP_UNITS = "eval.dp.units"  # privacy units evaluated (a patient's records weigh 1 together)
+E_DP_ACCURACY_SUM = "eval.dp.accuracy-sum"
+E_DP_REWARD_SUM = "eval.dp.reward-sum"
+E_DP_FORMAT_SUM = "eval.dp.format-sum"
 
 TRAIN_SCALARS = (STATUS, NUM_EXAMPLES, LOCAL_STEPS, ROLLOUT_SECONDS, UPDATE_SECONDS, REWARD_MEAN,
                  EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, SITE_PARTITION)
 TRAIN_PER_DOMAIN = (D_COUNT,)
 EVAL_SCALARS = (STATUS, NUM_EXAMPLES, SITE_PARTITION)
 EVAL_PER_DOMAIN = (E_RECORDS, E_BALANCED_ACCURACY, E_MACRO_F1, E_MEAN_IOU, E_FORMAT_RATE, E_MEAN_REWARD, E_ACCURACY)
+EVAL_DP_PER_DOMAIN = (E_DP_UNITS, E_DP_ACCURACY_SUM, E_DP_REWARD_SUM, E_DP_FORMAT_SUM)
 
 # Hyper-parameters the server may tune per round (finite, valid, and clamped by the hospital's limits).
 TUNABLE = (

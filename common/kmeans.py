@@ -175,11 +175,57 @@ def elbow_choice(inertias: list[float], *, tol: float = 0.10) -> int | None:
     return None
 
 
+def merge_small_clusters(
+    points: np.ndarray, labels: np.ndarray, *, min_size: int
+) -> np.ndarray:
+    """Fold every cluster of fewer than ``min_size`` points into its nearest neighbour.
+
+    Repeatedly, the smallest cluster below ``min_size`` (ties: the lowest label) moves
+    all its points to the cluster whose centroid (mean) is nearest to its own (ties:
+    the lowest label), until every cluster has ``min_size`` points or one is left.
+
+    Parameters
+    ----------
+    points : numpy.ndarray, shape (n, d)
+        Finite points.
+    labels : numpy.ndarray of int, shape (n,)
+        Cluster of each point.
+    min_size : int
+        Smallest allowed cluster (>= 1; 1 changes nothing but the numbering).
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (n,)
+        New labels, numbered 0..k-1 in the order of the old labels.
+    """
+    x = _check_points(points)
+    current = np.asarray(labels).reshape(-1)
+    if current.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"labels has {current.shape[0]} entries for {x.shape[0]} points"
+        )
+    if min_size < 1:
+        raise ValueError(f"min_size must be >= 1, got {min_size!r}")
+    current = np.unique(current, return_inverse=True)[1].reshape(-1)  # 0..k-1
+    while True:
+        sizes = np.bincount(current)  # (k,)
+        small = np.flatnonzero(sizes < min_size)
+        if sizes.shape[0] == 1 or small.shape[0] == 0:
+            return current.astype(np.int64)
+        victim = int(small[np.argmin(sizes[small])])  # argmin: the lowest label on ties
+        centres = np.stack([x[current == c].mean(axis=0) for c in range(len(sizes))])
+        dist = _sq_dist(centres[[victim]], centres)[0]  # (k,)
+        dist[victim] = np.inf
+        current[current == victim] = int(np.argmin(dist))
+        current = np.unique(current, return_inverse=True)[1].reshape(-1)
+
+
 def select_k_elbow(
     points: np.ndarray,
     *,
     k_max: int = 10,
     tol: float = 0.10,
+    min_size: int = 1,
     seed: int = 0,
     n_init: int = 4,
     max_iter: int = 100,
@@ -195,6 +241,13 @@ def select_k_elbow(
     distinct row (or ``k_max`` is 1), and two distinct rows always give 2.
     Inertias are computed lazily, stopping as soon as the rule fires.
 
+    With ``min_size > 1`` no cluster is smaller than ``min_size`` points (unless
+    there are fewer points than that, giving one cluster): at most
+    ``n // min_size`` clusters are tried, and clusters of the chosen k-means that are
+    still too small are folded into their nearest neighbour
+    (:func:`merge_small_clusters`), so the returned ``k`` may be lower than the
+    elbow's. ``min_size=1`` is the rule above, unchanged.
+
     Parameters
     ----------
     points : numpy.ndarray, shape (n, d)
@@ -204,6 +257,8 @@ def select_k_elbow(
         a later fork).
     tol : float
         Relative drop below which adding clusters stops (0.10).
+    min_size : int
+        Fewest points per cluster (>= 1).
     seed, n_init, max_iter
         Passed to :func:`kmeans` for every ``k``.
 
@@ -221,14 +276,24 @@ def select_k_elbow(
         raise ValueError(f"k_max must be an integer >= 1, got {k_max!r}")
     if not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    k_eff = min(int(k_max), _distinct_rows(x)[0].shape[0])
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)):
+        raise ValueError(f"min_size must be an integer >= 1, got {min_size!r}")
+    if min_size < 1:
+        raise ValueError(f"min_size must be an integer >= 1, got {min_size!r}")
+    by_size = max(1, x.shape[0] // int(min_size))
+    k_eff = min(int(k_max), _distinct_rows(x)[0].shape[0], by_size)
     inertias: list[float] = []
     labels_by_k: list[np.ndarray] = []
+    chosen: int | None = None
     for k in range(1, k_eff + 1):
         labels, _, inertia = kmeans(x, k, seed=seed, n_init=n_init, max_iter=max_iter)
         inertias.append(inertia)
         labels_by_k.append(labels)
         chosen = elbow_choice(inertias, tol=tol)
         if chosen is not None:
-            return chosen, labels_by_k[chosen - 1]
-    return k_eff, labels_by_k[k_eff - 1]
+            break
+    labels = labels_by_k[(chosen or k_eff) - 1]
+    if min_size == 1:
+        return chosen or k_eff, labels
+    merged = merge_small_clusters(x, labels, min_size=int(min_size))
+    return int(merged.max()) + 1, merged

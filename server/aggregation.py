@@ -27,7 +27,12 @@ Modes
     averaged. Exact, because ``sum_k c_k B_k A = B_avg A``.
 ``svd``
     Form ``M`` per layer and re-factorise it by a rank-r truncated SVD,
-    ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``. Reports the truncation error.
+    ``A = a V_r^T``, ``B = U_r S_r / a``, with ``a`` the root-mean-square row norm of
+    the global A (its non-zero rows). A keeps the scale it was initialised with, so the
+    next round's gradients of B (which scale with A) and the effective learning rate
+    stay as they were; ``sqrt(S_r) V_r^T`` would shrink A's rows to ``sqrt(s_i)``
+    (e.g. 0.58 -> 0.11) and the next update about as much. Reports the truncation
+    error.
 
 The products are never materialised as (out, in) matrices: ``M = P Q`` with
 ``P = [c_g B_g, c_1 B_1, ..., c_K B_K]`` (out, R) and ``Q = [A_g; A_1; ...; A_K]``
@@ -47,6 +52,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
+from common.advantages import fallback_temperature
 
 logger = logging.getLogger(__name__)
 
@@ -72,50 +79,6 @@ CAP_TOL = 1e-12
 # ---------------------------------------------------------------------------
 
 
-def domain_temperatures(
-    N: Mapping[str, float], mu: Mapping[str, float], *, eps: float
-) -> dict[str, float]:
-    """Federation-wide domain temperatures ``T_d = max(sqrt(N_d) * mu_d, eps)``.
-
-    Parameters
-    ----------
-    N : Mapping[str, float]
-        Federation-wide number of examples per domain. Counts may carry DP noise, so
-        a negative ``N_d`` is clamped to 0 before the square root.
-    mu : Mapping[str, float]
-        Per-domain scale ``mu_d``, with exactly the domains of ``N``.
-    eps : float
-        Floor on ``T_d`` (> 0), so that ``1 / T_d`` stays finite.
-
-    Returns
-    -------
-    dict[str, float]
-        ``T_d`` per domain, in the order of ``N``.
-
-    Raises
-    ------
-    ValueError
-        If ``eps`` is not positive, the domains of ``N`` and ``mu`` differ, or a
-        value is not finite.
-    """
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}.")
-    if set(N) != set(mu):
-        raise ValueError(
-            f"`N` and `mu` must name the same domains, got only in N: "
-            f"{sorted(set(N) - set(mu))}, only in mu: {sorted(set(mu) - set(N))}."
-        )
-    temperatures: dict[str, float] = {}
-    for domain, count in N.items():
-        scale = mu[domain]
-        if not (math.isfinite(count) and math.isfinite(scale)):
-            raise ValueError(
-                f"domain {domain!r} has N={count!r}, mu={scale!r}; both must be finite."
-            )
-        temperatures[domain] = max(math.sqrt(max(count, 0.0)) * scale, eps)
-    return temperatures
-
-
 def client_weights(
     mode: WeightMode,
     *,
@@ -130,9 +93,12 @@ def client_weights(
 
     - ``examples`` (FedAvg): ``w_k = n_k``;
     - ``uniform``: ``w_k = 1``;
-    - ``domain``: ``w_k = sum_d max(n_{k,d}, 0) / T_d``. Counts may carry DP noise,
-      hence the clamp. A domain absent from ``domain_temperature`` (or every domain
-      when it is None) uses ``T_d = 1``.
+    - ``domain``: ``w_k = max(sum_d n_{k,d} / T_d, 0)`` (:func:`domain_raw_weights`).
+      Counts may carry zero-mean DP noise: the noisy counts are summed first and the
+      sum clamped, because clamping each count at 0 keeps only the positive noise and
+      gives a hospital weight in domains it does not hold. A domain absent from
+      ``domain_temperature`` uses the mean of the given temperatures, and 1 when there
+      are none (:func:`common.advantages.fallback_temperature`).
 
     With ``cap``, no weight exceeds ``cap``: the excess of capped clients is
     redistributed to the others in proportion to their raw weights, repeatedly, until
@@ -147,7 +113,8 @@ def client_weights(
     domain_counts : Sequence[Mapping[str, float]] | None
         ``n_{k,d}`` per client and domain; required for ``domain``.
     domain_temperature : Mapping[str, float] | None
-        ``T_d`` per domain (> 0), e.g. from :func:`domain_temperatures`.
+        ``T_d`` per domain (> 0), e.g. from
+        :func:`common.advantages.domain_temperatures`.
     cap : float | None
         Largest allowed normalised weight, in (0, 1]. Needs ``cap * K >= 1``.
 
@@ -174,7 +141,7 @@ def client_weights(
     elif mode == "uniform":
         raw = [1.0] * num_clients
     elif mode == "domain":
-        raw = _domain_raw_weights(num_clients, domain_counts, domain_temperature)
+        raw = domain_raw_weights(num_clients, domain_counts, domain_temperature)
     else:
         raise ValueError(
             f"`mode` must be 'examples', 'uniform' or 'domain', got {mode!r}."
@@ -192,12 +159,17 @@ def client_weights(
     return weights
 
 
-def _domain_raw_weights(
+def domain_raw_weights(
     num_clients: int,
     domain_counts: Sequence[Mapping[str, float]] | None,
     domain_temperature: Mapping[str, float] | None,
 ) -> list[float]:
-    """Raw ``domain`` weights ``sum_d max(n_{k,d}, 0) / T_d`` (T_d = 1 if absent)."""
+    """Raw ``domain`` weights ``max(sum_d n_{k,d} / T_d, 0)``, before normalisation.
+
+    Sum, then clamp: a hospital's noisy counts in domains it does not hold average
+    out instead of adding their positive part. A domain without a temperature uses
+    the mean of the given ones (1 when there are none).
+    """
     if domain_counts is None or len(domain_counts) != num_clients:
         got = None if domain_counts is None else len(domain_counts)
         raise ValueError(
@@ -211,6 +183,7 @@ def _domain_raw_weights(
                 f"temperature of domain {domain!r} must be finite and > 0, "
                 f"got {value!r}."
             )
+    fill = fallback_temperature(temperature.values())
     raw: list[float] = []
     for k, counts in enumerate(domain_counts):
         weight = 0.0
@@ -219,8 +192,8 @@ def _domain_raw_weights(
                 raise ValueError(
                     f"`domain_counts[{k}][{domain!r}]` must be finite, got {count!r}."
                 )
-            weight += max(count, 0.0) / temperature.get(domain, 1.0)
-        raw.append(weight)
+            weight += count / temperature.get(domain, fill)
+        raw.append(max(weight, 0.0))
     return raw
 
 
@@ -647,7 +620,7 @@ def _merge_layer(
     if mode == "svd":
         keep = _layer_rank(prefix, width, rank)
         b_new, a_new, kept_sq, total_sq = _truncated_factorisation(
-            p, q, keep=keep, width=width
+            p, q, keep=keep, width=width, a_scale=a_row_scale(g_a)
         )
         return b_new, a_new, max(total_sq - kept_sq, 0.0), total_sq
     b_new = averaged[pair.b_key]
@@ -711,15 +684,29 @@ def _residual_and_reference_sq(
     return float(residual.square().sum()), float(reference.square().sum())
 
 
+def a_row_scale(a: torch.Tensor) -> float:
+    """Root-mean-square L2 norm of the non-zero rows of A (r, in); 1 if all are zero.
+
+    Rows past an SVD truncation are zero and must not shrink the scale round by round.
+    """
+    norms = a.detach().to(torch.float64).norm(dim=1)  # (r,)
+    nonzero = norms[norms > 0]
+    if nonzero.numel() == 0:
+        return 1.0
+    return float(nonzero.square().mean().sqrt())
+
+
 def _truncated_factorisation(
-    p: torch.Tensor, q: torch.Tensor, *, keep: int, width: int
+    p: torch.Tensor, q: torch.Tensor, *, keep: int, width: int, a_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Rank-``keep`` SVD factors of ``M = P Q`` and the kept/total squared spectrum.
 
-    Returns ``B = U_keep sqrt(S_keep)`` (out, width) and ``A = sqrt(S_keep) V_keep^T``
-    (width, in); columns of B and rows of A past ``keep`` (or past the number of
-    singular values of M) are zero. Signs are fixed so that the largest-magnitude
-    entry of each column of U is positive (ties: the first such entry).
+    Returns ``B = U_keep S_keep / a_scale`` (out, width) and ``A = a_scale V_keep^T``
+    (width, in), so every kept row of A has norm ``a_scale`` and ``B A`` is the rank-
+    ``keep`` truncation of ``M``; columns of B and rows of A past ``keep`` (or past
+    the number of singular values of M) are zero. Signs are fixed so that the
+    largest-magnitude entry of each column of U is positive (ties: the first such
+    entry).
     """
     q_p, core, q_q = _product_core(p, q)
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
@@ -729,11 +716,10 @@ def _truncated_factorisation(
     pivot = u.abs().argmax(dim=0)  # (kept,)
     signs = torch.sign(u[pivot, torch.arange(kept, device=u.device)])
     signs[signs == 0] = 1.0
-    root = s[:kept].sqrt()
     b = torch.zeros(p.shape[0], width, dtype=p.dtype, device=p.device)
     a = torch.zeros(width, q.shape[1], dtype=q.dtype, device=q.device)
-    b[:, :kept] = u * (signs * root)  # (out, kept)
-    a[:kept] = (signs * root)[:, None] * vh  # (kept, in)
+    b[:, :kept] = u * (signs * s[:kept] / a_scale)  # (out, kept)
+    a[:kept] = (signs * a_scale)[:, None] * vh  # (kept, in)
     return b, a, float(s[:kept].square().sum()), float(s.square().sum())
 
 

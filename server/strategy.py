@@ -59,8 +59,13 @@ EVAL_METRICS: dict[str, MetricSpec] = {
     keys.E_RECORDS: MetricSpec("per_domain_float", low=0, high=MAX_COUNT),
     **{k: MetricSpec("per_domain_float", low=0, high=1) for k in _RATES},
     keys.E_MEAN_REWARD: MetricSpec("per_domain_float", low=-MAX_COUNT, high=MAX_COUNT),
+    # DP-released sums (noisy: may be negative or exceed the units).
+    **{k: MetricSpec("per_domain_float", low=-MAX_COUNT, high=MAX_COUNT) for k in keys.EVAL_DP_PER_DOMAIN},
 }
-assert set(EVAL_METRICS) == {keys.NUM_EXAMPLES, keys.SITE_PARTITION, *keys.EVAL_PER_DOMAIN}
+assert set(EVAL_METRICS) == {keys.NUM_EXAMPLES, keys.SITE_PARTITION, *keys.EVAL_PER_DOMAIN, *keys.EVAL_DP_PER_DOMAIN}
+# The means the server computes from a DP evaluation release: field -> released sum.
+_DP_MEANS = {"accuracy": keys.E_DP_ACCURACY_SUM, "mean_reward": keys.E_DP_REWARD_SUM,
+             "format_rate": keys.E_DP_FORMAT_SUM}
 
 
 def _partition(metrics: dict[str, Any]) -> int:
@@ -412,9 +417,13 @@ class FedClimbStrategy(Strategy):
             if not verdict.ok:
                 log.warning("round %d: dropped evaluation of %s: %s", server_round, label, verdict.reason)
                 continue
-            partial = [k for k in keys.EVAL_PER_DOMAIN if k not in metrics]
-            if keys.E_RECORDS in metrics and partial:
-                log.warning("round %d: dropped evaluation of %s: it lacks %s", server_round, label, partial)
+            exact = any(k in metrics for k in keys.EVAL_PER_DOMAIN)
+            released = any(k in metrics for k in keys.EVAL_DP_PER_DOMAIN)
+            expected = (keys.EVAL_PER_DOMAIN if exact else ()) + (keys.EVAL_DP_PER_DOMAIN if released else ())
+            partial = [k for k in expected if k not in metrics]
+            if partial or (exact and released):
+                why = f"it lacks {partial}" if partial else "it mixes exact and DP-released metrics"
+                log.warning("round %d: dropped evaluation of %s: %s", server_round, label, why)
                 continue
             clash = self._claim(msg.metadata.src_node_id, metrics)
             if clash is not None:
@@ -432,18 +441,31 @@ class FedClimbStrategy(Strategy):
         return MetricRecord(flat) if flat else None
 
     def _combine_eval(self, per_node: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-        """Per domain: records-weighted means over hospitals."""
+        """Per domain: records-weighted means over hospitals.
+
+        Exact replies count with their records; DP-released replies with their noisy
+        units and sums, which are added up over hospitals before dividing (less noise
+        than per-hospital means). Balanced accuracy, macro-F1 and IoU come from exact
+        replies only. A domain whose total is not positive has no estimate.
+        """
         out: dict[str, dict[str, float]] = {}
         for i, d in enumerate(self.domains):
             rows = [(m[keys.E_RECORDS][i], m) for m in per_node.values() if keys.E_RECORDS in m and m[keys.E_RECORDS][i] > 0]
-            total = sum(n for n, _ in rows)
-            if total <= 0:
+            noisy = [m for m in per_node.values() if keys.E_DP_UNITS in m]
+            exact_total = sum(n for n, _ in rows)
+            total = exact_total + sum(m[keys.E_DP_UNITS][i] for m in noisy)
+            if total <= 0 or (exact_total <= 0 and not noisy):
                 continue
             out[d] = {"records": float(total)}
             for k in keys.EVAL_PER_DOMAIN:
+                name = k.split(".", 1)[1].replace("-", "_")
                 if k == keys.E_RECORDS:
                     continue
-                out[d][k.split(".", 1)[1].replace("-", "_")] = sum(n * m[k][i] for n, m in rows) / total
+                if name in _DP_MEANS:
+                    s = sum(n * m[k][i] for n, m in rows) + sum(m[_DP_MEANS[name]][i] for m in noisy)
+                    out[d][name] = min(max(s / total, 0.0), 1.0) if noisy else s / total
+                elif exact_total > 0:
+                    out[d][name] = sum(n * m[k][i] for n, m in rows) / exact_total
         return out
 
     def summary(self) -> None:

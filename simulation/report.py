@@ -23,6 +23,16 @@ EVAL_FIELDS = {
 }
 
 
+# How the hospitals' evaluation metrics left them under DP (privacy.eval_release).
+EVAL_RELEASE = {
+    "exact": "exact metrics: every hospital opted in (privacy.eval_release: exact in its hospital.yaml), so "
+             "the test metrics below are outside the DP guarantee",
+    "dp": "noisy per-domain sums (Gaussian mechanism, charged to each hospital's ledger); balanced accuracy "
+          "and macro-F1 are not released",
+    "none": "none (privacy.eval_release: none): no test metrics",
+}
+
+
 def metric_rows(history: Sequence[dict[str, Any]], domains: Sequence[str]) -> list[dict[str, Any]]:
     """One row per round x hospital x domain x phase (train / eval)."""
     rows: list[dict[str, Any]] = []
@@ -63,16 +73,17 @@ def _eval_series(history: Sequence[dict[str, Any]], domain: str, field: str) -> 
     xs, ys = [], []
     for entry in history:
         d = ((entry.get("evaluate") or {}).get("domains") or {}).get(domain)
-        if d is not None:
+        if d is not None and field in d:  # DP-released evaluations carry no balanced accuracy
             xs.append(entry["server_round"])
             ys.append(d[field])
     return xs, ys
 
 
 def overall(domains: dict[str, dict[str, float]], field: str) -> float | None:
-    """Records-weighted mean of ``field`` over a round's evaluated domains (None if none)."""
-    n = sum(d["records"] for d in domains.values())
-    return sum(d[field] * d["records"] for d in domains.values()) / n if n else None
+    """Records-weighted mean of ``field`` over a round's evaluated domains (None if none has it)."""
+    rows = [d for d in domains.values() if field in d]
+    n = sum(d["records"] for d in rows)
+    return sum(d[field] * d["records"] for d in rows) / n if n else None
 
 
 def _overall_series(history: Sequence[dict[str, Any]], field: str) -> tuple[list[int], list[float]]:
@@ -148,9 +159,9 @@ def domain_table(history: Sequence[dict[str, Any]], domains: Sequence[str]) -> l
             out.append({
                 "domain": d,
                 "records": int(last[d]["records"]),
-                "bal_acc": (first[d]["balanced_accuracy"], last[d]["balanced_accuracy"]),
-                "macro_f1": (first[d]["macro_f1"], last[d]["macro_f1"]),
-                "reward": (first[d]["mean_reward"], last[d]["mean_reward"]),
+                "bal_acc": (first[d].get("balanced_accuracy"), last[d].get("balanced_accuracy")),
+                "macro_f1": (first[d].get("macro_f1"), last[d].get("macro_f1")),
+                "reward": (first[d].get("mean_reward"), last[d].get("mean_reward")),
             })
     return out
 
@@ -179,6 +190,7 @@ def write_report(run_dir: Path, cfg: FedClimbConfig, history: Sequence[dict[str,
         f"- advantages: {cfg.advantage.estimator.upper()}; aggregation: {cfg.aggregation.mode} with "
         f"{cfg.aggregation.weighting} weights",
         f"- privacy: {'DP-SGD, target epsilon ' + str(cfg.privacy.target_epsilon) + ' at delta ' + str(cfg.privacy.delta) if cfg.privacy.enabled else 'off'}",
+        *([f"- evaluation release: {EVAL_RELEASE[cfg.privacy.eval_release]}"] if cfg.privacy.enabled else []),
         f"- wall time: {seconds:.0f} s in total",
         "",
         "## Test metrics per domain (global adapter, before -> after)",
@@ -188,10 +200,11 @@ def write_report(run_dir: Path, cfg: FedClimbConfig, history: Sequence[dict[str,
     ]
     for r in table:
         lines.append(
-            f"| {r['domain']} | {r['records']} | {r['bal_acc'][0]:.3f} -> **{r['bal_acc'][1]:.3f}** | "
-            f"{r['macro_f1'][0]:.3f} -> {r['macro_f1'][1]:.3f} | {r['reward'][0]:.3f} -> {r['reward'][1]:.3f} |"
+            f"| {r['domain']} | {r['records']} | {_num(r['bal_acc'][0], '.3f')} -> **{_num(r['bal_acc'][1], '.3f')}** | "
+            f"{_num(r['macro_f1'][0], '.3f')} -> {_num(r['macro_f1'][1], '.3f')} | "
+            f"{_num(r['reward'][0], '.3f')} -> {_num(r['reward'][1], '.3f')} |"
         )
-    if table:
+    if table and all(None not in r["bal_acc"] for r in table):
         worst0 = min(r["bal_acc"][0] for r in table)
         worst1 = min(r["bal_acc"][1] for r in table)
         lines += ["", f"Worst-domain balanced accuracy: {worst0:.3f} -> {worst1:.3f}."]

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -30,7 +32,7 @@ from simulation.report import overall
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SimulationResult", "PreparedRun", "prepare_data", "prepare_run", "run_simulation", "run_inprocess", "MARKER"]
+__all__ = ["SimulationResult", "PreparedRun", "check_fits_federation", "prepare_data", "prepare_run", "run_simulation", "run_inprocess", "MARKER"]
 
 MARKER = ".fedclimb-simulation"
 EVENTS = "events.jsonl"
@@ -50,7 +52,59 @@ class SimulationResult:
 
     @property
     def ok(self) -> bool:
+        """Flower exited cleanly and the last round was reached (aggregated or not)."""
         return self.returncode == 0 and bool(self.history) and self.history[-1]["server_round"] == self.cfg.federation.rounds
+
+    @property
+    def aggregated_rounds(self) -> list[int]:
+        """The rounds whose updates changed the global adapter."""
+        return [h["server_round"] for h in self.history
+                if h["server_round"] > 0 and (h.get("train") or {}).get("aggregated")]
+
+    def failure(self) -> str | None:
+        """Why this run counts as failed (``fedclimb simulate`` exits 1), or None."""
+        if not self.ok:
+            return (f"simulation failed (flwr exit code {self.returncode}); "
+                    f"see {self.run_dir / 'flower.log'}")
+        if not self.aggregated_rounds:
+            return (f"no round aggregated: in each of the {self.cfg.federation.rounds} round(s) fewer than "
+                    f"federation.min_replies={self.cfg.federation.min_replies} hospital(s) sent an accepted update, "
+                    f"so the global adapter never changed ({_last_round_outcome(self.history)}); "
+                    f"see {self.run_dir / 'metrics.json'}")
+        return None
+
+
+def _last_round_outcome(history: list[dict[str, Any]]) -> str:
+    """``round 3: budget exhausted hospital-0; rejected hospital-1 (reason)`` from the round log."""
+    rounds = [h for h in history if h["server_round"] > 0]
+    if not rounds:
+        return "no round ran"
+    train = rounds[-1].get("train") or {}
+    parts = []
+    for label, what in (("budget_exhausted", "budget exhausted"), ("no_data", "no usable data")):
+        if train.get(label):
+            parts.append(f"{what}: {', '.join(train[label])}")
+    parts += [f"rejected {name} ({reason})" for name, reason in (train.get("rejected") or {}).items()]
+    if not train.get("nodes"):
+        parts.append("no replies")
+    return f"round {rounds[-1]['server_round']}: " + ("; ".join(parts) or "too few replies")
+
+
+def check_fits_federation(cfg: FedClimbConfig) -> None:
+    """Refuse federation settings that ``simulation.hospitals`` hospitals can never meet.
+
+    Raises :class:`ConfigError` naming the key: with more required replies than hospitals
+    sampled per round, no round would aggregate, yet every hospital would spend budget.
+    """
+    n, fed = cfg.simulation.hospitals, cfg.federation
+    sampled = min(n, max(1, math.ceil(fed.fraction_train * n)))  # as FedClimbStrategy.sample_nodes
+    if fed.min_hospitals > n:
+        raise ConfigError(f"federation.min_hospitals: must be <= simulation.hospitals ({n}), got {fed.min_hospitals}")
+    if fed.min_replies > sampled:
+        raise ConfigError(
+            f"federation.min_replies: must be <= the hospitals asked per round ({sampled} = "
+            f"ceil(federation.fraction_train {fed.fraction_train:g} x simulation.hospitals {n})), "
+            f"got {fed.min_replies}: no round could aggregate, yet every hospital would spend privacy budget")
 
 
 def _synth_root(cfg: FedClimbConfig, hospitals: int, seed: int) -> Path:
@@ -102,11 +156,14 @@ def _write_hospitals(cfg: FedClimbConfig, roots: Sequence[Path], run_dir: Path) 
     for i, root in enumerate(roots):
         folder = sim_root / f"hospital-{i}"
         (folder / "state").mkdir(parents=True, exist_ok=True)
+        # Under DP a hospital states the rounds its budget must last (the server's
+        # announcement is never used): the simulated ones plan for this run's rounds.
+        privacy = dataclasses.replace(cfg.privacy, planned_rounds=cfg.privacy.planned_rounds or cfg.federation.rounds)
         hospital = HospitalConfig(
             name=f"hospital-{i}",
             data_root=str(root.resolve()),
             state_dir=str((folder / "state").resolve()),
-            privacy=cfg.privacy,
+            privacy=privacy,
             domain_key=cfg.data.domain_key,
             train_split=cfg.data.train_split,
             eval_split=cfg.data.eval_split,
@@ -194,6 +251,7 @@ class PreparedRun:
 
 def prepare_run(cfg: FedClimbConfig, run_dir: Path) -> PreparedRun:
     """Data, one folder per hospital (hospital.yaml + state/), config.yaml."""
+    check_fits_federation(cfg)
     run_dir = run_dir.resolve()
     _fresh_run_dir(run_dir, cfg.server.resume)
     roots = prepare_data(cfg, run_dir)
@@ -295,5 +353,6 @@ def config_for_cli(config_file: str | None, overrides: Sequence[str], *, hospita
         raise ConfigError("data.max_records: must be 0 when privacy.enabled is true (an evenly spaced "
                           "subsample breaks the DP guarantee); use simulation.synth_scale for less data, "
                           "or privacy=off")
+    check_fits_federation(cfg)
     return cfg
 

@@ -17,8 +17,10 @@ import numpy as np
 __all__ = [
     "clamp_counts_and_means",
     "counts_and_sums_sensitivity",
+    "eval_sums_sensitivity",
     "gaussian_release",
     "release_counts_and_sums",
+    "release_eval_sums",
 ]
 
 
@@ -62,8 +64,8 @@ def gaussian_release(
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(
             f"noise multiplier of a release must be a finite number > 0, got "
-            f"{noise_multiplier!r}; set privacy.stats_noise_multiplier or "
-            "privacy.eval_noise_multiplier"
+            f"{noise_multiplier!r} (privacy.stats_noise_multiplier sets it for the unit "
+            "counts, privacy.eval_noise_multiplier for evaluation sums)"
         )
     exact = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(exact)):
@@ -206,3 +208,91 @@ def clamp_counts_and_means(
     positive = counts > 0
     means[positive] = np.clip(sums[positive] / counts[positive], 0.0, sum_bound)
     return counts, means
+
+
+def eval_sums_sensitivity(num_sums: int) -> float:
+    """L2 sensitivity of the joint per-domain vector (units, sum_1, ..., sum_k).
+
+    Every privacy unit spreads a total weight of at most 1 over its records (1 for a
+    record unit, 1/m for each record of a patient with m records); a record of weight w
+    in domain d adds w to ``units[d]`` and w * v_j to ``sum_j[d]`` with v_j in [0, 1].
+    One record's vector (1, v_1, ..., v_k) has L2 norm at most sqrt(1 + k), and a unit's
+    change is a weighted sum of its records' vectors with weights summing to at most 1,
+    so by the triangle inequality it is at most sqrt(1 + k) whatever the domains.
+
+    Parameters
+    ----------
+    num_sums : int
+        k >= 0, the number of per-record values summed besides the unit weight.
+
+    Returns
+    -------
+    float
+        ``sqrt(1 + num_sums)``.
+    """
+    if isinstance(num_sums, bool) or not isinstance(num_sums, int) or num_sums < 0:
+        raise ValueError(f"num_sums must be an integer >= 0, got {num_sums!r}")
+    return math.sqrt(1.0 + num_sums)
+
+
+def release_eval_sums(
+    units: np.ndarray,
+    sums: list[np.ndarray],
+    *,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """DP release of per-domain evaluation sums (one Gaussian mechanism).
+
+    Parameters
+    ----------
+    units : np.ndarray
+        (D,) unit-weighted record counts per domain, >= 0 (see
+        :func:`eval_sums_sensitivity` for the weighting).
+    sums : list of np.ndarray
+        k arrays (D,): per domain, the unit-weighted sum of a per-record value in [0, 1]
+        (accuracy, reward, ...); each must lie in [0, units[d]].
+    noise_multiplier : float
+        sigma, > 0; noise std is ``sigma * sqrt(1 + k)``.
+    rng : np.random.Generator
+        Source of the noise.
+
+    Returns
+    -------
+    (np.ndarray, list of np.ndarray)
+        Noisy units and noisy sums (float64; may be negative). Account as
+        ``(noise_multiplier, 1.0, 1)``.
+
+    Raises
+    ------
+    ValueError
+        If shapes differ, or a sum lies outside [0, units], which means a value was not
+        in [0, 1] and the stated sensitivity would be wrong.
+    """
+    units = np.asarray(units, dtype=np.float64)
+    arrays = [np.asarray(x, dtype=np.float64) for x in sums]
+    if units.ndim != 1 or any(a.shape != units.shape for a in arrays):
+        raise ValueError(
+            f"units and sums must be 1-D arrays of the same length, got shapes "
+            f"{units.shape} and {[a.shape for a in arrays]}"
+        )
+    if np.any(units < 0):
+        raise ValueError(f"units must be >= 0, got {units.tolist()}")
+    slack = 1e-9 * np.maximum(1.0, units)
+    for j, a in enumerate(arrays):
+        bad = (a < -slack) | (a > units + slack)
+        if np.any(bad):
+            d = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"sum #{j} of domain #{d} is {float(a[d]):g}, outside [0, {units[d]:g}]: "
+                "every per-record value must lie in [0, 1]"
+            )
+    joint = np.concatenate([units, *arrays])
+    noisy = gaussian_release(
+        joint,
+        l2_sensitivity=eval_sums_sensitivity(len(arrays)),
+        noise_multiplier=noise_multiplier,
+        rng=rng,
+    )
+    n = units.size
+    return noisy[:n], [noisy[(j + 1) * n : (j + 2) * n] for j in range(len(arrays))]

@@ -1,5 +1,6 @@
-"""A hospital's DP round (client.rounds): the privacy plan, the ledger, budget refusal,
-reproducibility, and the per-domain statistics it releases (client.stats)."""
+"""A hospital's DP round (client.rounds, client.privacy_round): the privacy plan, the ledger,
+budget refusal, reproducibility, the statistics it releases (client.stats), what a reply may
+carry, DP evaluation, and what a server cannot make a hospital spend."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import client.privacy_round as privacy_round
 import client.rounds as rounds
 from client.rounds import Instruction, plan_privacy, train_round
 from client.runtime import Runtime
@@ -57,7 +59,7 @@ def _cfg(root: Path, *overrides: str) -> FedClimbConfig:
         f"data.root={root}", "model.device=cpu", "model.precision=fp32", "aggregation.mode=fedit",
         f"rollout.batch_prompts={BATCH}", f"train.steps={STEPS}",
         "privacy.enabled=true", f"privacy.target_epsilon={TARGET}", f"privacy.delta={DELTA}",
-        f"privacy.stats_noise_multiplier={STATS_SIGMA}", *overrides,
+        f"privacy.stats_noise_multiplier={STATS_SIGMA}", "privacy.planned_rounds=1", *overrides,
     ])
 
 
@@ -96,6 +98,10 @@ def _entries(state: Path) -> list[dict[str, Any]]:
     return json.loads((state / LEDGER).read_text(encoding="utf-8"))["entries"]
 
 
+def _released_units(state: Path) -> float:
+    return float(json.loads((state / "released_domain_counts.json").read_text(encoding="utf-8"))["units"])
+
+
 def _fresh_epsilon(entries: list[dict[str, Any]]) -> float:
     acc = RDPAccountant()
     acc.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
@@ -126,9 +132,13 @@ def test_ledger_epsilon_equals_a_fresh_opacus_accountant(fed: Fed, tmp_path: Pat
     out = _run(fed, cfg, tmp_path, _ins(fed))
     assert out.status == keys.STATUS_OK and out.adapter is not None
     entries = _entries(tmp_path)
-    assert [e["kind"] for e in entries] == ["dpsgd", "stats_release"]
-    dpsgd, stats = entries
-    assert dpsgd["sample_rate"] == pytest.approx(BATCH / len(fed.train), rel=1e-12)
+    # the number of units (released once), the round, the per-domain counts (released once)
+    assert [e["kind"] for e in entries] == ["stats_release", "dpsgd", "stats_release"]
+    size, dpsgd, stats = entries
+    assert (size["noise_multiplier"], size["sample_rate"], size["steps"]) == (STATS_SIGMA, 1.0, 1)
+    # q comes from the released number of units, never from the exact one
+    assert dpsgd["sample_rate"] == pytest.approx(BATCH / _released_units(tmp_path), rel=1e-12)
+    assert out.metrics[keys.SAMPLE_RATE] == dpsgd["sample_rate"]
     assert dpsgd["steps"] == STEPS and dpsgd["round"] == 1
     assert dpsgd["noise_multiplier"] == pytest.approx(out.metrics[keys.NOISE_MULTIPLIER], rel=1e-12)
     assert (stats["noise_multiplier"], stats["sample_rate"], stats["steps"]) == (STATS_SIGMA, 1.0, 1)
@@ -146,7 +156,7 @@ def test_ppo_epochs_are_accounted_as_sigma_over_sqrt_e(fed: Fed, tmp_path: Path,
     out = _run(fed, cfg, tmp_path, _ins(fed))
     assert out.status == keys.STATUS_OK
     assert optimizer_steps[0] == 2 * STEPS  # two noisy updates per sampled step
-    dpsgd = _entries(tmp_path)[0]
+    dpsgd = next(e for e in _entries(tmp_path) if e["kind"] == "dpsgd")
     sigma = out.metrics[keys.NOISE_MULTIPLIER]
     assert dpsgd["noise_multiplier"] == pytest.approx(sigma / math.sqrt(2), rel=1e-12)
     assert _entries(tmp_path)[-1]["epsilon"] == pytest.approx(_fresh_epsilon(_entries(tmp_path)), rel=1e-9)
@@ -154,23 +164,22 @@ def test_ppo_epochs_are_accounted_as_sigma_over_sqrt_e(fed: Fed, tmp_path: Path,
     empty = tmp_path / "empty"
     empty.mkdir()
     ledger = PrivacyLedger.open(empty, delta=DELTA, target_epsilon=TARGET, accountant="rdp")
-    one = plan_privacy(ledger, _cfg(fed.root), num_units=len(fed.train), planned_rounds=1)
+    ledger.record(1, "stats_release", sample_rate=1.0, noise_multiplier=STATS_SIGMA, steps=1)
+    one = plan_privacy(ledger, _cfg(fed.root), released_units=_released_units(tmp_path), release_counts=True)
     assert sigma == pytest.approx(math.sqrt(2) * one.noise_multiplier, rel=0.02)
 
 
-def test_planned_rounds_from_the_hospital_config_win(fed: Fed, tmp_path: Path) -> None:
+def test_more_planned_rounds_mean_more_noise_per_round(tmp_path: Path, fed: Fed) -> None:
     ledger = PrivacyLedger.open(tmp_path, delta=DELTA, target_epsilon=TARGET, accountant="rdp")
-    own = plan_privacy(ledger, _cfg(fed.root, "privacy.planned_rounds=3"), num_units=len(fed.train),
-                       planned_rounds=10)
-    announced = plan_privacy(ledger, _cfg(fed.root), num_units=len(fed.train), planned_rounds=3)
-    ten = plan_privacy(ledger, _cfg(fed.root), num_units=len(fed.train), planned_rounds=10)
-    assert own.noise_multiplier == announced.noise_multiplier < ten.noise_multiplier
-    assert own.fits and own.epsilon_after < TARGET
+    three = plan_privacy(ledger, _cfg(fed.root, "privacy.planned_rounds=3"), released_units=100.0)
+    ten = plan_privacy(ledger, _cfg(fed.root, "privacy.planned_rounds=10"), released_units=100.0)
+    assert three.noise_multiplier < ten.noise_multiplier
+    assert three.fits and three.epsilon_after < TARGET
 
 
 def test_calibration_spreads_the_budget_over_the_planned_rounds(fed: Fed, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _cfg(fed.root)
+    cfg = _cfg(fed.root, "privacy.planned_rounds=3")
     spent, sigmas = [], []
     for r in (1, 2, 3):
         out = _run(fed, cfg, tmp_path, _ins(fed, r, planned=3))
@@ -183,14 +192,14 @@ def test_calibration_spreads_the_budget_over_the_planned_rounds(fed: Fed, tmp_pa
     assert spent[0] < TARGET - 0.3
     empty = tmp_path / "empty"
     empty.mkdir()
-    alone = plan_privacy(PrivacyLedger.open(empty, delta=DELTA, target_epsilon=TARGET, accountant="rdp"), cfg,
-                         num_units=len(fed.train), planned_rounds=1)
+    alone = plan_privacy(PrivacyLedger.open(empty, delta=DELTA, target_epsilon=TARGET, accountant="rdp"),
+                         _cfg(fed.root), released_units=_released_units(tmp_path))
     assert sigmas[0] > 1.05 * alone.noise_multiplier
     assert spent[2] >= TARGET - 0.02  # ... and the planned rounds used (almost) all of it
     assert max(sigmas) / min(sigmas) < 1.1
     entries = _entries(tmp_path)
-    # the per-domain counts are released once (round 1), then re-sent without new spending
-    assert [e["kind"] for e in entries] == ["dpsgd", "stats_release", "dpsgd", "dpsgd"]
+    # the unit total and the per-domain counts are released once (round 1), then re-used
+    assert [e["kind"] for e in entries] == ["stats_release", "dpsgd", "stats_release", "dpsgd", "dpsgd"]
     assert entries[-1]["epsilon"] == pytest.approx(_fresh_epsilon(entries), rel=1e-9)
     # A fourth round does not fit: refused before training, ledger untouched.
     before = (tmp_path / LEDGER).read_bytes()
@@ -283,8 +292,8 @@ def test_a_round_that_fails_while_training_is_still_charged(fed: Fed, tmp_path: 
     with pytest.raises(RuntimeError, match="half-way"):
         _run(fed, _cfg(fed.root, FIXED_SIGMA), tmp_path, _ins(fed))
     entries = _entries(tmp_path)
-    assert [e["kind"] for e in entries] == ["dpsgd"]
-    assert entries[0]["epsilon"] == pytest.approx(_fresh_epsilon(entries), rel=1e-9) and entries[0]["epsilon"] > 0
+    assert [e["kind"] for e in entries] == ["stats_release", "dpsgd", "stats_release"]
+    assert entries[-1]["epsilon"] == pytest.approx(_fresh_epsilon(entries), rel=1e-9)
 
 
 def test_rollout_seeds_are_secret_with_the_secure_generator(fed: Fed, tmp_path: Path,
@@ -333,20 +342,21 @@ def test_counts_are_released_once_from_the_whole_training_split(
     fed: Fed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unit: str
 ) -> None:
     releases: list[dict[str, Any]] = []
-    real_release = rounds.gaussian_release
+    real_release = privacy_round.gaussian_release
 
     def release(values: np.ndarray, **kwargs: Any) -> np.ndarray:
         out = real_release(values, **kwargs)
         releases.append(dict(values=np.array(values, copy=True), out=out, **kwargs))
         return out
 
-    monkeypatch.setattr(rounds, "gaussian_release", release)
-    cfg = _cfg(fed.root, f"privacy.unit={unit}", FIXED_SIGMA, "privacy.target_epsilon=20")
+    monkeypatch.setattr(privacy_round, "gaussian_release", release)
+    cfg = _cfg(fed.root, f"privacy.unit={unit}", FIXED_SIGMA, "privacy.target_epsilon=20", "privacy.planned_rounds=2")
     first = _run(fed, cfg, tmp_path, _ins(fed, 1, planned=2))
     second = _run(fed, cfg, tmp_path, _ins(fed, 2, planned=2))
     assert first.status == second.status == keys.STATUS_OK
-    assert len(releases) == 1  # released once ...
-    rel = releases[0]
+    assert len(releases) == 2  # the number of units and the counts, each released once ...
+    size, rel = releases
+    np.testing.assert_array_equal(size["values"], [len(privacy_units(fed.train, unit))])
     # ... from every unit of the training split (not the units a round happened to sample),
     units = privacy_units(fed.train, unit)
     exact = unit_domain_counts([r.domain for r in fed.train], units, fed.names)
@@ -356,10 +366,10 @@ def test_counts_are_released_once_from_the_whole_training_split(
     # ... and only the noised vector is ever sent, the same in both rounds.
     assert first.metrics[keys.D_COUNT] == second.metrics[keys.D_COUNT] == [float(x) for x in rel["out"]]
     assert not np.allclose(rel["out"], exact)
-    assert [e["kind"] for e in _entries(tmp_path)] == ["dpsgd", "stats_release", "dpsgd"]
-    allowed = {keys.STATUS, keys.LOCAL_STEPS, keys.ROLLOUT_SECONDS, keys.UPDATE_SECONDS, keys.EPSILON, keys.DELTA,
+    assert [e["kind"] for e in _entries(tmp_path)] == ["stats_release", "dpsgd", "stats_release", "dpsgd"]
+    allowed = {keys.STATUS, keys.LOCAL_STEPS, keys.EPSILON, keys.DELTA,
                keys.NOISE_MULTIPLIER, keys.SAMPLE_RATE, keys.D_COUNT, keys.NUM_EXAMPLES}
-    assert set(first.metrics) <= allowed  # no training reward, no exact count under DP
+    assert set(first.metrics) <= allowed  # no training reward, no exact count, no timing under DP
     assert first.metrics[keys.NUM_EXAMPLES] == max(round(float(np.clip(rel["out"], 0, None).sum())), 0)
 
 
@@ -371,4 +381,4 @@ def test_nothing_exact_is_sent_without_a_stats_release(fed: Fed, tmp_path: Path,
     assert out.metrics[keys.NUM_EXAMPLES] == 0
     for key in (keys.D_COUNT, keys.REWARD_MEAN):
         assert key not in out.metrics
-    assert [e["kind"] for e in _entries(tmp_path)] == ["dpsgd"]
+    assert [e["kind"] for e in _entries(tmp_path)] == ["stats_release", "dpsgd"]  # N^ for q only

@@ -13,11 +13,20 @@ import math
 import pytest
 import torch
 
-from common.advantages import DRPOState, drpo_advantages, grpo_advantages
+from common.advantages import (
+    DRPOState,
+    domain_temperature,
+    domain_temperatures,
+    drpo_advantages,
+    grpo_advantages,
+)
 
 R2 = 1 / math.sqrt(2)  # 0.7071068
 # Options that turn DRPO into plain GRPO scaled by T_d alone, for isolating steps.
 NO_CLUSTER_NO_STD = {"clustering": False, "restandardize": False}
+# The paper's unconstrained clusters (a cluster may hold a single question), for the
+# hand-computed examples of the cluster term below.
+ANY_CLUSTER = {"min_cluster_size": 1}
 
 
 def approx(values, rel: float = 1e-5, abs: float = 1e-6):  # noqa: A002 - pytest name
@@ -82,7 +91,9 @@ TWO_DOMAINS = ["a", "a", "a", "b"]
 
 
 def test_drpo_temperatures_plain_domain_mean():
-    adv, state = drpo_advantages(TWO_DOMAIN_REWARDS, TWO_DOMAINS, restandardize=False)
+    adv, state = drpo_advantages(
+        TWO_DOMAIN_REWARDS, TWO_DOMAINS, restandardize=False, **ANY_CLUSTER
+    )
     # a: N_d = 3, mu_d = (1 + 0 + 1 + 0 + 1 + 0.5) / 6 = 0.5833333,
     #    T_d = sqrt(3) * 0.5833333 = 1.0103630
     #    prompt in A: T_c = sqrt(2) * 0.5 = 0.7071068
@@ -116,6 +127,7 @@ def test_drpo_temperatures_cluster_weighted_domain_mean():
         TWO_DOMAINS,
         restandardize=False,
         domain_mean="cluster_weighted",
+        **ANY_CLUSTER,
     )
     # a: mu_d = (0.5 / 2 + 0.75 / 1) / (1/2 + 1/1) = 1.0 / 1.5 = 0.6666667,
     #    T_d = sqrt(3) * 0.6666667 = 1.1547005
@@ -127,7 +139,7 @@ def test_drpo_temperatures_cluster_weighted_domain_mean():
 
 
 def test_drpo_restandardizes_over_the_batch():
-    adv, state = drpo_advantages(TWO_DOMAIN_REWARDS, TWO_DOMAINS)
+    adv, state = drpo_advantages(TWO_DOMAIN_REWARDS, TWO_DOMAINS, **ANY_CLUSTER)
     # Scaled entries (plain mean): +-0.9897433 (2 prompts), +-0.9331389, +-11.3137085.
     # Their mean is 0, so the unbiased std is sqrt(sum of squares / (8 - 1)):
     # squares 0.9795918 (x4), 0.8707483 (x2), 128.0 (x2) -> 261.6598638 / 7
@@ -158,14 +170,18 @@ def test_drpo_single_prompt_batch():
 
 def test_drpo_zero_mean_cluster_with_nonnegative_rewards_stays_finite():
     # Domain "a": [0, 0] and [1, 0] -> k = 2. Prompt [0, 0] has s = 0 and T_c =
-    # sqrt(1) * 0 = 0: clamped to eps_t it gives 0 / tiny = 0; unclamped 0 / 0 is
+    # sqrt(1) * 0 = 0: floored at mu_floor it gives 0 / 0.1 = 0; unclamped 0 / 0 is
     # caught by the guard and left unscaled = 0.
     # Prompt [1, 0]: T_d = sqrt(2) * 0.25 = 0.3535534, T_c = 0.5
     # -> 0.7071068 / 0.1767767 = 4
     rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
     for clamp in (True, False):
         adv, _ = drpo_advantages(
-            rewards, ["a", "a"], restandardize=False, cluster_eps_clamp=clamp
+            rewards,
+            ["a", "a"],
+            restandardize=False,
+            cluster_eps_clamp=clamp,
+            **ANY_CLUSTER,
         )
         assert torch.isfinite(adv).all()
         assert adv.tolist() == [[0.0, 0.0], approx([4.0, -4.0])]
@@ -173,13 +189,16 @@ def test_drpo_zero_mean_cluster_with_nonnegative_rewards_stays_finite():
 
 def test_drpo_zero_mean_cluster_clamp_versus_released_code():
     # Rewards [-1, 1]: s = -+1/sqrt(2), cluster mean 0 -> raw T_c = 0; T_d fixed at 1.
-    # clamp (paper): T_c = eps_t = 1e-6 -> s / 1e-6 = -+707106.8
+    # floor: T_c = sqrt(1) * mu_floor = 0.1 -> s / 0.1 = -+7.071068
+    # (the paper's eps clamp, reachable with mu_floor=1e-6: s / 1e-6 = -+707106.8)
     # no clamp (released code): factor 0 -> non-finite -> prompt left unscaled = s
     rewards = torch.tensor([[-1.0, 1.0]], dtype=torch.float64)
     common = {"restandardize": False, "fixed_temperature": True}
     clamped, _ = drpo_advantages(rewards, ["a"], cluster_eps_clamp=True, **common)
+    paper, _ = drpo_advantages(rewards, ["a"], mu_floor=1e-6, **common)
     raw, _ = drpo_advantages(rewards, ["a"], cluster_eps_clamp=False, **common)
-    assert clamped[0].tolist() == approx([-707106.8, 707106.8])
+    assert clamped[0].tolist() == approx([-7.071068, 7.071068])
+    assert paper[0].tolist() == approx([-707106.8, 707106.8])
     assert raw[0].tolist() == approx([-R2, R2])
 
 
@@ -191,6 +210,97 @@ def test_drpo_without_clustering_or_temperature_is_grpo():
     # Same hand values as test_grpo_on_a_2x3_example.
     assert adv[0].tolist() == approx([1.1547005, -0.5773503, -0.5773503])
     assert adv[1].tolist() == approx([-0.999995, 0.0, 0.999995])
+
+
+# ---------------------------------------------------------------------------
+# DRPO: bounded temperatures and clusters of several questions
+# ---------------------------------------------------------------------------
+
+
+def test_domain_temperature_floors_the_mean_and_the_count():
+    """T = sqrt(max(N, 1)) * max(mu, mu_floor), so T >= mu_floor."""
+    assert domain_temperature(4.0, 0.5) == pytest.approx(1.0)  # 2 * 0.5
+    assert domain_temperature(4.0, 0.0) == pytest.approx(0.2)  # 2 * 0.1, not 1e-6
+    assert domain_temperature(0.25, 0.5) == pytest.approx(0.5)  # noisy N < 1 -> 1
+    assert domain_temperature(9.0, 0.0, mu_floor=0.5) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="mu_floor"):
+        domain_temperature(4.0, 0.5, mu_floor=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        domain_temperature(math.nan, 0.5)
+
+
+def test_domain_temperatures_give_a_domain_without_statistics_the_mean():
+    """One fallback rule: the mean of the known temperatures, or 1 when none is known."""
+    stats = {"a": (4.0, 0.5), "b": (9.0, 1.0)}  # T = 1 and 3
+    assert domain_temperatures(stats, ["b", "c", "a"]) == approx(
+        {"b": 3.0, "c": 2.0, "a": 1.0}
+    )
+    assert domain_temperatures(stats) == approx({"a": 1.0, "b": 3.0})
+    assert domain_temperatures({}, ["a", "b"]) == {"a": 1.0, "b": 1.0}
+
+
+def test_drpo_zero_mean_domain_does_not_crush_the_other_domains():
+    """A held-out mean of 0 makes T_d = 2 * 0.1, not 1e-6: the others keep 1/5 of its scale."""
+    # a: (N, mu) = (4, 0) -> T_a = 2 * 0.1 = 0.2; b: (4, 0.5) -> T_b = 1. Both prompts
+    # [1, 0] have s = +-0.7071068 -> scaled +-3.5355339 (a) and +-0.7071068 (b).
+    # Batch std (mean 0, 4 entries, n - 1): sqrt((2 * 12.5 + 2 * 0.5) / 3)
+    # = sqrt(26 / 3) = 2.9439203 -> a: +-1.2009612, b: +-0.2401922.
+    # (With T_a = 1e-6, b fell to +-1.2e-6.)
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    stats = {"a": (4.0, 0.0), "b": (4.0, 0.5)}
+    adv, state = drpo_advantages(
+        rewards, ["a", "b"], domain_stats=stats, clustering=False
+    )
+    assert adv[1].tolist() == approx([0.2401922, -0.2401922])
+    assert adv[0].tolist() == approx([1.2009612, -1.2009612])
+    assert state.last_stats["domains"]["a"]["t_d"] == pytest.approx(0.2)
+
+
+def test_drpo_a_nearly_zero_prompt_is_not_its_own_cluster():
+    """With clusters of >= 4 questions, [0.05, 0, 0, 0] is weighted like its batch."""
+    # Five distinct rows: without a minimum size each was its own cluster, so
+    # [0.05, 0, 0, 0] had T_c = sqrt(1) * 0.0125 and dwarfed the rest of the batch.
+    # Now 5 // 4 = 1 cluster: every prompt shares T_d * T_c, so re-standardisation
+    # leaves A = s / std(s). Each row's s has sum of squares K - 1 = 3 (n - 1 std),
+    # mean 0, so std over the 20 entries = sqrt(5 * 3 / 19) = 0.8885233.
+    # s of [0.05, 0, 0, 0]: mean 0.0125, std 0.025 -> [1.5, -0.5, -0.5, -0.5]
+    # s of [1, 0, 1, 0]: +-0.8660254; of [1, 1, 0, 1]: [0.5, 0.5, -1.5, 0.5].
+    rewards = torch.tensor(
+        [[0.05, 0, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1], [0, 1, 1, 1], [1, 0, 0, 1]],
+        dtype=torch.float64,
+    )
+    # (Step 1's eps shrinks the first row's s by a relative 1e-6 / 0.025 = 4e-5.)
+    adv, state = drpo_advantages(rewards, ["a"] * 5)
+    assert state.last_stats["domains"]["a"]["k"] == 1
+    assert adv[0].tolist() == approx(
+        [1.6881943, -0.5627314, -0.5627314, -0.5627314], rel=1e-4
+    )
+    assert adv[1].tolist() == approx([0.9746794, -0.9746794, 0.9746794, -0.9746794])
+    assert adv[2].tolist() == approx([0.5627314, 0.5627314, -1.6881943, 0.5627314])
+
+
+def test_drpo_a_hard_cluster_is_bounded_by_the_floor():
+    """A cluster whose mean is near 0 uses mu_floor: T_c = sqrt(4) * 0.1 = 0.2."""
+    # Four prompts, one cluster; domain fixed at T_d = 1. Cluster mean
+    # (0.05 + 0 + 0.05 + 0) / 16 = 0.00625 < 0.1 -> T_c = 0.2 (was 2 * 0.00625 = 0.0125).
+    # Prompt [0.05, 0, 0, 0]: s = [1.5, -0.5, -0.5, -0.5] -> / 0.2 = [7.5, -2.5, ...]
+    # (eps = 1e-6 on its std 0.025: relative 4e-5).
+    rewards = torch.tensor(
+        [[0.05, 0, 0, 0], [0, 0, 0, 0], [0, 0.05, 0, 0], [0, 0, 0, 0]],
+        dtype=torch.float64,
+    )
+    adv, _ = drpo_advantages(
+        rewards, ["a"] * 4, fixed_temperature=True, restandardize=False
+    )
+    assert adv[0].tolist() == approx([7.5, -2.5, -2.5, -2.5], rel=1e-4)
+
+
+def test_drpo_rejects_bad_floor_and_cluster_size():
+    rewards = torch.tensor([[1.0, 0.0]])
+    with pytest.raises(ValueError, match="mu_floor must be a finite number > 0"):
+        drpo_advantages(rewards, ["a"], mu_floor=0.0)
+    with pytest.raises(ValueError, match="min_cluster_size must be an integer >= 1"):
+        drpo_advantages(rewards, ["a"], min_cluster_size=0)
 
 
 # ---------------------------------------------------------------------------
@@ -252,18 +362,27 @@ def test_drpo_kl_damping_rejects_wrong_kl_shape():
 
 
 def test_drpo_external_domain_stats_replace_local_ones():
-    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.0]])
-    # a: external (N_d, mu_d) = (9, 0.5) -> T_d = 3 * 0.5 = 1.5 -> r / 1.5 = 0.4714045
-    # b: no external value -> local N_d = 1, mu_d = 0.25, T_d = 0.25
-    #    -> r / 0.25 = 2.8284271
+    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.0], [1.0, 0.0]])
+    # a: external (N_d, mu_d) = (9, 0.5) -> T_d = 3 * 0.5 = 1.5 -> s / 1.5 = 0.4714045
+    # c: external (16, 0.25) -> T_d = 4 * 0.25 = 1 -> s = 0.7071068
+    # b: no external value -> not its local history (N_d = 1, mu_d = 0.25 would give
+    #    T_d = 0.25) but the mean external temperature (1.5 + 1) / 2 = 1.25
+    #    -> 0.7071068 / 1.25 = 0.5656854
     adv, state = drpo_advantages(
-        rewards, ["a", "b"], domain_stats={"a": (9.0, 0.5)}, **NO_CLUSTER_NO_STD
+        rewards,
+        ["a", "b", "c"],
+        domain_stats={"a": (9.0, 0.5), "c": (16.0, 0.25)},
+        **NO_CLUSTER_NO_STD,
     )
     assert adv[0].tolist() == approx([0.4714045, -0.4714045])
-    assert adv[1].tolist() == approx([2.8284271, -2.8284271])
-    assert state.last_stats["domains"]["a"]["source"] == "external"
-    assert state.last_stats["domains"]["b"]["source"] == "local"
-    assert state.last_stats["domains"]["a"]["t_d"] == pytest.approx(1.5)
+    assert adv[1].tolist() == approx([0.5656854, -0.5656854])
+    assert adv[2].tolist() == approx([R2, -R2])
+    domains = state.last_stats["domains"]
+    assert domains["a"]["source"] == "external"
+    assert domains["a"]["t_d"] == pytest.approx(1.5)
+    assert domains["b"]["source"] == "fallback"
+    assert domains["b"]["t_d"] == pytest.approx(1.25)
+    assert domains["b"]["n_d"] is None and domains["b"]["mu_d"] is None
 
 
 def test_drpo_external_domain_stats_keep_local_clusters():
@@ -272,7 +391,11 @@ def test_drpo_external_domain_stats_keep_local_clusters():
     # -> 0.7071068 / 0.5 = 1.4142136 and 0.7071068 / 0.75 = 0.9428090
     rewards = torch.tensor([[1.0, 0.0], [1.0, 0.5]])
     adv, _ = drpo_advantages(
-        rewards, ["a", "a"], domain_stats={"a": (4, 0.5)}, restandardize=False
+        rewards,
+        ["a", "a"],
+        domain_stats={"a": (4, 0.5)},
+        restandardize=False,
+        **ANY_CLUSTER,
     )
     assert adv[:, 0].tolist() == approx([1.4142136, 0.9428090])
 
@@ -319,7 +442,12 @@ def test_drpo_run_history_clusters_the_current_prompt_with_the_past():
     # cluster: T_c = 0.75; T_d = 0.8838835 as above -> 0.8 / 0.75 = 1.0666667
     _, state = drpo_advantages(torch.tensor([[1.0, 0.0]]), ["a"], history="run")
     adv, state = drpo_advantages(
-        torch.tensor([[1.0, 0.5]]), ["a"], state, history="run", restandardize=False
+        torch.tensor([[1.0, 0.5]]),
+        ["a"],
+        state,
+        history="run",
+        restandardize=False,
+        **ANY_CLUSTER,
     )
     assert adv[0].tolist() == approx([1.0666667, -1.0666667])
     assert state.last_stats["domains"]["a"]["k"] == 2

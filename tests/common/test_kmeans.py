@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.kmeans import elbow_choice, kmeans, select_k_elbow
+from common.kmeans import elbow_choice, kmeans, merge_small_clusters, select_k_elbow
 
 
 def same_partition(labels: np.ndarray, groups: list[list[int]]) -> bool:
@@ -179,3 +179,58 @@ def test_select_k_elbow_caps_at_k_max():
 def test_select_k_elbow_rejects_bad_k_max():
     with pytest.raises(ValueError, match="k_max"):
         select_k_elbow(three_groups(), k_max=0)
+
+
+# ---------------------------------------------------------------------------
+# Minimum cluster size
+# ---------------------------------------------------------------------------
+
+# Four points at each of (0, 0), (10, 10), (20, 20) and one at (50, 50).
+SPREAD = np.array(
+    [[0.0, 0.0]] * 4 + [[10.0, 10.0]] * 4 + [[20.0, 20.0]] * 4 + [[50.0, 50.0]]
+)
+
+
+def test_merge_small_clusters_folds_into_the_nearest_centroid():
+    """A singleton joins the cluster whose centroid is nearest; numbering stays dense."""
+    points = np.array([[0.0], [1.0], [9.0], [10.0], [11.0], [4.0]])
+    labels = np.array([3, 3, 7, 7, 7, 5])
+    # {4} (label 5, size 1): centroids 0.5 and 10 are 3.5 and 6 away -> joins label 3.
+    merged = merge_small_clusters(points, labels, min_size=2)
+    assert merged.tolist() == [0, 0, 1, 1, 1, 0]
+    # min_size 1 only renumbers.
+    assert merge_small_clusters(points, labels, min_size=1).tolist() == [
+        0,
+        0,
+        2,
+        2,
+        2,
+        1,
+    ]
+
+
+def test_merge_small_clusters_stops_at_one_cluster():
+    """Fewer points than min_size: everything ends in one cluster."""
+    merged = merge_small_clusters(
+        np.array([[0.0], [5.0], [9.0]]), np.array([0, 1, 2]), min_size=4
+    )
+    assert merged.tolist() == [0, 0, 0]
+
+
+def test_select_k_elbow_gives_every_cluster_at_least_min_size_points():
+    """A lone outlier is its own cluster without a minimum size, and not with one."""
+    # min_size 1: 4 distinct rows, no elbow fires -> k = 4, (50, 50) alone.
+    k, labels = select_k_elbow(SPREAD)
+    assert k == 4 and np.bincount(labels).min() == 1
+    # min_size 4: at most 13 // 4 = 3 clusters. k = 3 gives {0, 10} (centre (5, 5),
+    # inertia 8 * 50 = 400), {20} and {50}; no elbow with three inertias
+    # (4553.8, 1600, 400), so k = 3. The singleton {50} then joins the nearer centroid:
+    # (20, 20) at squared distance 1800, not (5, 5) at 4050.
+    k, labels = select_k_elbow(SPREAD, min_size=4)
+    assert k == 2
+    assert same_partition(labels, [list(range(8)), list(range(8, 13))])
+
+
+def test_select_k_elbow_rejects_bad_min_size():
+    with pytest.raises(ValueError, match="min_size must be an integer >= 1"):
+        select_k_elbow(SPREAD, min_size=0)

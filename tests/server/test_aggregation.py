@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from server.aggregation import (
+    a_row_scale,
     aggregate,
     client_weights,
-    domain_temperatures,
     lora_pairs,
     update_norm,
 )
@@ -50,42 +50,31 @@ def test_uniform_weights_ignore_counts() -> None:
     )
 
 
-def test_domain_weights_divide_by_temperature_and_clamp_noise() -> None:
-    """w_k ∝ sum_d max(n_kd, 0) / T_d."""
+def test_domain_weights_sum_noisy_counts_then_clamp() -> None:
+    """w_k ∝ max(sum_d n_kd / T_d, 0): a negative noisy count offsets, it is not dropped."""
     counts = [{"a": 4, "b": 0}, {"a": 1, "b": 9}, {"a": 2, "b": -3}]
-    # raw: 4/2 + 0/3 = 2;  1/2 + 9/3 = 3.5;  2/2 + max(-3, 0)/3 = 1;  total 6.5
+    # raw: 4/2 + 0/3 = 2;  1/2 + 9/3 = 3.5;  max(2/2 - 3/3, 0) = 0;  total 5.5
+    # (clamping each count first gave client 2 the phantom raw weight 1: 1/6.5)
     weights = client_weights(
         "domain",
         num_examples=[4, 10, 2],
         domain_counts=counts,
         domain_temperature={"a": 2.0, "b": 3.0},
     )
-    assert weights == pytest.approx([2 / 6.5, 3.5 / 6.5, 1 / 6.5])
+    assert weights == pytest.approx([2 / 5.5, 3.5 / 5.5, 0.0])
 
 
-def test_domain_without_temperature_uses_one() -> None:
-    """A domain missing from domain_temperature has T = 1."""
-    counts = [{"a": 2, "c": 3}, {"c": 5}]
-    # raw: 2/2 + 3/1 = 4;  5/1 = 5;  total 9
+def test_domain_without_temperature_uses_the_mean_temperature() -> None:
+    """A domain missing from domain_temperature has the mean of the others' T (here 3)."""
+    counts = [{"a": 2, "c": 3}, {"b": 4, "c": 12}]
+    # raw: 2/2 + 3/3 = 2;  4/4 + 12/3 = 5;  total 7   (T = 1 for c gave 4/17, 13/17)
     weights = client_weights(
-        "domain", num_examples=[5, 5], domain_counts=counts, domain_temperature={"a": 2}
+        "domain",
+        num_examples=[5, 5],
+        domain_counts=counts,
+        domain_temperature={"a": 2.0, "b": 4.0},
     )
-    assert weights == pytest.approx([4 / 9, 5 / 9])
-
-
-def test_domain_temperatures_floor_and_clamp() -> None:
-    """T_d = max(sqrt(max(N_d, 0)) * mu_d, eps)."""
-    temps = domain_temperatures(
-        {"a": 16.0, "b": 0.0, "c": -4.0}, {"a": 0.5, "b": 2.0, "c": 1.0}, eps=0.1
-    )
-    # a: sqrt(16) * 0.5 = 2;  b: 0 -> eps;  c: clamp(-4) = 0 -> eps
-    assert temps == pytest.approx({"a": 2.0, "b": 0.1, "c": 0.1})
-
-
-def test_domain_temperatures_reject_mismatched_domains() -> None:
-    """N and mu must name the same domains."""
-    with pytest.raises(ValueError, match="only in N: \\['b'\\]"):
-        domain_temperatures({"a": 1.0, "b": 1.0}, {"a": 1.0}, eps=0.1)
+    assert weights == pytest.approx([2 / 7, 5 / 7])
 
 
 def test_cap_redistributes_excess_proportionally() -> None:
@@ -264,10 +253,10 @@ SVD_C2 = adapter([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], [[0.0, 0.0], [4.0, 0.0]])
 def test_svd_is_exact_when_ranks_fit() -> None:
     """Rank(M) <= r: B A == M and the truncation error is ~0."""
     result = aggregate(SVD_GLOBAL, [SVD_C1, SVD_C2], [0.5, 0.5], mode="svd")
-    # B = U sqrt(S) = [[0, 1], [sqrt2, 0]], A = sqrt(S) V^T = [[0, sqrt2, 0], [1, 0, 0]]
-    r2 = math.sqrt(2.0)
-    assert torch.allclose(result.adapter[B], t([[0.0, 1.0], [r2, 0.0]]), atol=1e-6)
-    expected_a = t([[0.0, r2, 0.0], [1.0, 0.0, 0.0]])
+    # The global A is 0, so its row scale falls back to 1:
+    # B = U S = [[0, 1], [2, 0]], A = V^T = [[0, 1, 0], [1, 0, 0]]
+    assert torch.allclose(result.adapter[B], t([[0.0, 1.0], [2.0, 0.0]]), atol=1e-6)
+    expected_a = t([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert torch.allclose(result.adapter[A], expected_a, atol=1e-6)
     product = result.adapter[B] @ result.adapter[A]
     assert torch.allclose(product, t([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), atol=1e-6)
@@ -278,10 +267,9 @@ def test_svd_is_exact_when_ranks_fit() -> None:
 def test_svd_truncation_error_when_rank_is_cut() -> None:
     """Keeping 1 of 2 singular values (2, 1) loses 1/sqrt(5)."""
     result = aggregate(SVD_GLOBAL, [SVD_C1, SVD_C2], [0.5, 0.5], mode="svd", rank=1)
-    r2 = math.sqrt(2.0)
-    # kept: sigma = 2 -> B = [[0, 0], [sqrt2, 0]], A = [[0, sqrt2, 0], [0, 0, 0]]
-    assert torch.allclose(result.adapter[B], t([[0.0, 0.0], [r2, 0.0]]), atol=1e-6)
-    assert torch.allclose(result.adapter[A], t([[0.0, r2, 0.0], [0.0] * 3]), atol=1e-6)
+    # kept: sigma = 2 -> B = [[0, 0], [2, 0]], A = [[0, 1, 0], [0, 0, 0]]
+    assert torch.allclose(result.adapter[B], t([[0.0, 0.0], [2.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(result.adapter[A], t([[0.0, 1.0, 0.0], [0.0] * 3]), atol=1e-6)
     # error = sqrt(1^2) / sqrt(2^2 + 1^2) = 1 / sqrt(5)
     assert result.svd_truncation_error == pytest.approx(1 / math.sqrt(5), rel=1e-9)
 
@@ -292,10 +280,9 @@ def test_svd_error_positive_when_sum_of_ranks_exceeds_r() -> None:
     c1 = adapter([[1.0, 0.0]], [[1.0], [0.0]])
     c2 = adapter([[0.0, 1.0]], [[0.0], [1.0]])
     result = aggregate(g, [c1, c2], [0.75, 0.25], mode="svd")
-    # sigma = (0.75, 0.25); keep 0.75: B = [[sqrt .75], [0]], A = [[sqrt .75, 0]]
-    root = math.sqrt(0.75)
-    assert torch.allclose(result.adapter[B], t([[root], [0.0]]), atol=1e-6)
-    assert torch.allclose(result.adapter[A], t([[root, 0.0]]), atol=1e-6)
+    # sigma = (0.75, 0.25); keep 0.75: B = [[0.75], [0]], A = [[1, 0]] (global A = 0)
+    assert torch.allclose(result.adapter[B], t([[0.75], [0.0]]), atol=1e-6)
+    assert torch.allclose(result.adapter[A], t([[1.0, 0.0]]), atol=1e-6)
     # error = 0.25 / sqrt(0.75^2 + 0.25^2) = 0.25 / sqrt(0.625) = 1 / sqrt(10)
     assert result.svd_truncation_error == pytest.approx(1 / math.sqrt(10), rel=1e-9)
 
@@ -325,6 +312,73 @@ def test_svd_matches_dense_singular_values_and_is_deterministic() -> None:
     b = first.adapter["l.lora_B.weight"]
     pivots = b.abs().argmax(dim=0)
     assert bool((b[pivots, torch.arange(2)] > 0).all())
+
+
+def test_svd_keeps_a_at_the_global_row_scale() -> None:
+    """A = a V^T with a = the global A's row norm (0.6), B = U S / a: B A = M exactly."""
+    g = adapter([[0.6, 0.0, 0.0], [0.0, 0.0, 0.6]], [[0.0, 0.0], [0.0, 0.0]])
+    result = aggregate(g, [SVD_C1, SVD_C2], [0.5, 0.5], mode="svd")
+    # M = [[1, 0, 0], [0, 2, 0]] as above (B_g = 0): A = 0.6 [[0, 1, 0], [1, 0, 0]],
+    # B = [[0, 1], [2, 0]] / 0.6. (sqrt(S) V^T gave rows of norm sqrt2 and 1.)
+    expected_a = t([[0.0, 0.6, 0.0], [0.6, 0.0, 0.0]])
+    assert torch.allclose(result.adapter[A], expected_a, atol=1e-6)
+    assert torch.allclose(
+        result.adapter[B], t([[0.0, 1 / 0.6], [2 / 0.6, 0.0]]), atol=1e-6
+    )
+    product = result.adapter[B] @ result.adapter[A]
+    assert torch.allclose(product, t([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), atol=1e-6)
+
+
+def test_svd_of_a_small_update_keeps_the_initial_a_scale() -> None:
+    """From a PEFT-style init (row norms ~ 1/sqrt(3)) A's rows keep that RMS norm."""
+    gen = torch.Generator().manual_seed(0)
+    r, n_in, n_out = 4, 32, 16
+    a0 = (torch.rand(r, n_in, generator=gen) * 2 - 1) / math.sqrt(
+        n_in
+    )  # U(+-1/sqrt(in))
+    g = {"l.lora_A.weight": a0, "l.lora_B.weight": torch.zeros(n_out, r)}
+    a1 = a0 + 1e-3 * torch.randn(r, n_in, generator=gen)  # one A: M has rank <= r
+    clients = [
+        {
+            "l.lora_A.weight": a1,
+            "l.lora_B.weight": 1e-2 * torch.randn(n_out, r, generator=gen),
+        }
+        for _ in range(2)
+    ]
+    result = aggregate(g, clients, [0.5, 0.5], mode="svd")
+    scale = a_row_scale(a0)  # sqrt(mean of squared row norms) ~ sqrt(1/3)
+    assert scale == pytest.approx(1 / math.sqrt(3), rel=0.15)
+    norms = result.adapter["l.lora_A.weight"].double().norm(dim=1)
+    assert torch.allclose(
+        norms, torch.full((r,), scale, dtype=torch.float64), rtol=1e-5
+    )
+    exact = sum(
+        0.5 * c["l.lora_B.weight"].double() @ c["l.lora_A.weight"].double()
+        for c in clients
+    )
+    product = (
+        result.adapter["l.lora_B.weight"].double()
+        @ result.adapter["l.lora_A.weight"].double()
+    )
+    assert torch.allclose(product, exact, atol=1e-6)
+
+
+def test_a_row_scale_ignores_zero_rows() -> None:
+    """RMS over the non-zero rows (norms 3 and 4 -> sqrt(12.5)); all zero -> 1."""
+    assert a_row_scale(t([[3.0, 0.0], [0.0, 0.0], [0.0, 4.0]])) == pytest.approx(
+        math.sqrt(12.5)
+    )
+    assert a_row_scale(torch.zeros(2, 3)) == 1.0
+
+
+def test_ffa_learns_from_a_zero_b() -> None:
+    """With A frozen and non-zero, B = 0 gets a non-zero gradient at the first step."""
+    a = t([[0.5, -0.2, 0.1], [0.3, 0.4, -0.6]])  # (r, in), frozen
+    b = torch.zeros(2, 2, requires_grad=True)  # (out, r), PEFT's zero init
+    x = t([[1.0, 2.0, 3.0]])  # (1, in)
+    loss = ((x @ a.T @ b.T) - t([[1.0, -1.0]])).square().sum()
+    loss.backward()
+    assert b.grad is not None and float(b.grad.abs().sum()) > 0
 
 
 def test_svd_rank_above_adapter_rank_raises() -> None:
@@ -372,10 +426,10 @@ def test_fednova_svd_uses_products_in_delta_form() -> None:
     result = aggregate(
         g, [c1, c2], [0.5, 0.5], mode="svd", fednova=True, local_steps=[1, 4]
     )
-    # M = 1 + 2.5 * (0.5 * (3 - 1) / 1 + 0.5 * (0 - 1) / 4) = 3.1875 = B A, B = A > 0
-    root = math.sqrt(3.1875)
-    assert result.adapter[B].item() == pytest.approx(root, rel=1e-6)
-    assert result.adapter[A].item() == pytest.approx(root, rel=1e-6)
+    # M = 1 + 2.5 * (0.5 * (3 - 1) / 1 + 0.5 * (0 - 1) / 4) = 3.1875 = B A; A keeps
+    # the global A's scale 1, so A = 1 and B = 3.1875
+    assert result.adapter[B].item() == pytest.approx(3.1875, rel=1e-6)
+    assert result.adapter[A].item() == pytest.approx(1.0, rel=1e-6)
     assert result.svd_truncation_error == pytest.approx(0.0, abs=1e-7)
 
 

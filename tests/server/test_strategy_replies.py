@@ -26,7 +26,9 @@ def _task() -> None:
 
 
 def _strategy(**over: object) -> FedClimbStrategy:
-    words = ["federation.domains=[cxr,ecg]", "federation.max_update_norm=10", "aggregation.weighting=examples"]
+    """Examples weighting without a cap unless ``over`` says otherwise."""
+    over = {"aggregation.weighting": "examples", "aggregation.weight_cap": 0, **over}
+    words = ["federation.domains=[cxr,ecg]", "federation.max_update_norm=10"]
     words += [f"{k}={v}" for k, v in over.items()]
     cfg = load_config(overrides=words)
     g = {A: torch.ones(2, 3), B: torch.zeros(4, 2)}
@@ -110,6 +112,69 @@ def test_a_noisy_count_is_clamped_once_and_replaced_not_accumulated() -> None:
     s.aggregate_train(1, [_reply(1, _b(1.0), _metrics(**{keys.D_COUNT: [5.0, -2.0]}))])
     s.aggregate_train(2, [_reply(1, _b(1.0), _metrics(**{keys.D_COUNT: [5.0, -2.0]}))])
     assert s.domain_count == {"cxr": 5.0, "ecg": 0.0}  # the hospital's latest value, clamped at 0
+
+
+def test_noisy_counts_are_summed_then_clamped() -> None:
+    """N_d and the domain weights sum the hospitals' signed noisy counts before clamping.
+
+    True counts: hospital 1 holds 100 cxr, hospital 2 holds 25 ecg; mu = 0.5 for both, so
+    T = (sqrt(100) * 0.5, sqrt(25) * 0.5) = (5, 2.5) and the noiseless weights are
+    100/5 : 25/2.5 = 20 : 10 = 2/3, 1/3. The DP noise is zero-sum per domain here:
+    hospital 1 reports [116, -8], hospital 2 [-16, 33]. Summed, N = (100, 25) exactly and
+    the weights are (116/5 - 8/2.5) : (-16/5 + 33/2.5) = 20 : 10 again. Clamping each
+    count first made N = (116, 33) and dropped the negative terms: weights
+    116/(sqrt(116) * 0.5) : 33/(sqrt(33) * 0.5) = 21.54 : 11.49 = 0.652 : 0.348.
+    """
+    s = _strategy(**{"aggregation.weighting": "domain"})
+    s.domain_mu = {"cxr": 0.5, "ecg": 0.5}
+    replies = [_reply(1, _b(0.0), _metrics(**{keys.SITE_PARTITION: 0, keys.D_COUNT: [116.0, -8.0]})),
+               _reply(2, _b(3.0), _metrics(**{keys.SITE_PARTITION: 1, keys.D_COUNT: [-16.0, 33.0]}))]
+    arrays, _ = s.aggregate_train(1, replies)
+    assert s.domain_count == {"cxr": 100.0, "ecg": 25.0}
+    assert s.temperatures() == pytest.approx({"cxr": 5.0, "ecg": 2.5})
+    # B = 2/3 * 0 + 1/3 * 3 = 1
+    assert torch.allclose(arrays.to_torch_state_dict()[B].float(), torch.ones(4, 2), atol=1e-6)  # type: ignore[union-attr]
+    # A domain whose counts sum below 0 has N_d = 0, not a negative count.
+    s.hospital_counts = {"hospital-0": [3.0, -2.0], "hospital-1": [-1.0, 1.0]}
+    assert s.domain_count == {"cxr": 2.0, "ecg": 0.0}
+
+
+def test_a_zero_reward_domain_is_bounded_by_the_floor_and_the_default_cap() -> None:
+    """Held-out mean 0: T_d = sqrt(N) * 0.1 (not 1e-6), and no hospital above weight 0.5.
+
+    Hospital 1 holds 100 cxr (mu 0), hospitals 2 and 3 100 ecg each (mu 0.5):
+    T_cxr = 10 * 0.1 = 1, T_ecg = sqrt(200) * 0.5 = 7.0710678. Raw weights 100/1 = 100
+    and 100/7.0710678 = 14.142136 each: uncapped 100/128.28427 = 0.7795 and 0.1102 each;
+    with the default cap 0.5: 0.5, 0.25, 0.25. (T_cxr = 1e-6 gave hospital 1 ~1.)
+    """
+    counts = [[100.0, 0.0], [0.0, 100.0], [0.0, 100.0]]
+    replies = [_reply(n, _b(v), _metrics(**{keys.SITE_PARTITION: n, keys.D_COUNT: c}))
+               for n, v, c in zip((1, 2, 3), (1.0, 3.0, 3.0), counts, strict=True)]
+    uncapped = _strategy(**{"aggregation.weighting": "domain"})
+    uncapped.domain_mu = {"cxr": 0.0, "ecg": 0.5}
+    arrays, _ = uncapped.aggregate_train(1, replies)
+    assert uncapped.temperatures() == pytest.approx({"cxr": 1.0, "ecg": math.sqrt(200) * 0.5})
+    w1 = 100 / (100 + 2 * 100 / (math.sqrt(200) * 0.5))  # 0.7795
+    expected = w1 * 1.0 + (1 - w1) * 3.0
+    assert torch.allclose(arrays.to_torch_state_dict()[B].float(), torch.full((4, 2), expected), atol=1e-6)  # type: ignore[union-attr]
+    # The default configuration (domain weighting, default cap).
+    default = FedClimbStrategy(load_config(overrides=["federation.domains=[cxr,ecg]", "federation.max_update_norm=10"]),
+                               {A: torch.ones(2, 3), B: torch.zeros(4, 2)})
+    assert default.cfg.aggregation.weighting == "domain"
+    default.domain_mu = {"cxr": 0.0, "ecg": 0.5}
+    arrays, _ = default.aggregate_train(1, replies)
+    # 0.5 * 1 + 0.25 * 3 + 0.25 * 3 = 2
+    assert torch.allclose(arrays.to_torch_state_dict()[B].float(), torch.full((4, 2), 2.0), atol=1e-6)  # type: ignore[union-attr]
+
+
+def test_a_domain_without_statistics_gets_the_mean_temperature() -> None:
+    """The server's fallback is the hospitals' DRPO fallback: the mean known T_d (1 if none)."""
+    s = _strategy(**{"federation.domains": "[cxr,ecg,eeg]"})
+    assert s.temperatures() == {"cxr": 1.0, "ecg": 1.0, "eeg": 1.0}  # nothing known yet
+    s.hospital_counts = {"hospital-0": [16.0, 36.0, 5.0]}
+    s.domain_mu = {"cxr": 0.5, "ecg": 0.5, "eeg": -1.0}  # eeg not evaluated yet
+    # cxr: 4 * 0.5 = 2, ecg: 6 * 0.5 = 3, eeg: (2 + 3) / 2 = 2.5
+    assert s.temperatures() == pytest.approx({"cxr": 2.0, "ecg": 3.0, "eeg": 2.5})
 
 
 def test_evaluation_sets_the_domain_means() -> None:
