@@ -21,11 +21,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import keys
+from common.advantages import domain_temperatures
 from common.config import FedClimbConfig
 from common.modeling.lora import is_lora_b
 from common.seeding import derive_seed
 from common.wire import decode_adapter, encode_adapter
-from server.aggregation import aggregate, client_weights, domain_temperatures
+from server.aggregation import aggregate, client_weights, domain_raw_weights
 from server.validation import MetricSpec, expected_from_adapter, validate_metrics_reply, validate_reply
 
 log = logging.getLogger(__name__)
@@ -144,9 +145,13 @@ class FedClimbStrategy(Strategy):
 
     @property
     def domain_count(self) -> dict[str, float]:
-        """N_d: the hospitals' latest unit counts, each clamped at 0 once (they may be noisy)."""
+        """N_d: the sum of the hospitals' latest unit counts, then clamped at 0.
+
+        The counts carry zero-mean DP noise; summing first lets it cancel, while clamping
+        each hospital's count would keep only its positive part and bias N_d up.
+        """
         return {
-            d: sum(max(float(c[i]), 0.0) for c in self.hospital_counts.values())
+            d: max(sum(float(c[i]) for c in self.hospital_counts.values()), 0.0)
             for i, d in enumerate(self.domains)
         }
 
@@ -154,12 +159,15 @@ class FedClimbStrategy(Strategy):
         return dict(self.domain_mu)
 
     def temperatures(self) -> dict[str, float]:
-        """Federation-wide T_d = max(sqrt(N_d) mu_d, eps) for domains with both statistics."""
+        """Federation-wide T_d of every domain (common.advantages.domain_temperatures).
+
+        A domain with both statistics (the ones broadcast to the hospitals) uses
+        sqrt(N_d) * max(mu_d, aggregation.mu_floor); one without gets the mean of those,
+        or 1 when none has them: the same rule as the hospitals' DRPO.
+        """
         n, mu = self.domain_count, self.domain_mu
-        known = [d for d in self.domains if n[d] > 0 and mu[d] >= 0]
-        return domain_temperatures(
-            {d: n[d] for d in known}, {d: mu[d] for d in known}, eps=self.cfg.aggregation.temperature_eps
-        )
+        known = {d: (n[d], mu[d]) for d in self.domains if n[d] > 0 and mu[d] >= 0}
+        return domain_temperatures(known, self.domains, mu_floor=self.cfg.aggregation.mu_floor)
 
     def _claim(self, node: int, metrics: dict[str, Any]) -> str | None:
         """Bind the reply's name to its node; the reason when it belongs to another."""
@@ -368,7 +376,7 @@ class FedClimbStrategy(Strategy):
         if mode == "domain":  # every accepted reply carries its counts (_check rejects the others)
             domain_counts = [dict(zip(self.domains, (float(x) for x in m[keys.D_COUNT]), strict=True))
                              for _, _, m in accepted]
-            if all(sum(max(v, 0.0) for v in dc.values()) <= 0 for dc in domain_counts):
+            if all(w <= 0 for w in domain_raw_weights(len(accepted), domain_counts, temperatures)):
                 mode, domain_counts = "uniform", None
 
         def weights(cap: float | None) -> list[float]:
