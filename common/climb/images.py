@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,7 +104,9 @@ def _load_with_pillow(path: Path, bounds: Bounds) -> Image.Image:
 def _opened(path: Path, bounds: Bounds) -> Iterator[Image.Image]:
     """A Pillow image whose header size was checked against ``bounds`` before it was decoded."""
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():  # the size is checked below, against data.max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except Image.DecompressionBombError:
         raise MediaError(
             f"{path}: image is larger than Pillow's decompression-bomb limit (data.max_pixels={bounds.max_pixels})"

@@ -30,10 +30,10 @@ from common.climb.errors import MediaError
 __all__ = ["Bounds", "DEFAULT_BOUNDS", "bounds_for", "outside_root_message", "is_inside"]
 
 
-def outside_root_message(rel: str) -> str:
+def outside_root_message(rel: str, what: str = "media path") -> str:
     """The one reason for any path that leaves the data root (the same whether or not it exists)."""
     return (
-        f"media path {rel!r} is outside the data root; use a path relative to the root, without '..', "
+        f"{what} {rel!r} is outside the data root; use a path relative to the root, without '..', "
         "that stays inside it (symbolic links included) or list the other folder in linked_roots.txt"
     )
 
@@ -87,7 +87,7 @@ class Bounds:
         """
         path = Path(path)
         if self.roots and not is_inside(path.resolve(), self.roots):
-            raise MediaError(outside_root_message(str(path)))
+            raise MediaError(outside_root_message(str(path), what))
         try:
             info = os.stat(path)
         except OSError:

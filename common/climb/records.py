@@ -390,9 +390,9 @@ def read_lines(path: Path, *, max_line_bytes: int) -> Iterator[tuple[int, bytes 
 def _annotation_problem(path: Path, root: Path, rel: str) -> str | None:
     """Why an annotation file may not be read (outside the root, not a regular file), or None."""
     try:
-        DEFAULT_BOUNDS.within([root]).file(path, "annotation file", max_bytes=1 << 62)
+        DEFAULT_BOUNDS.within([root]).file(root / rel, "annotation file", max_bytes=1 << 62)
     except MediaError as exc:
-        return str(exc).replace(str(path), rel)
+        return str(exc).replace(str(root / rel), rel)
     return None
 
 

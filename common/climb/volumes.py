@@ -231,7 +231,7 @@ def sorted_series(directory: Path, *, bounds: Bounds = DEFAULT_BOUNDS) -> list[P
     bounds.folder(directory)
     keyed = []
     series_uids = set()
-    files = sorted(p for p in directory.iterdir() if p.is_file())
+    files = sorted(p for p in directory.iterdir() if p.is_file() or p.is_symlink())
     bounds.frames(len(files), str(directory))
     for path in files:
         bounds.file(path, "DICOM slice")

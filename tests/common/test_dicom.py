@@ -244,3 +244,64 @@ def test_every_bundled_file_either_decodes_or_raises_media_error() -> None:
             assert "\n" not in str(exc)
         else:
             assert frames[0].dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def _claiming(path: Path, *, deflated: bool, pixel_bytes: int = 200, **header: object) -> Path:
+    """A DICOM whose header claims ``header`` (Rows, Columns, NumberOfFrames) over ``pixel_bytes`` of zeros."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = tiny_dataset(np.zeros((2, 2), np.int16))
+    ds.PixelData = bytes(pixel_bytes)
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# (what, file, limits, words of the reason)
+HOSTILE_DICOM = [
+    ("deflated, header claims 16000x16000",
+     lambda p: _claiming(p, deflated=True, Rows=16000, Columns=16000), {}, "data.max_pixels=50000000"),
+    ("uncompressed, header claims 16000x16000",
+     lambda p: _claiming(p, deflated=False, Rows=16000, Columns=16000), {}, "data.max_pixels=50000000"),
+    ("header claims 100000 frames",
+     lambda p: _claiming(p, deflated=False, NumberOfFrames=100000), {}, "data.max_frames=2048"),
+    ("frames x pixels beyond max_file_bytes",
+     lambda p: _claiming(p, deflated=False, Rows=4000, Columns=4000, NumberOfFrames=2000), {},
+     "data.max_file_bytes"),
+    ("deflated data inflating past max_file_bytes",
+     lambda p: _claiming(p, deflated=True, pixel_bytes=5_000_000), {"max_file_bytes": 1_000_000},
+     "more than data.max_file_bytes=1000000"),
+    ("a symlink to /dev/zero", lambda p: (p.symlink_to("/dev/zero"), p)[1], {}, "not a regular file"),
+]
+
+
+@pytest.mark.parametrize(("what", "build", "limits", "reason"), HOSTILE_DICOM, ids=[h[0] for h in HOSTILE_DICOM])
+def test_hostile_dicom_is_refused_from_its_header(tmp_path: Path, what, build, limits, reason) -> None:
+    """The declared size is checked before pixel data is inflated or decoded (also through load_image)."""
+    from common.climb.images import load_image
+    from common.climb.limits import Bounds
+
+    path = build(tmp_path / "x.dcm")
+    for load in (lambda: dicom_frames(path, [0], bounds=Bounds(**limits)),
+                 lambda: load_image(path, bounds=Bounds(**limits))):
+        with pytest.raises(MediaError) as caught:
+            load()
+        assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_deflated_dicom_within_the_limits_still_decodes(tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    stored = np.arange(12, dtype=np.int16).reshape(3, 4)
+    ds = tiny_dataset(stored)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "d.dcm", enforce_file_format=True)
+    (frame,) = dicom_frames(tmp_path / "d.dcm")
+    assert frame.shape == (3, 4) and frame[0, 0] == 0 and frame[2, 3] == 255
+    assert "Rows" in read_dicom(tmp_path / "d.dcm", stop_before_pixels=True)

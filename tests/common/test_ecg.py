@@ -180,3 +180,98 @@ def test_pure_helpers_hand_values() -> None:
 )
 def test_lead_names(label: str, name: str | None) -> None:
     assert canonical_lead_name(label) == name
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def _npy(path: Path, signals: np.ndarray, sidecar: object = None) -> Path:
+    np.save(path, signals)
+    if sidecar is not None:
+        text = sidecar if isinstance(sidecar, str) else json.dumps(sidecar)
+        path.with_suffix(".json").write_text(text, encoding="utf-8")
+    return path
+
+
+def _with_nan(rows: list[int]) -> np.ndarray:
+    signals = synthetic_12lead(1000, 500.0)
+    signals[rows, 10:20] = np.nan
+    return signals
+
+
+def _dev_zero_sidecar(path: Path) -> Path:
+    _npy(path, synthetic_12lead(1000, 500.0))
+    path.with_suffix(".json").symlink_to("/dev/zero")
+    return path
+
+
+# (what, build the .npy in a folder, limits, words of the reason)
+HOSTILE_ECGS = [
+    ("sidecar fs=0.01 (a 15 GiB resampling)", lambda p: _npy(p, synthetic_12lead(30, 500.0), {"fs": 0.01}), {},
+     "exceeds data.max_ecg_samples=1000000"),
+    ("sidecar fs=0", lambda p: _npy(p, synthetic_12lead(100, 500.0), {"fs": 0}), {}, "sampling rate 0"),
+    ("sidecar fs=-500", lambda p: _npy(p, synthetic_12lead(100, 500.0), {"fs": -500}), {}, "sampling rate -500"),
+    ("sidecar fs=NaN", lambda p: _npy(p, synthetic_12lead(100, 500.0), '{"fs": NaN}'), {}, "sampling rate nan"),
+    ("sidecar fs=true", lambda p: _npy(p, synthetic_12lead(100, 500.0), {"fs": True}), {}, "sampling rate True"),
+    ("sidecar fs='fast'", lambda p: _npy(p, synthetic_12lead(100, 500.0), {"fs": "fast"}), {}, "sampling rate 'fast'"),
+    ("sidecar nested 200000 deep", lambda p: _npy(p, synthetic_12lead(100, 500.0), "[" * 200_000 + "]" * 200_000), {},
+     "nested too deeply"),
+    ("sidecar symlinked to /dev/zero", _dev_zero_sidecar, {}, "not a regular file"),
+    ("ECG symlinked to /dev/zero", lambda p: (p.symlink_to("/dev/zero"), p)[1], {}, "not a regular file"),
+    ("more samples than max_ecg_samples", lambda p: _npy(p, synthetic_12lead(5000, 500.0)), {"max_ecg_samples": 4000},
+     "exceeds data.max_ecg_samples=4000"),
+    ("NaN in one lead", lambda p: _npy(p, _with_nan([6])), {}, "10 NaN or infinite sample(s)"),
+    ("an all-NaN ECG", lambda p: _npy(p, np.full((12, 1000), np.nan)), {}, "12000 NaN or infinite sample(s)"),
+    ("infinite samples", lambda p: _npy(p, np.where(np.eye(12, 1000) > 0, np.inf, 0.1)), {},
+     "12 NaN or infinite sample(s)"),
+]
+
+
+@pytest.mark.parametrize(("what", "build", "limits", "reason"), HOSTILE_ECGS, ids=[h[0] for h in HOSTILE_ECGS])
+def test_hostile_ecgs_are_refused_before_resampling(tmp_path: Path, what, build, limits, reason) -> None:
+    """Each hostile ECG is a one-line MediaError, through both loaders (QoQ input and the rendered 12 leads)."""
+    from common.climb.limits import Bounds
+
+    path = build(tmp_path / "e.npy")
+    for load in (load_ecg, load_ecg_12lead):
+        with pytest.raises(MediaError) as caught:
+            load(path, bounds=Bounds(**limits))
+        assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _wfdb(folder: Path, fs: float = 500.0) -> Path:
+    import wfdb
+
+    wfdb.wrsamp("rec", fs=fs, units=["mV"] * 12, sig_name=list(STANDARD_LEADS),
+                p_signal=synthetic_12lead(1000, 500.0).T, fmt=["16"] * 12, write_dir=str(folder))
+    return folder / "rec.hea"
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_a_wfdb_signal_file_linked_out_of_the_root_is_refused(tmp_path: Path, target_exists: bool) -> None:
+    """The header is inside the root, its .dat a symlink out of it (WFDB's own syntax forbids '/')."""
+    from common.climb.limits import Bounds, outside_root_message
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    header = _wfdb(root)
+    if target_exists:
+        (root / "rec.dat").rename(outside / "rec.dat")
+    else:
+        (root / "rec.dat").unlink()
+    (root / "rec.dat").symlink_to(outside / "rec.dat")
+    with pytest.raises(MediaError) as caught:
+        load_ecg(header, bounds=Bounds().within([root]))
+    assert str(caught.value) == outside_root_message(str(root / "rec.dat"), "WFDB signal file")
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")
+def test_a_wfdb_header_with_a_tiny_sampling_rate_is_refused_before_reading(tmp_path: Path) -> None:
+    header = _wfdb(tmp_path)
+    text = header.read_text().splitlines()
+    first = text[0].split()
+    first[2] = "0.01"
+    header.write_text("\n".join([" ".join(first), *text[1:]]) + "\n")
+    with pytest.raises(MediaError, match="data.max_ecg_samples"):
+        load_ecg(header)

@@ -68,3 +68,85 @@ def test_array_to_rgb_checks_input() -> None:
         array_to_rgb(np.zeros((3, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="shape"):
         array_to_rgb(np.zeros((3, 4, 2), dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR claims ``width`` x ``height`` (8-bit grey) with a tiny IDAT: a decompression-bomb header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(4096)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _small_png(path: Path) -> Path:
+    Image.new("L", (100, 100), 9).save(path)
+    return path
+
+
+def _dev_zero(path: Path) -> Path:
+    path.symlink_to("/dev/zero")
+    return path
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+# (what, how to build the file, limits, words the one-line reason must hold)
+HOSTILE_IMAGES = [
+    ("30000x30000 PNG header (Pillow's bomb error)", lambda p: png_header(p, 30000, 30000), {}, "data.max_pixels"),
+    ("12000x12000 PNG header (under Pillow's limit)", lambda p: png_header(p, 12000, 12000), {}, "data.max_pixels=50000000"),
+    ("100x100 PNG over a lowered max_pixels", _small_png, {"max_pixels": 5000}, "10000 pixels is larger than data.max_pixels=5000"),
+    ("a file over max_file_bytes", _small_png, {"max_file_bytes": 10}, "more than data.max_file_bytes=10"),
+    ("a symlink to /dev/zero", _dev_zero, {}, "not a regular file"),
+    ("a folder named like an image", _folder, {}, "not a regular file"),
+]
+
+
+@pytest.mark.parametrize("loader", ["image", "mask"])
+@pytest.mark.parametrize(("what", "build", "limits", "reason"), HOSTILE_IMAGES, ids=[h[0] for h in HOSTILE_IMAGES])
+def test_hostile_images_are_refused_before_decoding(tmp_path: Path, what, build, limits, reason, loader) -> None:
+    """Every hostile image is a one-line MediaError naming the limit; nothing is decoded first."""
+    from common.climb.images import load_mask
+    from common.climb.limits import Bounds
+
+    path = build(tmp_path / "x.png")
+    load = load_image if loader == "image" else load_mask
+    with pytest.raises(MediaError) as caught:
+        load(path, bounds=Bounds(**limits))
+    assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_mask_loads_as_booleans_of_its_size(tmp_path: Path) -> None:
+    from common.climb.images import load_mask
+
+    pixels = np.zeros((4, 6), np.uint8)
+    pixels[1:3, 2:5] = 255
+    Image.fromarray(pixels).save(tmp_path / "m.png")
+    mask = load_mask(tmp_path / "m.png")
+    assert mask.dtype == bool and mask.shape == (4, 6) and mask.sum() == 6
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_an_image_linked_out_of_the_root_is_refused_alike_whether_or_not_it_exists(tmp_path: Path,
+                                                                                 target_exists: bool) -> None:
+    from common.climb.limits import Bounds, outside_root_message
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    if target_exists:
+        _small_png(outside / "secret.png")
+    (root / "x.png").symlink_to(outside / "secret.png")
+    with pytest.raises(MediaError) as caught:
+        load_image(root / "x.png", bounds=Bounds().within([root]))
+    assert str(caught.value) == outside_root_message(str(root / "x.png"), "image file")

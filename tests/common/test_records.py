@@ -262,3 +262,156 @@ def test_load_records_domain_key_modality(tmp_path):
     make_root(tmp_path)
     domains = [r.domain for r in load_records(tmp_path, "train", domain_key="modality")]
     assert domains == ["chest_xray", "chest_xray", "chest_xray", "derm"]
+
+
+# --------------------------------------------------------------------------- hostile annotation lines
+
+TEXT_Q = "Q? Options:\nyes\nno"
+
+
+def flat(answer: str = "yes", **extra) -> str:
+    return json.dumps({"problem": TEXT_Q, "answer": answer, **extra})
+
+
+def annotation(root: Path, lines: list[bytes]) -> Path:
+    path = root / "lab" / "labs" / "annotation_train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def _problems(items: list) -> dict[int, str]:
+    return {i.line: i.reason for i in items if isinstance(i, Problem)}
+
+
+# (what, the hostile line, the line limit, words of its reason); a 50 MB line is simulated with a lowered limit
+HOSTILE_LINES = [
+    ("invalid UTF-8 byte", flat("yXs").encode().replace(b"X", b"\xe9"), 1 << 20, "not UTF-8 text (byte 0xe9"),
+    ("array nested 200000 deep", b"[" * 200_000 + b"]" * 200_000, 1 << 20, "nested too deeply"),
+    ("object nested 200000 deep", b'{"a":' * 200_000 + b"1" + b"}" * 200_000, 2 << 20, "nested too deeply"),
+    ("5000-digit integer", b'{"problem": "x", "answer": "y", "age": ' + b"9" * 5000 + b"}", 1 << 20,
+     "not usable JSON"),
+    ("NaN bbox", flat(bbox=[0, 0, 5, 5]).replace("5]", "NaN]").encode(), 1 << 20, "NaN is not a JSON number"),
+    ("Infinity bbox", flat(bbox=[0, 0, 5, 5]).replace("5]", "Infinity]").encode(), 1 << 20,
+     "Infinity is not a JSON number"),
+    ("1e999 (infinite) bbox", flat(bbox=[0, 0, 5, 5]).replace("5]", "1e999]").encode(), 1 << 20,
+     "not a finite number"),
+    ("a line over max_line_bytes", flat(note="x" * 600).encode(), 500, "longer than data.max_line_bytes=500"),
+]
+
+
+@pytest.mark.parametrize(("what", "line", "limit", "reason"), HOSTILE_LINES, ids=[h[0] for h in HOSTILE_LINES])
+def test_a_hostile_line_costs_that_line_only(tmp_path: Path, what: str, line: bytes, limit: int, reason: str) -> None:
+    """The bad line is a Problem with its number; the lines around it are still read."""
+    annotation(tmp_path, [flat().encode(), line, flat("no").encode()])
+    items = list(iter_records(tmp_path, max_line_bytes=limit))
+    assert list(_problems(items)) == [2], items
+    assert reason in _problems(items)[2]
+    assert [i.line for i in items if isinstance(i, Record)] == [1, 3]
+
+
+def test_invalid_utf8_on_line_500_of_1000_keeps_the_other_999(tmp_path: Path) -> None:
+    lines = [flat("yes" if k % 2 else "no").encode() for k in range(1000)]
+    lines[499] = lines[499].replace(b'"answer"', b'"ans\xe9wer"')
+    annotation(tmp_path, lines)
+    items = list(iter_records(tmp_path))
+    assert _problems(items) == {500: f"line is not UTF-8 text (byte 0xe9 at byte {lines[499].index(0xE9) + 1})"}
+    assert len([i for i in items if isinstance(i, Record)]) == 999
+
+
+def test_a_line_exactly_at_the_limit_passes_and_numbering_survives_crlf(tmp_path: Path) -> None:
+    line = flat().encode()
+    path = annotation(tmp_path, [])
+    path.write_bytes(line + b"\r\n" + line + b"x" + b"\r\n" + line + b"\r\n")
+    items = list(iter_records(tmp_path, max_line_bytes=len(line)))
+    assert [i.line for i in items if isinstance(i, Record)] == [1, 3]
+    assert list(_problems(items)) == [2]
+
+
+def test_a_byte_order_mark_on_the_first_line_is_accepted(tmp_path: Path) -> None:
+    annotation(tmp_path, [b"\xef\xbb\xbf" + flat().encode()])
+    assert [i.line for i in iter_records(tmp_path) if isinstance(i, Record)] == [1]
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "outside", "folder inside"])
+def test_an_annotation_file_that_is_not_a_regular_file_inside_the_root_is_refused(tmp_path: Path, target: str) -> None:
+    root = tmp_path / "root"
+    (root / "lab" / "labs").mkdir(parents=True)
+    expected = "annotation file 'lab/labs/annotation_train.jsonl' is outside the data root"
+    if target == "outside":
+        target = str(annotation(tmp_path / "elsewhere", [flat().encode()]))
+    elif target == "folder inside":
+        (root / "folder").mkdir()
+        target, expected = str(root / "folder"), "not a regular file"
+    (root / "lab" / "labs" / "annotation_train.jsonl").symlink_to(target)
+    items = list(iter_records(root))
+    assert len(items) == 1 and isinstance(items[0], Problem) and items[0].line == 0
+    assert expected in items[0].reason
+
+
+# --------------------------------------------------------------------------- the data root is a boundary
+
+ESCAPES = [
+    ("images", "../outside/x.png"),
+    ("images", "a/../../outside/x.png"),
+    ("images", "/etc/passwd"),
+    ("images", "..\\outside\\x.png"),
+    ("time-series", "/abs/ecg.npy"),
+    ("segmentation_path", "../outside/x.png"),
+    ("segmentation_path", "masks/../../outside/x.png"),
+]
+
+
+@pytest.mark.parametrize(("field", "rel"), ESCAPES)
+def test_paths_that_leave_the_root_are_refused_when_parsed(field: str, rel: str) -> None:
+    from common.climb.limits import outside_root_message
+
+    prompt = ("<image>\n" if field == "images" else "") + TEXT_Q
+    obj = {"problem": prompt, "answer": "yes", field: rel if field == "segmentation_path" else [rel]}
+    with pytest.raises(RecordError) as caught:
+        parse(obj)
+    assert str(caught.value) == outside_root_message(rel)
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_media_path_refuses_symlinks_out_of_the_root_alike_whether_or_not_the_target_exists(tmp_path: Path,
+                                                                                             kind: str) -> None:
+    from common.climb.errors import MediaError
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "img").mkdir(parents=True)
+    outside.mkdir()
+    reasons = []
+    for name, exists in (("a", True), ("b", False)):
+        target = outside / name
+        if exists:
+            target.mkdir() if kind == "folder" else target.write_bytes(b"secret")
+        (root / "img" / name).symlink_to(target)
+        rel = f"img/{name}/x.png" if kind == "folder" else f"img/{name}"
+        record = parse_record({"problem": "<image>\n" + TEXT_Q, "answer": "yes", "images": [rel]},
+                              root=root, file="lab/labs/annotation_train.jsonl", line=1, split="train")
+        with pytest.raises(MediaError) as caught:
+            record.media_path(rel)
+        reasons.append(str(caught.value).replace(rel, "REL"))
+    assert reasons[0] == reasons[1] and "outside the data root" in reasons[0]
+
+
+def test_linked_roots_file_is_an_explicit_allow_list(tmp_path: Path) -> None:
+    from common.climb.records import LINKED_ROOTS_FILE, linked_roots
+
+    root, shared, other = tmp_path / "root", tmp_path / "shared", tmp_path / "other"
+    for folder in (root / "img", shared, other):
+        folder.mkdir(parents=True)
+    (root / "img" / "s").symlink_to(shared)
+    (root / "img" / "o").symlink_to(other)
+    (root / LINKED_ROOTS_FILE).write_text(f"# media shared with the root we were cut from\n{shared}\nrelative/x\n"
+                                          f"{tmp_path / 'missing'}\n", encoding="utf-8")
+    assert linked_roots(root) == (str(shared.resolve()),)
+    annotation(root, [flat(images=[p]).replace('"problem": "', '"problem": "<image>\\n').encode()
+                      for p in ("img/s/x.png", "img/o/x.png")])
+    first, second = list(iter_records(root))
+    assert first.media_path("img/s/x.png") == root / "img/s/x.png"
+    from common.climb.errors import MediaError
+
+    with pytest.raises(MediaError, match="outside the data root"):
+        second.media_path("img/o/x.png")

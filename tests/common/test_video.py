@@ -48,3 +48,26 @@ def test_garbage_video(tmp_path: Path) -> None:
         load_frames(bad)
     with pytest.raises(MediaError, match="does not exist"):
         video_frames(tmp_path / "absent.mp4")
+
+
+# (what, limits, words of the reason); the clip is 10 frames of 64x64
+HOSTILE_VIDEO_LIMITS = [
+    ("frames larger than max_pixels", {"max_pixels": 1000}, "64x64 = 4096 pixels is larger than data.max_pixels=1000"),
+    ("more frames than max_frames", {"max_frames": 5}, "10 frames/slices, more than data.max_frames=5"),
+    ("a file over max_file_bytes", {"max_file_bytes": 100}, "more than data.max_file_bytes=100"),
+]
+
+
+@pytest.mark.parametrize(("what", "limits", "reason"), HOSTILE_VIDEO_LIMITS, ids=[h[0] for h in HOSTILE_VIDEO_LIMITS])
+def test_video_over_a_limit_is_refused_before_its_frames_are_kept(clip: Path, what, limits, reason) -> None:
+    from common.climb.limits import Bounds
+
+    with pytest.raises(MediaError) as caught:
+        load_frames(clip, 4, bounds=Bounds(**limits))
+    assert reason in str(caught.value)
+
+
+def test_video_symlinked_to_dev_zero_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "v.mp4").symlink_to("/dev/zero")
+    with pytest.raises(MediaError, match="not a regular file"):
+        video_frames(tmp_path / "v.mp4")

@@ -149,3 +149,75 @@ def test_bad_sources(tmp_path: Path) -> None:
     png = tmp_path / "plain.png"
     Image.new("RGB", (3, 2)).save(png)
     assert [f.size for f in load_frames(png)] == [(3, 2)]
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def nifti_claiming(path: Path, shape: tuple[int, ...], data_bytes: int = 64) -> Path:
+    """A .nii whose header claims ``shape`` (uint8) followed by only ``data_bytes`` bytes."""
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    header["vox_offset"] = 352
+    path.write_bytes(header.binaryblock + bytes(4) + bytes(data_bytes))
+    return path
+
+
+def series_of(directory: Path, count: int) -> Path:
+    directory.mkdir(parents=True)
+    for k in range(count):
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k
+        ds.save_as(directory / f"s{k}.dcm")
+    return directory
+
+
+# (what, source to build, limits, words of the reason)
+HOSTILE_VOLUMES = [
+    ("NIfTI slice of 20000x20000", lambda p: nifti_claiming(p / "v.nii", (20000, 20000, 1)), {}, "data.max_pixels"),
+    ("NIfTI of 5000 slices", lambda p: nifti_claiming(p / "v.nii", (4, 4, 5000)), {}, "data.max_frames=2048"),
+    ("NIfTI volume past max_file_bytes", lambda p: nifti_claiming(p / "v.nii", (2000, 2000, 1000)), {},
+     "data.max_file_bytes"),
+    ("NIfTI symlinked to /dev/zero", lambda p: ((p / "v.nii").symlink_to("/dev/zero"), p / "v.nii")[1], {},
+     "not a regular file"),
+    ("DICOM series of more slices than max_frames", lambda p: series_of(p / "series", 3), {"max_frames": 2},
+     "data.max_frames=2"),
+]
+
+
+@pytest.mark.parametrize(("what", "build", "limits", "reason"), HOSTILE_VOLUMES, ids=[h[0] for h in HOSTILE_VOLUMES])
+def test_hostile_volumes_are_refused_from_their_headers(tmp_path: Path, what, build, limits, reason) -> None:
+    from common.climb.limits import Bounds
+
+    source = build(tmp_path)
+    with pytest.raises(MediaError) as caught:
+        load_frames(source, 4, bounds=Bounds(**limits))
+    assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_4d_nifti_reads_only_its_first_volume(tmp_path: Path) -> None:
+    from common.climb.volumes import load_nifti_volume
+
+    data = np.zeros((4, 5, 3, 2), np.float32)
+    data[..., 0] = 1.0
+    data[..., 1] = 7.0
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), tmp_path / "v4.nii.gz")
+    volume = load_nifti_volume(tmp_path / "v4.nii.gz")
+    assert volume.shape == (4, 5, 3) and np.all(volume == 1.0)
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_a_series_slice_linked_out_of_the_root_is_refused(tmp_path: Path, target_exists: bool) -> None:
+    from common.climb.limits import Bounds, outside_root_message
+
+    root = tmp_path / "root"
+    series = series_of(root / "series", 2)
+    outside = tmp_path / "outside.dcm"
+    if target_exists:
+        outside.write_bytes((series / "s0.dcm").read_bytes())
+    (series / "s9.dcm").symlink_to(outside)
+    with pytest.raises(MediaError) as caught:
+        load_frames(series, 4, bounds=Bounds().within([root]))
+    assert str(caught.value) == outside_root_message(str(series / "s9.dcm"), "DICOM slice")
