@@ -22,7 +22,13 @@ import time
 from pathlib import Path
 
 
-def _measure(preset: str, dp: bool, rank: int, prompts: int, repeats: int, data: str) -> dict:
+def setup(preset: str, dp: bool, rank: int, prompts: int, data: str) -> tuple:
+    """A trainer, a fixed rollout batch and the arguments of one update (DP or plain).
+
+    Returns ``(bundle, policy, trainer, records, rollouts, adv, opt, settings)``; one update
+    is ``run_update(trainer, rollouts, adv, opt, settings, len(records))``. Also used by
+    bench/dp_noise.py.
+    """
     import torch
 
     from client.dp_step import DPSettings, DPUpdater
@@ -31,6 +37,7 @@ def _measure(preset: str, dp: bool, rank: int, prompts: int, repeats: int, data:
     from common.config import load_config
     from common.modeling.loader import load_base_model
     from common.modeling.policy import Policy
+    from common.privacy.noise import NoiseSource
 
     cfg = load_config(overrides=[f"model={preset}", "privacy=off", f"lora.r={rank}", f"lora.alpha={2 * rank}",
                                  f"rollout.batch_prompts={prompts}", "rollout.num_rollouts=2",
@@ -44,11 +51,29 @@ def _measure(preset: str, dp: bool, rank: int, prompts: int, repeats: int, data:
                                max_new_tokens=16, seed=0)
     adv = torch.linspace(-1, 1, rollouts.num_rows)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
-    settings = DPSettings(1.0, 0.5, 1.0, "record", torch.Generator().manual_seed(0)) if dp else None
+    settings = DPSettings(1.0, 0.5, 1.0, "record", NoiseSource.secure()) if dp else None
     if dp:
         updater = DPUpdater.for_policy(policy)
         updater._num_units = prompts * 2  # noqa: SLF001 - expected batch = q * N = prompts
         trainer._dp_updater = updater  # noqa: SLF001
+    return bundle, policy, trainer, records, rollouts, adv, opt, settings
+
+
+def run_update(trainer, rollouts, adv, opt, settings, num_records: int) -> None:  # noqa: ANN001
+    """One update on the fixed batch (``_update`` with or without an ``old_logp`` argument)."""
+    import inspect
+
+    prompts = list(range(num_records))
+    if "old_logp" in inspect.signature(trainer._update).parameters:  # noqa: SLF001
+        trainer._update(rollouts, adv, None, None, opt, settings, prompts, num_records)  # noqa: SLF001
+    else:
+        trainer._update(rollouts, adv, None, opt, settings, prompts, num_records)  # noqa: SLF001
+
+
+def _measure(preset: str, dp: bool, rank: int, prompts: int, repeats: int, data: str) -> dict:
+    import torch
+
+    bundle, policy, trainer, records, rollouts, adv, opt, settings = setup(preset, dp, rank, prompts, data)
     cuda = bundle.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -57,7 +82,7 @@ def _measure(preset: str, dp: bool, rank: int, prompts: int, repeats: int, data:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        trainer._update(rollouts, adv, None, None, opt, settings, list(range(len(records))), len(records))  # noqa: SLF001
+        run_update(trainer, rollouts, adv, opt, settings, len(records))
         if cuda:
             torch.cuda.synchronize()
         if i:  # the first call warms up
