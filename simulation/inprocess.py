@@ -22,6 +22,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
+from client.site import in_process_engine
+
 __all__ = ["InProcessGrid", "enter_task"]
 
 
@@ -99,6 +101,7 @@ class InProcessGrid(Grid):
         if node not in self.contexts:
             raise KeyError(f"no node {node} in this in-process grid")
         try:
-            return self.client_app(msg, self.contexts[node])
+            with in_process_engine():  # lets the ClientApp honour the run config's sim-root
+                return self.client_app(msg, self.contexts[node])
         except Exception as exc:  # the engine turns a ClientApp exception into an error reply
             return Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)

@@ -1,0 +1,87 @@
+"""How many held-out evaluations this hospital has answered (``limits.max_evaluations_*``).
+
+Every answered evaluation sends exact metrics of an adapter the server chose; without a
+bound a server could query the test split as an oracle. The counts live in the state
+directory (``evaluations.json``, beside the privacy ledger) and survive restarts. An
+evaluation is counted before it runs, so one that crashes half-way still counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from common.config import HospitalLimits
+from common.files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EVALUATIONS_FILE", "admit_evaluation", "evaluation_counts"]
+
+EVALUATIONS_FILE = "evaluations.json"
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """One counter update at a time per state directory (blocking: updates are short)."""
+    with open(state_dir / f".{EVALUATIONS_FILE}.lock", "w", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def evaluation_counts(state_dir: str | Path) -> tuple[int, dict[int, int]]:
+    """(total, per server round) evaluations answered so far from ``state_dir``.
+
+    Raises
+    ------
+    RuntimeError
+        If the file exists but is not a counter this module wrote (the hospital then
+        answers no evaluation until an operator looks at it).
+    """
+    path = Path(state_dir) / EVALUATIONS_FILE
+    if not path.is_file():
+        return 0, {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        total = data["total"]
+        rounds = {int(k): v for k, v in data["rounds"].items()}
+        if type(total) is not int or any(type(v) is not int or v < 0 for v in rounds.values()) or total < 0:
+            raise ValueError("counts must be non-negative integers")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RuntimeError(f"{path} is unreadable ({exc}); no evaluation is answered until it is repaired") from exc
+    return total, rounds
+
+
+def admit_evaluation(state_dir: str | Path, server_round: int, limits: HospitalLimits) -> bool:
+    """Count one evaluation of ``server_round`` if the hospital's limits allow it.
+
+    Returns
+    -------
+    bool
+        True when the evaluation may run (it is now counted); False when
+        ``limits.max_evaluations_per_round`` for this round or
+        ``limits.max_evaluations_total`` is reached (nothing is counted).
+    """
+    state_dir = Path(state_dir)
+    with _locked(state_dir):
+        total, rounds = evaluation_counts(state_dir)
+        in_round = rounds.get(server_round, 0)
+        if total >= limits.max_evaluations_total:
+            log.warning("evaluation of round %d refused: limits.max_evaluations_total=%d answered already",
+                        server_round, limits.max_evaluations_total)
+            return False
+        if in_round >= limits.max_evaluations_per_round:
+            log.warning("evaluation of round %d refused: limits.max_evaluations_per_round=%d answered already",
+                        server_round, limits.max_evaluations_per_round)
+            return False
+        rounds[server_round] = in_round + 1
+        text = json.dumps({"total": total + 1, "rounds": {str(k): v for k, v in sorted(rounds.items())}})
+        write_text_atomic(state_dir / EVALUATIONS_FILE, text)
+    return True
