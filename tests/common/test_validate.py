@@ -261,3 +261,110 @@ def test_synthetic_federation_validates(tmp_path, capsys):
         expected = summary.counts[root.name]
         assert data["valid"] == sum(n for per_split in expected.values() for n in per_split.values())
         assert data["counts"] == {s: dict(c) for s, c in expected.items() if sum(c.values())}
+
+
+# ------------------------------------------------------------------------- hostile roots
+
+
+def png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose IHDR claims width x height with almost no data (a decompression-bomb header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(512)))
+                     + chunk(b"IEND", b""))
+
+
+def test_cli_json_is_always_written_for_hostile_lines(tmp_path, capsys):
+    """Deep nesting, a 5000-digit integer and invalid UTF-8 each cost their line; stdout stays one JSON report."""
+    build_valid_root(tmp_path)
+    with (root := tmp_path / CXR).open("ab") as f:
+        f.write(b"[" * 200_000 + b"]" * 200_000 + b"\n")                                       # 3
+        f.write(b'{"problem": "x", "answer": "y", "age": ' + b"9" * 5000 + b"}\n")            # 4
+        f.write(llava(IMG_PROMPT, "normal", images=["xray/chest/a.png"]).encode()[:-2] + b"\xff}\n")  # 5
+    assert main(["data", "validate", str(tmp_path), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    reasons = {(i["file"], i["line"]): i["reason"] for i in data["invalid"]}
+    assert set(reasons) == {(CXR, 3), (CXR, 4), (CXR, 5)}, reasons
+    assert "nested too deeply" in reasons[(CXR, 3)] and "not usable JSON" in reasons[(CXR, 4)]
+    assert "not UTF-8" in reasons[(CXR, 5)]
+    assert data["valid"] == 5 and root.is_file()
+
+
+def _escape_root(root: Path, outside: Path, target_exists: bool) -> list[str]:
+    """One record per way out of the root; returns the relative paths in line order."""
+    build_valid_root(root)
+    outside.mkdir()
+    if target_exists:
+        Image.new("L", (4, 4)).save(outside / "x.png")
+        np.save(outside / "e.npy", np.zeros((12, 100), np.float32))
+        (outside / "dir").mkdir()
+        Image.new("L", (4, 4)).save(outside / "dir" / "x.png")
+    (root / "xray" / "chest" / "file-link.png").symlink_to(outside / "x.png")
+    (root / "xray" / "chest" / "dir-link").symlink_to(outside / "dir")
+    rels = ["../outside/x.png", "xray/../../outside/x.png", str(outside / "x.png"), "xray/chest/file-link.png",
+            "xray/chest/dir-link/x.png"]
+    lines = [llava(IMG_PROMPT, "normal", images=[rel]) for rel in rels]
+    lines.append(llava(OPTIONS, "normal", segmentation_path="xray/chest/../../../outside/x.png", bbox=[0, 0, 1, 1]))
+    lines.append(json.dumps({"problem": "Rhythm? Options:\nsinus\nafib", "answer": "sinus",
+                             "time-series": [str(outside / "e.npy")]}))
+    write_lines(root / "xray" / "esc" / "annotation_train.jsonl", lines)
+    return [*rels, "xray/chest/../../../outside/x.png", str(outside / "e.npy")]
+
+
+def test_every_way_out_of_the_root_is_refused_with_one_message_whether_or_not_the_target_exists(tmp_path):
+    from common.climb.limits import outside_root_message
+
+    reports = {}
+    for exists in (True, False):
+        base = tmp_path / str(exists)
+        rels = _escape_root(base / "root", base / "outside", exists)
+        report = validate_root(base / "root")
+        reports[exists] = {p.line: p.reason.replace(str(base), "BASE") for p in report.invalid
+                           if p.file == "xray/esc/annotation_train.jsonl"}
+        assert report.valid == 5  # the valid root's records only
+        for line, rel in enumerate(rels, start=1):
+            assert reports[exists][line] == outside_root_message(rel).replace(str(base), "BASE"), line
+    assert reports[True] == reports[False]  # no existence oracle
+
+
+def test_linked_roots_txt_lets_a_root_use_media_of_a_named_folder(tmp_path):
+    from common.climb.records import LINKED_ROOTS_FILE
+
+    root, shared = tmp_path / "root", tmp_path / "shared"
+    build_valid_root(root)
+    shared.mkdir()
+    Image.new("L", (PNG_W, PNG_H)).save(shared / "x.png")
+    (root / "xray" / "chest" / "shared").symlink_to(shared)
+    with (root / CXR).open("a", encoding="utf-8") as f:
+        f.write(llava(IMG_PROMPT, "normal", images=["xray/chest/shared/x.png"]) + "\n")
+    assert [p.line for p in validate_root(root).invalid] == [3]
+    (root / LINKED_ROOTS_FILE).write_text(f"{shared}\n", encoding="utf-8")
+    report = validate_root(root)
+    assert report.ok and report.valid == 6
+
+
+def test_a_decompression_bomb_mask_and_a_too_big_image_are_per_record_reasons(tmp_path):
+    build_valid_root(tmp_path)
+    png_header(tmp_path / "xray" / "chest" / "bomb.png", 30000, 30000)
+    png_header(tmp_path / "xray" / "chest" / "big.png", 12000, 12000)
+    with (tmp_path / CXR).open("a", encoding="utf-8") as f:
+        f.write(llava(OPTIONS, "normal", segmentation_path="xray/chest/bomb.png") + "\n")          # 3
+        f.write(llava(IMG_PROMPT, "normal", images=["xray/chest/big.png"]) + "\n")                # 4
+        f.write(llava("<image>\n" * 5 + OPTIONS, "normal", images=["xray/chest/a.png"] * 5) + "\n")  # 5
+    reasons = problems_by_place(validate_root(tmp_path, max_images=4))
+    assert set(reasons) == {(CXR, 3), (CXR, 4), (CXR, 5)}
+    assert "data.max_pixels" in reasons[(CXR, 3)] and "data.max_pixels" in reasons[(CXR, 4)]
+    assert "5 media files, more than data.max_images=4" in reasons[(CXR, 5)]
+
+
+def test_the_cli_enforces_the_default_max_images(tmp_path, capsys):
+    build_valid_root(tmp_path)
+    with (tmp_path / CXR).open("a", encoding="utf-8") as f:
+        f.write(llava("<image>\n" * 5 + OPTIONS, "normal", images=["xray/chest/a.png"] * 5) + "\n")
+    assert main(["data", "validate", str(tmp_path)]) == 1
+    assert "data.max_images=4" in capsys.readouterr().out

@@ -91,3 +91,16 @@ def test_train_local_prints_a_per_domain_table(tmp_path: Path, capsys: pytest.Ca
     assert "2 steps: rollout" in text and "test bal-acc before -> after" in text
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert main(["train-local", "--data", str(tmp_path / "missing"), "--steps", "1"]) == 2
+
+
+def test_the_pool_reaches_hospital_media_only_through_its_linked_roots(tmp_path: Path) -> None:
+    """The pool's links are allowed by its linked_roots.txt (every hospital root), and by nothing else."""
+    fed = generate_federation(tmp_path / "fed", hospitals=2, seed=0, scale=0.1)
+    sites = [Site(f"hospital-{i}", HospitalConfig(name=f"hospital-{i}", data_root=str(root), state_dir=str(tmp_path)),
+                  True) for i, root in enumerate(fed.hospital_roots)]
+    pool = Path(_pooled_site(tmp_path / "run", sites, load_config()).hospital.data_root)
+    listed = (pool / "linked_roots.txt").read_text(encoding="utf-8").splitlines()
+    assert listed == [str(root.resolve()) for root in fed.hospital_roots]
+    (pool / "linked_roots.txt").unlink()
+    report = validate_root(pool)
+    assert report.invalid and all("outside the data root" in p.reason for p in report.invalid)

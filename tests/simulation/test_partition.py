@@ -69,3 +69,38 @@ def test_folders_mode_uses_existing_hospital_folders(federation: Path) -> None:
         partition_root(federation, federation / "unused", hospitals=2, mode="folders")
     with pytest.raises(ValueError, match="one CLIMB root per hospital"):
         partition_root(federation / "hospital-0", federation / "unused", hospitals=1, mode="folders")
+
+
+def test_hospital_roots_name_their_source_as_the_only_linked_root(federation: Path, tmp_path: Path) -> None:
+    """The links into the source pass the data-root boundary through linked_roots.txt, not an exception."""
+    source = federation / "hospital-0"
+    roots = partition_root(source, tmp_path, hospitals=2, mode="domain", seed=0)
+    for root in roots:
+        assert (root / "linked_roots.txt").read_text(encoding="utf-8") == f"{source.resolve()}\n"
+    (roots[0] / "linked_roots.txt").unlink()
+    report = validate_root(roots[0])
+    assert report.valid == 0 or all("outside the data root" in p.reason for p in report.invalid)
+    assert any("outside the data root" in p.reason for p in report.invalid)
+
+
+def test_a_source_with_its_own_linked_roots_is_never_written_through(federation: Path, tmp_path: Path) -> None:
+    source, shared = tmp_path / "source", tmp_path / "shared"
+    shared.mkdir()
+    generate_federation(source, hospitals=1, seed=0, scale=0.1)
+    source = source / "hospital-0"
+    (source / "linked_roots.txt").write_text(f"{shared}\n", encoding="utf-8")
+    roots = partition_root(source, tmp_path / "parts", hospitals=2, mode="domain", seed=0)
+    assert (source / "linked_roots.txt").read_text(encoding="utf-8") == f"{shared}\n"
+    for root in roots:
+        assert not (root / "linked_roots.txt").is_symlink()
+        assert (root / "linked_roots.txt").read_text().splitlines() == [str(source.resolve()), str(shared.resolve())]
+
+
+def test_hostile_lines_in_the_source_are_skipped_not_fatal(tmp_path: Path) -> None:
+    generate_federation(tmp_path / "src", hospitals=1, seed=0, scale=0.1)
+    source = tmp_path / "src" / "hospital-0"
+    path = source / "lab" / "synth_labs" / "annotation_train.jsonl"
+    with path.open("ab") as f:
+        f.write(b"[" * 200_000 + b"]" * 200_000 + b"\n" + b'{"age": ' + b"9" * 5000 + b"}\n" + b"\xff\xfe\n")
+    roots = partition_root(source, tmp_path / "parts", hospitals=2, mode="domain", seed=0)
+    assert sum(len(load_records(r, "train")) for r in roots) == len(load_records(source, "train"))
