@@ -26,7 +26,7 @@ from server.aggregation import update_norm
 logger = logging.getLogger(__name__)
 
 MetricKind = Literal["int", "float", "per_domain_float", "per_domain_int"]
-ReplyStatus = Literal["ok", "budget_exhausted", "rejected"]
+ReplyStatus = Literal["ok", "budget_exhausted", "refused", "rejected"]
 
 #: Metric with the client's status code; implicitly allowed, of kind "int".
 STATUS_KEY = "status"
@@ -34,6 +34,14 @@ STATUS_KEY = "status"
 STATUS_OK = 0
 #: Status code of a client whose privacy budget is spent: it sends no tensors.
 STATUS_BUDGET_EXHAUSTED = 1
+#: Status codes of a client that refused the instruction before spending anything, and
+#: why (its log says which check failed); such a reply carries the status and nothing else.
+STATUS_REFUSED = 4
+STATUS_EVAL_LIMIT = 5
+REFUSALS = {
+    STATUS_REFUSED: "the hospital refused the instruction (an invalid value or adapter; its log says which)",
+    STATUS_EVAL_LIMIT: "the hospital's evaluation limits are reached",
+}
 
 #: At most this many names are listed in a reason.
 MAX_NAMES_IN_REASON = 3
@@ -88,7 +96,9 @@ class ReplyVerdict:
         One line saying why the reply is not aggregated; None when ``ok``.
     status : {"ok", "budget_exhausted", "rejected"}
         ``budget_exhausted`` is a well-formed reply from a client whose privacy budget
-        is spent: not an error, but nothing to aggregate. ``rejected`` is malformed.
+        is spent: not an error, but nothing to aggregate. ``refused``: the client
+        refused the instruction before spending anything (a status of ``REFUSALS``,
+        nothing else in the reply). ``rejected`` is malformed.
     """
 
     ok: bool
@@ -132,8 +142,9 @@ def validate_reply(
 ) -> ReplyVerdict:
     """Check one decoded training reply.
 
-    In order: the status metric; for a budget-exhausted reply (status 1, no tensors)
-    only the metric types; otherwise tensor names, shapes, dtype family, finiteness,
+    In order: the status metric; for a refusal (``REFUSALS``) only that nothing else
+    was sent; for a budget-exhausted reply (status 1, no tensors) only the metric
+    types; otherwise tensor names, shapes, dtype family, finiteness,
     update norm, then metric names and types.
 
     Parameters
@@ -184,10 +195,12 @@ def validate_reply(
     metrics = {} if metrics is None else metrics
 
     status = metrics.get(status_key, STATUS_OK)
+    if type(status) is int and status in REFUSALS:
+        return _refusal(status, metrics, has_arrays=bool(arrays), status_key=status_key)
     if type(status) is not int or status not in (STATUS_OK, STATUS_BUDGET_EXHAUSTED):
         return _reject(
             f"metric {status_key!r} is {_quote(status)}, expected {STATUS_OK} "
-            f"(trained) or {STATUS_BUDGET_EXHAUSTED} (budget exhausted)"
+            f"(trained), {STATUS_BUDGET_EXHAUSTED} (budget exhausted) or one of {sorted(REFUSALS)} (refused)"
         )
     if status == STATUS_BUDGET_EXHAUSTED:
         if arrays:
@@ -234,13 +247,27 @@ def validate_metrics_reply(
     specs = {status_key: MetricSpec("int"), **allowed_metric_keys}
     metrics = {} if metrics is None else metrics
     status = metrics.get(status_key, STATUS_OK)
+    if type(status) is int and status in REFUSALS:
+        return _refusal(status, metrics, has_arrays=has_arrays, status_key=status_key)
     if type(status) is not int or status not in (STATUS_OK, STATUS_BUDGET_EXHAUSTED):
-        return _reject(f"metric {status_key!r} is {_quote(status)}, expected {STATUS_OK} or {STATUS_BUDGET_EXHAUSTED}")
+        return _reject(f"metric {status_key!r} is {_quote(status)}, expected {STATUS_OK}, "
+                       f"{STATUS_BUDGET_EXHAUSTED} or one of {sorted(REFUSALS)}")
     required = {k for k, spec in specs.items() if spec.required}
     reason = _check_metrics(metrics, specs, required=required, num_domains=num_domains)
     if reason is not None:
         return _reject(reason)
     return ReplyVerdict(ok=True, reason=None, status="ok")
+
+
+def _refusal(status: int, metrics: Mapping[str, object], *, has_arrays: bool, status_key: str) -> ReplyVerdict:
+    """The verdict on a reply with a refusal status: well-formed only with nothing but the status."""
+    if has_arrays:
+        return _reject(f"reply has status {status} (refused) but carries tensors")
+    extra = [key for key in metrics if key != status_key]
+    if extra:
+        return _reject(f"reply has status {status} (refused) but carries metrics {_some(extra)}")
+    return ReplyVerdict(ok=False, reason=f"{REFUSALS[status]} ({status_key}={status}); nothing else was sent",
+                        status="refused")
 
 
 def _reject(reason: str) -> ReplyVerdict:
