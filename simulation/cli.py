@@ -233,9 +233,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return run_compare(cfg, Path(args.out), seeds=args.seeds, quiet=args.quiet)
     mode = "quiet" if args.quiet else "jsonl" if args.jsonl else "progress"
     result = run_simulation(cfg, Path(args.out), mode=mode, verbose=args.verbose)  # type: ignore[arg-type]
-    if not result.ok:
-        print(f"simulation failed (flwr exit code {result.returncode}); see {result.run_dir / 'flower.log'}",
-              file=sys.stderr)
+    failure = result.failure()  # did not finish, or no round aggregated
+    if failure:
+        print(f"fedclimb: {failure}", file=sys.stderr)
         return 1
     command = "fedclimb " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = write_report(result.run_dir, result.cfg, result.history, seconds=result.seconds, command=command)

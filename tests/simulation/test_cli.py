@@ -168,3 +168,52 @@ def test_simulate_refuses_bad_settings_before_doing_anything(tmp_path: Path, cap
     assert main(["simulate", "--out", str(out), "federation.no_such_key=1"]) == 2
     assert "federation.no_such_key" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("words", "key"),
+    [
+        (["privacy.target_epsilon=inf"], "privacy.target_epsilon"),
+        (["train.lr=inf"], "train.lr"),
+        (["rollout.temperature=.inf"], "rollout.temperature"),
+        (["train.lr=nan"], "train.lr"),
+        (["federation.round_timeout_s=-5"], "federation.round_timeout_s"),
+        (["federation.connect_timeout_s=-1"], "federation.connect_timeout_s"),
+        (["federation.round_timeout_s=inf"], "federation.round_timeout_s"),
+        (["train.weight_decay=-0.1"], "train.weight_decay"),
+        (["--hospitals", "2", "federation.min_replies=3"], "federation.min_replies"),
+        (["federation.min_replies=4"], "federation.min_replies"),  # 3 hospitals by default
+        (["federation.fraction_train=0.5", "federation.min_replies=3"], "federation.min_replies"),
+        (["--hospitals", "2", "federation.min_hospitals=3"], "federation.min_hospitals"),
+    ],
+)
+def test_simulate_refuses_unusable_numbers_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     words: list[str], key: str) -> None:
+    """Values no run could use exit 2 with one line naming the key, before anything is written."""
+    out = tmp_path / "run"
+    assert main(["simulate", "--out", str(out), *words]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedclimb: error: ") and f"{key}:" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_simulate_accepts_as_many_required_replies_as_hospitals_asked(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """The boundary of the check: min_replies = ceil(fraction_train x hospitals) is allowed."""
+    from simulation import simulate
+
+    seen = []
+
+    def accepted(cfg: object, out: Path, **_: object) -> None:
+        seen.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(simulate, "run_simulation", accepted)
+    with pytest.raises(_Stop):
+        main(["simulate", "--out", str(tmp_path / "run"), "--hospitals", "4", "federation.fraction_train=0.5",
+              "federation.min_replies=2", "federation.min_hospitals=4"])
+    assert seen and seen[0].federation.min_replies == 2
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for run_simulation once the configuration was accepted."""
