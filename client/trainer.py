@@ -2,7 +2,8 @@
 
 A local step: pick records (uniformly, or by Poisson sampling of privacy units under DP),
 sample K responses per record, score them, turn rewards into GRPO/DRPO advantages, and
-update the LoRA adapter with token-level PPO-clip (+ KL to the adapter-disabled reference).
+update the LoRA adapter with token-level PPO-clip (+ KL to the reference policy, the adapter
+the run started from).
 Under DP the update is DP-SGD over whole units (client/dp_step.py).
 """
 
@@ -33,6 +34,7 @@ from common.climb.records import Record
 from common.climb.validate import usable_records
 from common.config import FedClimbConfig
 from common.metrics import balanced_accuracy, count_classes, macro_f1
+from common.modeling.lora import adapter_shapes, init_adapter, read_peft_folder
 from common.modeling.policy import Policy, Rollouts
 from common.modeling.prompts import EncodedPrompt, encode_prompt
 from common.policy_loss import low_var_kl, ppo_token_losses, reduce_token_mean
@@ -140,6 +142,7 @@ class LocalTrainer:
         self._masks: dict[str, np.ndarray] = {}
         self.weights = RewardWeights(accuracy=cfg.reward.accuracy, iou=cfg.reward.iou, format=cfg.reward.format)
         self._dp_updater: DPUpdater | None = None
+        self._start: tuple[tuple[str, int, float], dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -297,6 +300,8 @@ class LocalTrainer:
         rng = np.random.default_rng(derive_seed(seed, "batches"))
         state = DRPOState.from_json(drpo_state) if drpo_state else None
         units = privacy_units(records, dp.unit if dp else "record")
+        if self._needs_reference(dp=dp is not None):
+            policy.set_reference(self._start_adapter())
         if dp is not None and self._dp_updater is None:
             self._dp_updater = DPUpdater.for_policy(policy)
         stats: dict[str, DomainStats] = {}
@@ -333,10 +338,10 @@ class LocalTrainer:
                     d.rollouts += K
                     d.reward_sum += float(rew.sum())
                     d.accuracy_sum += float(acc.sum())
-                old_logp, ref_logp = self._reference_logprobs(rollouts, dp=dp is not None)
+                start_logp, ref_logp = self._reference_logprobs(rollouts, dp=dp is not None)
                 kl = None
-                if ref_logp is not None and old_logp is not None:
-                    per_row = (low_var_kl(old_logp, ref_logp) * rollouts.mask).sum(1)
+                if ref_logp is not None and start_logp is not None:
+                    per_row = (low_var_kl(start_logp, ref_logp) * rollouts.mask).sum(1)
                     kl = per_row.view(len(recs), K).sum(1)
                 adv, state = self._advantages(
                     rewards, [r.domain for r in recs], state, kl, global_domain_stats, dp is not None
@@ -345,7 +350,7 @@ class LocalTrainer:
                 unit_of_prompt = [u for u, _ in batch]
                 try:
                     loss_stats = self._update(
-                        rollouts, adv.flatten(), old_logp, ref_logp, optimizer, dp, unit_of_prompt, len(units)
+                        rollouts, adv.flatten(), ref_logp, optimizer, dp, unit_of_prompt, len(units)
                     )
                 except BaseException:
                     if dp is not None:
@@ -382,17 +387,33 @@ class LocalTrainer:
             units=units,
         )
 
-    def _reference_logprobs(self, rollouts: Rollouts, *, dp: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Old-policy and reference log-probs (no grad), only where something needs them.
+    def _damping(self, *, dp: bool) -> bool:
+        a = self.cfg.advantage
+        return a.estimator == "drpo" and a.kl_damping and not dp
 
-        The old policy is needed for several PPO epochs (with one epoch the training
-        forward's own detached log-probs are the old ones) and for DRPO's KL damping;
-        the reference (adapter disabled) for the KL penalty and the damping.
+    def _needs_reference(self, *, dp: bool) -> bool:
+        """Whether anything uses the reference policy (the KL penalty or DRPO's damping)."""
+        return self.cfg.train.kl_coef > 0 or self._damping(dp=dp)
+
+    def _start_adapter(self) -> dict[str, torch.Tensor]:
+        """The adapter the run started from: the KL reference (read once per setting)."""
+        cfg = self.cfg
+        key = (cfg.server.init_adapter, cfg.lora.init_seed, cfg.lora.init_b_std)
+        if self._start is None or self._start[0] != key:
+            self._start = (key, start_adapter(cfg, adapter_shapes(self.policy.peft)))
+        return self._start[1]
+
+    def _reference_logprobs(self, rollouts: Rollouts, *, dp: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The policy's and the reference's log-probs before the update (no grad), if needed.
+
+        The policy's are only for DRPO's KL damping (the PPO ratio's old log-probs come
+        from the training pass itself, see :meth:`_update`); the reference's for the KL
+        penalty and the damping.
         """
         cfg = self.cfg
-        damping = cfg.advantage.estimator == "drpo" and cfg.advantage.kl_damping and not dp
-        need_ref = cfg.train.kl_coef > 0 or damping
-        need_old = cfg.train.ppo_epochs > 1 or damping
+        damping = self._damping(dp=dp)
+        need_ref = self._needs_reference(dp=dp)
+        need_old = damping
         old: list[torch.Tensor] = []
         ref: list[torch.Tensor] = []
         if not (need_old or need_ref):
@@ -413,7 +434,6 @@ class LocalTrainer:
         self,
         rollouts: Rollouts,
         advantages: torch.Tensor,
-        old_logp: torch.Tensor | None,
         ref_logp: torch.Tensor | None,
         optimizer: torch.optim.Optimizer,
         dp: DPSettings | None,
@@ -434,7 +454,12 @@ class LocalTrainer:
         pg_sum = kl_sum = 0.0
         n_loss = 0
         clipped = 0
-        for _epoch in range(cfg.train.ppo_epochs):
+        # PPO's old log-probs are the first epoch's own training pass, detached: the same
+        # mode (LoRA dropout), batch and padding as the pass they divide, so the first
+        # epoch's ratio is exactly 1 (a separate eval-mode pass is not). The optimizer
+        # steps once per epoch, so every row of epoch 0 sees the pre-update weights.
+        old_logp = torch.zeros_like(mask_all) if cfg.train.ppo_epochs > 1 else None  # (R, T)
+        for epoch in range(cfg.train.ppo_epochs):
             optimizer.zero_grad(set_to_none=True)
             if dp is not None:
                 self._dp_updater.begin_step()  # type: ignore[union-attr]
@@ -451,7 +476,12 @@ class LocalTrainer:
                 else:
                     logp = policy.token_logprobs(rollouts, rows, temperature=cfg.rollout.temperature, module=module)
                 mask = mask_all[rows].to(dev)
-                old = (old_logp[rows].to(dev) if old_logp is not None else logp.detach())
+                if epoch == 0:
+                    old = logp.detach()
+                    if old_logp is not None:
+                        old_logp[rows] = old.to(old_logp.device, old_logp.dtype)
+                else:
+                    old = old_logp[rows].to(dev)  # type: ignore[index]
                 ref = ref_logp[rows].to(dev) if ref_logp is not None else None
                 losses, st = ppo_token_losses(
                     logp, old, ref, advantages[rows].to(dev), mask,
@@ -520,6 +550,24 @@ class LocalTrainer:
                 predictions=histogram,
             )
         return EvalResult(out, time.perf_counter() - t0)
+
+
+def start_adapter(cfg: FedClimbConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The adapter a run starts from, as the server's first round sends it.
+
+    ``server.init_adapter`` (a PEFT folder) when set, else the seeded init every party
+    computes alike (server.federation.initial_adapter makes the same choice).
+    """
+    if cfg.server.init_adapter:
+        try:
+            return read_peft_folder(cfg.server.init_adapter)
+        except OSError as exc:
+            raise ValueError(
+                f"server.init_adapter={cfg.server.init_adapter!r}: {exc}. The KL penalty and DRPO's damping pull "
+                "toward the adapter the run started from, so this hospital needs a copy of that PEFT folder at "
+                "the same path (or the run must set train.kl_coef=0 and advantage.kl_damping=false)"
+            ) from exc
+    return init_adapter(shapes, seed=cfg.lora.init_seed, b_std=cfg.lora.init_b_std)
 
 
 def _next_batch(order: list[int], size: int, n: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:

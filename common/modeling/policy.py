@@ -2,14 +2,15 @@
 
 Two operations: sample K responses per prompt (batched ``generate`` with the KV cache,
 optionally constrained to the options), and per-token log-probabilities of given
-responses with the adapter on (the policy) or off (the reference policy — the same
-weights, never a second copy in memory).
+responses under the policy or the reference policy: the adapter the run started from
+(swapped into the same adapter tensors), or the base model with the adapter disabled
+when the run started from a zero adapter — never a second copy of the model.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,17 @@ from common.modeling.lora import (
     attach_lora,
     freeze_lora_a,
     init_adapter,
+    is_lora_b,
     load_adapter_state,
 )
 from common.modeling.prompts import EncodedPrompt, collate_prompts
 
 __all__ = ["Rollouts", "Policy"]
+
+
+def _param_name(key: str) -> str:
+    """The PEFT parameter behind an adapter-state key (``...lora_A.weight``)."""
+    return key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
 
 
 @contextlib.contextmanager
@@ -82,6 +89,8 @@ class Policy:
         # requires_grad back on for every adapter tensor when it exits (lora_A included,
         # which would silently break `ffa`), so reference passes restore this set.
         self._trainable = {n for n, p in self.peft.named_parameters() if p.requires_grad}
+        # (adapter parameter, its value in the reference adapter); empty = adapter disabled.
+        self._reference_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         tok = bundle.tokenizer
         self.pad_id = int(tok.pad_token_id)
         image_token = tok.convert_tokens_to_ids("<|image_pad|>") if bundle.multimodal else None
@@ -98,9 +107,47 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.peft.named_parameters() if n in self._trainable]
 
+    def set_reference(self, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Make ``state`` (an adapter, as :meth:`get_adapter` returns it) the reference policy.
+
+        The KL penalty and DRPO's damping pull toward the reference: the adapter the run
+        started from. None, or an adapter whose every ``lora_B`` is zero (it adds nothing
+        to the base weights), makes the reference the base model with the adapter
+        disabled, which needs no second copy of the adapter.
+        """
+        if state is None or all(not v.any() for k, v in state.items() if is_lora_b(k)):
+            self._reference_weights = []
+            return
+        shapes = adapter_shapes(self.peft)
+        if set(state) != set(shapes) or any(tuple(state[k].shape) != shapes[k] for k in shapes):
+            wrong = sorted(set(state) ^ set(shapes)) or [k for k in shapes if tuple(state[k].shape) != shapes[k]]
+            raise ValueError(f"the reference adapter does not match the model's adapter (first mismatch: {wrong[0]})")
+        params = dict(self.peft.named_parameters())
+        self._reference_weights = [
+            (params[_param_name(k)], v.to(params[_param_name(k)].device, params[_param_name(k)].dtype))
+            for k, v in sorted(state.items())
+        ]
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """The reference policy: the same weights with the adapter disabled."""
+        """The reference policy (:meth:`set_reference`): the start adapter, or none at all.
+
+        A start adapter is swapped into the adapter's own tensors for the duration and the
+        current values are put back exactly afterwards (no extra PEFT adapter, so Opacus'
+        hooks and the adapter state see one adapter only).
+        """
+        if self._reference_weights:
+            with torch.no_grad():
+                saved = [p.detach().clone() for p, _ in self._reference_weights]
+                for p, value in self._reference_weights:
+                    p.copy_(value)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for (p, _), value in zip(self._reference_weights, saved, strict=True):
+                        p.copy_(value)
+            return
         try:
             with self.peft.disable_adapter():
                 yield
@@ -216,7 +263,7 @@ class Policy:
     ) -> Any:
         """Per-token log pi(response token) for ``rows``: [len(rows), T] (0 where masked).
 
-        ``adapter=False`` gives the reference policy (adapter disabled). ``module`` is the
+        ``adapter=False`` gives the reference policy (:meth:`set_reference`). ``module`` is the
         callable to run (e.g. an Opacus GradSampleModule wrapping the PEFT model).
         ``with_entropy=True`` returns ``(logp, entropy)``, the entropy of the (constrained)
         next-token distribution at every response position.
