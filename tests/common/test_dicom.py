@@ -249,6 +249,15 @@ def test_every_bundled_file_either_decodes_or_raises_media_error() -> None:
 # --------------------------------------------------------------------------- hostile inputs
 
 
+def _given(limits: dict) -> dict:
+    """Loader keywords: lowered limits as ``bounds``, or nothing (the defaults)."""
+    if not limits:
+        return {}
+    from common.climb.limits import Bounds
+
+    return {"bounds": Bounds(**limits)}
+
+
 def _claiming(path: Path, *, deflated: bool, pixel_bytes: int = 200, **header: object) -> Path:
     """A DICOM whose header claims ``header`` (Rows, Columns, NumberOfFrames) over ``pixel_bytes`` of zeros."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -285,11 +294,10 @@ HOSTILE_DICOM = [
 def test_hostile_dicom_is_refused_from_its_header(tmp_path: Path, what, build, limits, reason) -> None:
     """The declared size is checked before pixel data is inflated or decoded (also through load_image)."""
     from common.climb.images import load_image
-    from common.climb.limits import Bounds
 
     path = build(tmp_path / "x.dcm")
-    for load in (lambda: dicom_frames(path, [0], bounds=Bounds(**limits)),
-                 lambda: load_image(path, bounds=Bounds(**limits))):
+    given = _given(limits)
+    for load in (lambda: dicom_frames(path, [0], **given), lambda: load_image(path, **given)):
         with pytest.raises(MediaError) as caught:
             load()
         assert reason in str(caught.value) and "\n" not in str(caught.value)

@@ -185,6 +185,15 @@ def test_lead_names(label: str, name: str | None) -> None:
 # --------------------------------------------------------------------------- hostile inputs
 
 
+def _given(limits: dict) -> dict:
+    """Loader keywords: lowered limits as ``bounds``, or nothing (the defaults)."""
+    if not limits:
+        return {}
+    from common.climb.limits import Bounds
+
+    return {"bounds": Bounds(**limits)}
+
+
 def _npy(path: Path, signals: np.ndarray, sidecar: object = None) -> Path:
     np.save(path, signals)
     if sidecar is not None:
@@ -230,12 +239,10 @@ HOSTILE_ECGS = [
 @pytest.mark.parametrize(("what", "build", "limits", "reason"), HOSTILE_ECGS, ids=[h[0] for h in HOSTILE_ECGS])
 def test_hostile_ecgs_are_refused_before_resampling(tmp_path: Path, what, build, limits, reason) -> None:
     """Each hostile ECG is a one-line MediaError, through both loaders (QoQ input and the rendered 12 leads)."""
-    from common.climb.limits import Bounds
-
     path = build(tmp_path / "e.npy")
     for load in (load_ecg, load_ecg_12lead):
         with pytest.raises(MediaError) as caught:
-            load(path, bounds=Bounds(**limits))
+            load(path, **_given(limits))
         assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 

@@ -73,6 +73,15 @@ def test_array_to_rgb_checks_input() -> None:
 # --------------------------------------------------------------------------- hostile inputs
 
 
+def _given(limits: dict) -> dict:
+    """Loader keywords: lowered limits as ``bounds``, or nothing (the defaults)."""
+    if not limits:
+        return {}
+    from common.climb.limits import Bounds
+
+    return {"bounds": Bounds(**limits)}
+
+
 def png_header(path: Path, width: int, height: int) -> Path:
     """A PNG whose IHDR claims ``width`` x ``height`` (8-bit grey) with a tiny IDAT: a decompression-bomb header."""
     import struct
@@ -117,13 +126,12 @@ HOSTILE_IMAGES = [
 @pytest.mark.parametrize(("what", "build", "limits", "reason"), HOSTILE_IMAGES, ids=[h[0] for h in HOSTILE_IMAGES])
 def test_hostile_images_are_refused_before_decoding(tmp_path: Path, what, build, limits, reason, loader) -> None:
     """Every hostile image is a one-line MediaError naming the limit; nothing is decoded first."""
-    from common.climb.images import load_mask
-    from common.climb.limits import Bounds
-
     path = build(tmp_path / "x.png")
-    load = load_image if loader == "image" else load_mask
+    load = load_image
+    if loader == "mask":
+        from common.climb.images import load_mask as load
     with pytest.raises(MediaError) as caught:
-        load(path, bounds=Bounds(**limits))
+        load(path, **_given(limits))
     assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 

@@ -154,6 +154,15 @@ def test_bad_sources(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- hostile inputs
 
 
+def _given(limits: dict) -> dict:
+    """Loader keywords: lowered limits as ``bounds``, or nothing (the defaults)."""
+    if not limits:
+        return {}
+    from common.climb.limits import Bounds
+
+    return {"bounds": Bounds(**limits)}
+
+
 def nifti_claiming(path: Path, shape: tuple[int, ...], data_bytes: int = 64) -> Path:
     """A .nii whose header claims ``shape`` (uint8) followed by only ``data_bytes`` bytes."""
     header = nibabel.Nifti1Header()
@@ -189,11 +198,9 @@ HOSTILE_VOLUMES = [
 
 @pytest.mark.parametrize(("what", "build", "limits", "reason"), HOSTILE_VOLUMES, ids=[h[0] for h in HOSTILE_VOLUMES])
 def test_hostile_volumes_are_refused_from_their_headers(tmp_path: Path, what, build, limits, reason) -> None:
-    from common.climb.limits import Bounds
-
     source = build(tmp_path)
     with pytest.raises(MediaError) as caught:
-        load_frames(source, 4, bounds=Bounds(**limits))
+        load_frames(source, 4, **_given(limits))
     assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 
