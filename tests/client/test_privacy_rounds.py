@@ -4,6 +4,7 @@ carry, DP evaluation, and what a server cannot make a hospital spend."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -20,12 +21,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import client.privacy_round as privacy_round
 import client.rounds as rounds
 from client.rounds import Instruction, plan_privacy, train_round
-from client.runtime import Runtime
+from client.runtime import HospitalData, Runtime
 from client.site import Site
 from client.stats import unit_domain_counts
-from client.trainer import LocalResult, LocalTrainer, privacy_units
+from client.trainer import DomainEval, LocalResult, LocalTrainer, privacy_units
 from common import keys
-from common.config import FedClimbConfig, HospitalConfig, load_config
+from common.config import ConfigError, FedClimbConfig, HospitalConfig, PrivacyConfig, load_config, load_hospital_config
 from common.modeling.lora import adapter_shapes, init_adapter
 from common.modeling.policy import Policy
 from common.privacy.ledger import PrivacyLedger
@@ -382,3 +383,256 @@ def test_nothing_exact_is_sent_without_a_stats_release(fed: Fed, tmp_path: Path,
     for key in (keys.D_COUNT, keys.REWARD_MEAN):
         assert key not in out.metrics
     assert [e["kind"] for e in _entries(tmp_path)] == ["stats_release", "dpsgd"]  # N^ for q only
+
+
+# --------------------------------------------------------------------------- what a reply depends on
+
+
+class _Split(Runtime):
+    """The fixture's runtime with the hospital's records replaced (neighbouring datasets)."""
+
+    def __init__(self, base: Runtime, train: list[Any] | None = None, evaluation: list[Any] | None = None) -> None:
+        super().__init__()
+        self.base, self.train, self.evaluation = base, train, evaluation
+
+    def policy(self, cfg: FedClimbConfig) -> Policy:
+        return self.base.policy(cfg)
+
+    def hospital_data(self, site: Site, cfg: FedClimbConfig) -> HospitalData:
+        data = self.base.hospital_data(site, cfg)
+        return HospitalData(data.trainer, data.train if self.train is None else self.train,
+                            data.evaluation if self.evaluation is None else self.evaluation)
+
+
+@pytest.fixture()
+def trained_with(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Replace training by a stub that records the DPSettings it was given."""
+    seen: list[Any] = []
+
+    def train(self: LocalTrainer, records: Any, *, steps: int, dp: Any = None, **kwargs: Any) -> LocalResult:
+        seen.append(dp)
+        return LocalResult(adapter={}, steps=steps, domain_stats={}, rollout_s=12.5, update_s=3.25,
+                           units=[[i] for i in range(len(records))])
+
+    monkeypatch.setattr(LocalTrainer, "train", train)
+    return seen
+
+
+@pytest.fixture()
+def pinned_unit_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The released number of units comes out as 50 whatever the data (same noise draw)."""
+    real = privacy_round.gaussian_release
+
+    def release(values: np.ndarray, **kwargs: Any) -> np.ndarray:
+        return np.array([50.0]) if np.shape(values) == (1,) else real(values, **kwargs)
+
+    monkeypatch.setattr(privacy_round, "gaussian_release", release)
+
+
+def test_neighbouring_datasets_send_the_same_sample_rate_and_divisor(
+    fed: Fed, tmp_path: Path, trained_with: list[Any], pinned_unit_release: None
+) -> None:
+    """N and N - 1 units: q, sigma and the DP-SGD divisor depend on N only through its release."""
+    cfg = _cfg(fed.root, "privacy.planned_rounds=4")
+    sent = []
+    for name, train in (("n", fed.train), ("n-1", fed.train[:-1])):
+        out = train_round(_Split(fed.runtime, train), _site(fed, tmp_path / name), cfg, _ins(fed), fed.start)
+        assert out.status == keys.STATUS_OK
+        sent.append(out.metrics)
+    assert sent[0][keys.SAMPLE_RATE] == sent[1][keys.SAMPLE_RATE] == BATCH / 50.0
+    assert sent[0][keys.NOISE_MULTIPLIER] == sent[1][keys.NOISE_MULTIPLIER]
+    assert sent[0][keys.EPSILON] == sent[1][keys.EPSILON]
+    first, second = trained_with
+    assert first.sample_rate == second.sample_rate == BATCH / 50.0
+    # the update is divided by q * N^ = batch_prompts, not by q * N
+    assert first.expected_batch_size == second.expected_batch_size == pytest.approx(BATCH)
+
+
+def test_the_dp_step_divides_by_the_given_expected_batch_size() -> None:
+    """DPUpdater.finish_step: the same sum gives the same update whatever the exact N."""
+    from client.dp_step import DPSettings, DPUpdater
+
+    grads = []
+    for num_units in (10, 11):
+        updater = DPUpdater.__new__(DPUpdater)
+        param = torch.nn.Parameter(torch.zeros(3))
+        updater.params = [param]
+        updater.module = type("Hooks", (), {"disable_hooks": lambda self: None})()
+        updater._sum, updater._clipped, updater._num_units = [torch.tensor([2.0, 4.0, 6.0])], 0, num_units
+        dp = DPSettings(1e-12, 0.5, 1.0, "record", expected_batch_size=4.0)
+        updater.finish_step(torch.optim.SGD([param], lr=1.0), dp)
+        grads.append(param.detach().clone())
+    torch.testing.assert_close(grads[0], torch.tensor([-0.5, -1.0, -1.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
+
+
+def test_no_timing_or_other_unreleased_number_is_sent_under_dp(fed: Fed, tmp_path: Path,
+                                                               trained_with: list[Any]) -> None:
+    out = _run(fed, _cfg(fed.root, FIXED_SIGMA), tmp_path / "dp", _ins(fed))
+    assert out.status == keys.STATUS_OK
+    assert keys.ROLLOUT_SECONDS not in out.metrics and keys.UPDATE_SECONDS not in out.metrics
+    assert set(out.metrics) <= privacy_round.DP_TRAIN_KEYS
+    assert out.metrics[keys.LOCAL_STEPS] == STEPS
+    plain = _run(fed, _cfg(fed.root, "privacy.enabled=false"), tmp_path / "plain", _ins(fed))
+    assert plain.metrics[keys.ROLLOUT_SECONDS] == 12.5 and plain.metrics[keys.UPDATE_SECONDS] == 3.25
+
+
+# --------------------------------------------------------------------------- what a server can make a hospital spend
+
+
+def test_reordered_domain_names_reuse_the_release(fed: Fed, tmp_path: Path, trained_with: list[Any]) -> None:
+    cfg = _cfg(fed.root, FIXED_SIGMA, "privacy.planned_rounds=3", "privacy.target_epsilon=20")
+    first = _run(fed, cfg, tmp_path, _ins(fed, 1))
+    second = _run(fed, cfg, tmp_path, _ins(fed, 2, names=fed.names[::-1]))
+    assert first.status == second.status == keys.STATUS_OK
+    assert second.metrics[keys.D_COUNT] == first.metrics[keys.D_COUNT][::-1]
+    assert [e["kind"] for e in _entries(tmp_path)] == ["stats_release", "dpsgd", "stats_release", "dpsgd"]
+    # A name not released yet is released on its own; the others are re-sent as they were.
+    third = _run(fed, cfg, tmp_path, _ins(fed, 3, names=[*fed.names, "new_domain"]))
+    assert third.metrics[keys.D_COUNT][:-1] == first.metrics[keys.D_COUNT]
+    assert [e["kind"] for e in _entries(tmp_path)][-2:] == ["dpsgd", "stats_release"]
+
+
+def test_dp_needs_the_hospitals_planned_rounds(fed: Fed, tmp_path: Path) -> None:
+    path = tmp_path / "hospital.yaml"
+    path.write_text("name: h\ndata_root: d\nstate_dir: s\nprivacy:\n  enabled: true\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"hospital.yaml: privacy\.planned_rounds: is required"):
+        load_hospital_config(path)
+    path.write_text("name: h\ndata_root: d\nstate_dir: s\nprivacy:\n  planned_rounds: 5\n", encoding="utf-8")
+    assert load_hospital_config(path).privacy.planned_rounds == 5
+    path.write_text("name: h\ndata_root: d\nstate_dir: s\nprivacy:\n  enabled: false\n", encoding="utf-8")
+    assert not load_hospital_config(path).privacy.enabled  # without DP nothing is planned
+
+
+@pytest.mark.parametrize("announced", [1, 1000])
+def test_a_server_cannot_set_the_number_of_rounds_the_budget_lasts(fed: Fed, tmp_path: Path,
+                                                                   trained_with: list[Any], announced: int) -> None:
+    # Without the hospital's own number, nothing runs, whatever the server announces.
+    with pytest.raises(ConfigError, match=r"privacy\.planned_rounds"):
+        _run(fed, _cfg(fed.root, "privacy.planned_rounds=0"), tmp_path / "unset", _ins(fed, planned=announced))
+    assert not (tmp_path / "unset" / LEDGER).exists()
+    # With it, the announcement changes nothing: sigma and the spend are the hospital's.
+    cfg = _cfg(fed.root, "privacy.planned_rounds=2", "privacy.secure_rng=false")
+    out = _run(fed, cfg, tmp_path / "set", _ins(fed, planned=announced))
+    reference = _run(fed, cfg, tmp_path / "reference", _ins(fed, planned=2))
+    assert out.metrics[keys.NOISE_MULTIPLIER] == reference.metrics[keys.NOISE_MULTIPLIER]
+    assert out.metrics[keys.EPSILON] == reference.metrics[keys.EPSILON] < TARGET - 0.2  # 1 of 2 rounds
+    _run(fed, cfg, tmp_path / "set", _ins(fed, 2, planned=announced))
+    third = _run(fed, cfg, tmp_path / "set", _ins(fed, 3, planned=announced))
+    assert third.status == keys.STATUS_BUDGET_EXHAUSTED  # the hospital's 2 rounds have run
+
+
+# --------------------------------------------------------------------------- patient units
+
+
+def _with_patients(records: list[Any], ids: list[str | None]) -> list[Any]:
+    return [dataclasses.replace(r, patient_id=p) for r, p in zip(records, ids, strict=True)]
+
+
+@pytest.mark.parametrize("problem", ["missing_id", "both_splits"])
+@pytest.mark.parametrize("phase", ["train", "evaluate"])
+def test_patient_units_refuse_ambiguous_patients(fed: Fed, tmp_path: Path, problem: str, phase: str) -> None:
+    data = fed.runtime.hospital_data(_site(fed, tmp_path / "probe"), _cfg(fed.root))
+    train = _with_patients(data.train, [f"t{i}" for i in range(len(data.train))])
+    evaluation = _with_patients(data.evaluation, [f"e{i}" for i in range(len(data.evaluation))])
+    if problem == "missing_id":
+        train[3] = dataclasses.replace(train[3], patient_id=None)
+    else:
+        evaluation[0] = dataclasses.replace(evaluation[0], patient_id=train[5].patient_id)
+    runtime = _Split(fed.runtime, train, evaluation)
+    site = _site(fed, tmp_path / "state")
+    match = "no patient_id" if problem == "missing_id" else "both the training and the evaluation split"
+    for release in ("dp", "exact"):
+        cfg = _cfg(fed.root, "privacy.unit=patient", FIXED_SIGMA, f"privacy.eval_release={release}")
+        with pytest.raises(privacy_round.PrivacyUnitError, match=match):
+            (train_round if phase == "train" else rounds.evaluate_round)(runtime, site, cfg, _ins(fed), fed.start)
+    assert not (tmp_path / "state" / LEDGER).exists()  # refused before anything ran
+    # Record units do not need patients.
+    cfg = _cfg(fed.root, "privacy.unit=record", FIXED_SIGMA, "privacy.eval_release=exact", "train.steps=1")
+    out = (train_round if phase == "train" else rounds.evaluate_round)(runtime, site, cfg, _ins(fed), fed.start)
+    assert out.status == keys.STATUS_OK
+
+
+# --------------------------------------------------------------------------- evaluation under DP
+
+
+def test_evaluation_is_released_with_noise_and_charged_by_default(fed: Fed, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    assert PrivacyConfig().eval_release == "dp"  # the default: exact release needs an opt-in
+    captured: list[Any] = []
+    real = privacy_round.release_eval_sums
+
+    def release(units: np.ndarray, sums: list[np.ndarray], **kwargs: Any) -> Any:
+        out = real(units, sums, **kwargs)
+        captured.append((np.array(units), [np.array(s) for s in sums], out, kwargs))
+        return out
+
+    monkeypatch.setattr(privacy_round, "release_eval_sums", release)
+    cfg = _cfg(fed.root, "privacy.eval_release=dp", "privacy.eval_noise_multiplier=3.0", "privacy.planned_rounds=1")
+    site = _site(fed, tmp_path)
+    out = rounds.evaluate_round(fed.runtime, site, cfg, _ins(fed), fed.start)
+    assert out.status == keys.STATUS_OK
+    assert set(out.metrics) == privacy_round.DP_EVAL_KEYS  # nothing exact: no records, no rates
+    entries = _entries(tmp_path)
+    assert [(e["kind"], e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries] == [
+        ("eval_release", 3.0, 1.0, 1)]
+    # The exact sums are the record-weighted exact metrics (record units: weight 1 each).
+    exact = rounds.evaluate_round(fed.runtime, site, _cfg(fed.root, "privacy.eval_release=exact"), _ins(fed),
+                                  fed.start).metrics
+    units, sums, (noisy_units, noisy_sums), kwargs = captured[0]
+    np.testing.assert_allclose(units, exact[keys.E_RECORDS])
+    for s, key in zip(sums, (keys.E_ACCURACY, keys.E_MEAN_REWARD, keys.E_FORMAT_RATE), strict=True):
+        np.testing.assert_allclose(s, np.array(exact[key]) * np.array(exact[keys.E_RECORDS]), atol=1e-9)
+    assert kwargs["noise_multiplier"] == 3.0
+    assert out.metrics[keys.E_DP_UNITS] == [float(x) for x in noisy_units]
+    assert out.metrics[keys.E_DP_REWARD_SUM] == [float(x) for x in noisy_sums[1]]
+    assert not np.allclose(noisy_units, units)
+    assert len(_entries(tmp_path)) == 1  # the opted-in exact evaluation is not charged
+
+
+def test_evaluations_past_the_plan_are_refused(fed: Fed, tmp_path: Path) -> None:
+    cfg = _cfg(fed.root, "privacy.eval_release=dp", "privacy.planned_evaluations=1", "rollout.eval_batch_prompts=64")
+    first = rounds.evaluate_round(fed.runtime, _site(fed, tmp_path), cfg, _ins(fed), fed.start)
+    second = rounds.evaluate_round(fed.runtime, _site(fed, tmp_path), cfg, _ins(fed, 2), fed.start)
+    assert first.status == keys.STATUS_OK
+    assert second.status == keys.STATUS_BUDGET_EXHAUSTED
+    assert set(second.metrics) == {keys.STATUS, keys.EPSILON, keys.DELTA, keys.NUM_EXAMPLES}
+    assert [e["kind"] for e in _entries(tmp_path)] == ["eval_release"]
+
+
+def test_the_plan_reserves_budget_for_the_planned_evaluations(fed: Fed, tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path, delta=DELTA, target_epsilon=TARGET, accountant="rdp")
+    words = ("privacy.planned_rounds=2", "privacy.eval_noise_multiplier=3")
+    exact = plan_privacy(ledger, _cfg(fed.root, *words, "privacy.eval_release=exact"), released_units=100.0)
+    noisy = plan_privacy(ledger, _cfg(fed.root, *words, "privacy.eval_release=dp"), released_units=100.0)
+    assert noisy.noise_multiplier > 1.05 * exact.noise_multiplier
+    # Two rounds at that sigma plus the 3 planned evaluations (rounds + 1) end within the target.
+    total = ledger.epsilon_if([(noisy.effective_noise_multiplier, noisy.sample_rate, noisy.steps * 2),
+                               (3.0, 1.0, 3)])
+    assert TARGET - 0.02 <= total <= TARGET
+
+
+def test_unit_weighted_eval_sums_by_hand(fed: Fed) -> None:
+    """A patient of m records weighs 1/m per record: one unit adds at most 1 everywhere."""
+    records = [dataclasses.replace(fed.train[0], id=f"r{i}", domain=d, patient_id=p)
+               for i, (d, p) in enumerate([("A", "p1"), ("B", "p1"), ("A", "p2"), ("A", "p3"), ("B", "p3"),
+                                           ("A", "p3")])]
+    groups: list[list[str]] = []
+
+    def evaluate(group: list[Any]) -> dict[str, DomainEval]:
+        groups.append([r.id for r in group])
+        out = {}
+        for d in sorted({r.domain for r in group}):
+            n = sum(r.domain == d for r in group)
+            out[d] = DomainEval(records=n, balanced_accuracy=0.0, macro_f1=0.0, mean_iou=0.0,
+                                format_rate=1.0, mean_reward=1.5, accuracy=0.5)  # reward clipped to 1
+        return out
+
+    units, (acc, reward, fmt) = privacy_round.unit_weighted_eval_sums(evaluate, records, "patient", ["A", "B"])
+    assert sorted(map(sorted, groups)) == [["r0", "r1"], ["r2"], ["r3", "r4", "r5"]]  # grouped by m
+    # p1 (m=2): A 1/2, B 1/2; p2 (m=1): A 1; p3 (m=3): A 2/3, B 1/3
+    np.testing.assert_allclose(units, [0.5 + 1 + 2 / 3, 0.5 + 1 / 3])
+    np.testing.assert_allclose(acc, 0.5 * units)
+    np.testing.assert_allclose(reward, units)
+    np.testing.assert_allclose(fmt, units)
+    assert units.sum() == pytest.approx(3.0)  # one per patient
