@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from common.advantages import (
+    MIN_CLUSTER_SIZE,
+    MU_FLOOR,
     DRPOState,
     domain_temperature,
     domain_temperatures,
     drpo_advantages,
     grpo_advantages,
 )
+from common.config import ConfigError, load_config
 
 R2 = 1 / math.sqrt(2)  # 0.7071068
 # Options that turn DRPO into plain GRPO scaled by T_d alone, for isolating steps.
@@ -293,6 +296,24 @@ def test_drpo_a_hard_cluster_is_bounded_by_the_floor():
         rewards, ["a"] * 4, fixed_temperature=True, restandardize=False
     )
     assert adv[0].tolist() == approx([7.5, -2.5, -2.5, -2.5], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["advantage.mu_floor=0", "advantage.min_cluster_size=0", "aggregation.mu_floor=0"],
+)
+def test_config_rejects_bounds_that_turn_them_off(key):
+    """A floor of 0 or clusters of 0 questions are refused, naming the key."""
+    with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
+        load_config(overrides=[key])
+
+
+def test_config_floors_default_to_the_shared_constant():
+    """The hospitals' and the server's floors and the function default agree."""
+    cfg = load_config()
+    assert cfg.advantage.mu_floor == cfg.aggregation.mu_floor == MU_FLOOR
+    assert cfg.advantage.min_cluster_size == MIN_CLUSTER_SIZE
+    assert cfg.aggregation.weight_cap == 0.5
 
 
 def test_drpo_rejects_bad_floor_and_cluster_size():
