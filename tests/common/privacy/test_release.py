@@ -7,11 +7,19 @@ import math
 import numpy as np
 import pytest
 
+import dataclasses
+import re
+from pathlib import Path
+
+from common.config import PrivacyConfig
+from common.privacy import release
 from common.privacy.release import (
     clamp_counts_and_means,
     counts_and_sums_sensitivity,
+    eval_sums_sensitivity,
     gaussian_release,
     release_counts_and_sums,
+    release_eval_sums,
 )
 
 
@@ -109,3 +117,49 @@ def test_clamp_counts_and_means_by_hand():
     np.testing.assert_array_equal(counts, [4.0, 0.0, 2.0, 0.5, 3.0])
     np.testing.assert_allclose(means[[0, 2, 3, 4]], [0.5, 2.0, 0.0, 0.5])
     assert math.isnan(means[1])
+
+
+def test_every_setting_the_module_names_exists():
+    """Error messages and docs name only real privacy.* settings."""
+    text = Path(release.__file__).read_text(encoding="utf-8")
+    named = set(re.findall(r"(?<![\w./])privacy\.([a-z_]+)", text))  # not common.privacy.<module>, privacy.md
+    assert named, "the module names the settings that set its noise"
+    assert named <= {f.name for f in dataclasses.fields(PrivacyConfig)}
+
+
+def test_eval_sums_sensitivity_by_brute_force():
+    """Removing any one unit (records weighted 1/m) moves (units, sums) by <= sqrt(1 + k)."""
+    assert eval_sums_sensitivity(3) == 2.0
+    assert eval_sums_sensitivity(0) == 1.0
+    with pytest.raises(ValueError, match="-1"):
+        eval_sums_sensitivity(-1)
+    # (domain, value_1, value_2, value_3) per record; units group record indices.
+    records = [(0, 1.0, 1.0, 1.0), (1, 1.0, 1.0, 1.0), (0, 0.0, 0.5, 1.0), (1, 1.0, 0.0, 0.0), (0, 1.0, 1.0, 1.0)]
+    units = [[0], [1, 3], [2, 4]]
+
+    def stats(kept):
+        v = np.zeros((4, 2))
+        for u in kept:
+            for r in units[u]:
+                d, *values = records[r]
+                v[:, d] += np.array([1.0, *values]) / len(units[u])
+        return v.ravel()
+
+    everyone = range(len(units))
+    moves = [np.linalg.norm(stats(everyone) - stats([u for u in everyone if u != k])) for k in everyone]
+    assert max(moves) == pytest.approx(2.0)  # the one-record unit with every value 1
+    assert max(moves) <= eval_sums_sensitivity(3) + 1e-12
+
+
+def test_eval_sums_release_noise_and_refusals():
+    rng = np.random.default_rng(3)
+    units = np.full(50_000, 4.0)
+    noisy_units, (a, b) = release_eval_sums(units, [units / 2, units], noise_multiplier=1.5, rng=rng)
+    expected = 1.5 * math.sqrt(3)
+    assert (noisy_units - units).std() == pytest.approx(expected, rel=0.02)
+    assert (a - units / 2).std() == pytest.approx(expected, rel=0.02)
+    assert (b - units).std() == pytest.approx(expected, rel=0.02)
+    with pytest.raises(ValueError, match=r"sum #1 of domain #0 is 5, outside \[0, 4\]"):
+        release_eval_sums(np.array([4.0]), [np.array([1.0]), np.array([5.0])], noise_multiplier=1.0, rng=rng)
+    with pytest.raises(ValueError, match="same length"):
+        release_eval_sums(np.zeros(2), [np.zeros(3)], noise_multiplier=1.0, rng=rng)
