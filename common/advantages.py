@@ -400,11 +400,11 @@ def _scale_domain(
             n_d, mu_d, t_d = external
             source = "external" if n_d is not None else "fallback"
         else:
-            n_d = float(len(hist))
-            use_weighted = domain_mean == "cluster_weighted" and weighted_mu is not None
-            mu_d = weighted_mu if use_weighted else float(hist.mean())
-            source = "local"
-            t_d = domain_temperature(n_d, mu_d, mu_floor=mu_floor)
+            local_mu = float(hist.mean())
+            if domain_mean == "cluster_weighted" and weighted_mu is not None:
+                local_mu = weighted_mu
+            n_d, mu_d, source = float(len(hist)), local_mu, "local"
+            t_d = domain_temperature(float(len(hist)), local_mu, mu_floor=mu_floor)
         stats = {"n_d": n_d, "mu_d": mu_d, "source": source}
     stats.update({"n_prompts": n_current, "t_d": t_d, "k": k})
     return _DomainScale(t_d=t_d, t_c=t_c, stats=stats)
