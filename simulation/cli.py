@@ -10,7 +10,8 @@
     fedclimb export --adapter DIR --out MODEL_DIR     adapter merged into its base (plain HF folder)
 
 Exit codes: 0 success, 1 the command ran and found a problem (invalid records, a
-failed run), 2 unusable arguments.
+failed run, a simulation in which no round aggregated), 2 unusable arguments,
+143 / 129 stopped by SIGTERM / SIGHUP during a simulation (after stopping its processes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+
+from simulation.processes import Terminated
 
 __all__ = ["main", "build_parser"]
 
@@ -275,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"fedclimb: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:  # SIGTERM / SIGHUP: the processes it started are already stopped
+        print(f"fedclimb: {exc}; every process it started was stopped", file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 ``flwr run .`` would start a *detached* SuperLink that outlives the run. Instead this
 starts a private SuperLink (``--simulation``, its own FLWR_HOME and a free loopback port)
 in a new process group, submits the run with ``flwr run . <connection> --stream``, and
-finally terminates the whole group (SuperLink, its simulation process and Ray's
-workers), also on Ctrl-C or an error.
+finally stops every process below them (SuperLink, SuperExec, the simulation process and
+Ray's workers, whatever their process group), also on Ctrl-C, SIGTERM, SIGHUP or an error.
+Both children also get SIGTERM from the kernel if this process is killed outright
+(simulation/processes.py).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+
+from simulation.processes import die_with_parent, stop_signals_raise, stop_tree, uninterruptible
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +113,21 @@ def sweep(flwr_home: Path) -> list[int]:
     return killed
 
 
-def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a child and everything below it, then reap it."""
+    if proc.poll() is not None:  # exited and reaped: its pid may already belong to someone else
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+    stop_tree(proc.pid, grace=grace)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)
+
+
+def _start(cmd: list[str], logf: Any, env: Mapping[str, str], **kwargs: Any) -> subprocess.Popen:
+    """A child in its own session that gets SIGTERM if this process dies."""
+    return subprocess.Popen(  # noqa: S603 - fixed argv
+        cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True,
+        preexec_fn=die_with_parent(), **kwargs,  # noqa: PLW1509 - prctl only, no locks taken
+    )
 
 
 @contextlib.contextmanager
@@ -142,16 +146,17 @@ def _superlink(spec: SimulationLaunch, port: int) -> Iterator[subprocess.Popen]:
         "--port", str(port),
         "--disable-runtime-dependency-installation",
     ]
-    proc = subprocess.Popen(  # noqa: S603 - fixed argv
-        cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(spec.env), start_new_session=True
-    )
+    proc: subprocess.Popen | None = None
     try:
+        proc = _start(cmd, logf, spec.env)
         _wait_port(port, 60.0, proc)
         yield proc
     finally:
-        _kill_group(proc)
-        sweep(spec.flwr_home)
-        logf.close()
+        with uninterruptible():
+            if proc is not None:
+                _stop(proc)
+            sweep(spec.flwr_home)
+            logf.close()
 
 
 def launch(spec: SimulationLaunch, *, poll: Callable[[], None] | None = None, poll_s: float = 1.0) -> int:
@@ -173,13 +178,11 @@ def launch(spec: SimulationLaunch, *, poll: Callable[[], None] | None = None, po
     )
     if spec.total_cpus:
         fed_cfg += f" init-args-num-cpus={spec.total_cpus}"
-    with _superlink(spec, port):
+    with stop_signals_raise(), _superlink(spec, port):
         with open(spec.log_file, "ab") as logf:
             cmd = [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", run_cfg,
                    "--federation-config", fed_cfg, "--stream"]
-            proc = subprocess.Popen(  # noqa: S603 - fixed argv
-                cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=app_dir()
-            )
+            proc = _start(cmd, logf, env, cwd=app_dir())
             try:
                 while proc.poll() is None:
                     if poll:
@@ -188,6 +191,6 @@ def launch(spec: SimulationLaunch, *, poll: Callable[[], None] | None = None, po
                 if poll:
                     poll()
             finally:
-                if proc.poll() is None:
-                    _kill_group(proc)
+                with uninterruptible():
+                    _stop(proc)
             return int(proc.returncode or 0)

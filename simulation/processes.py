@@ -1,0 +1,165 @@
+"""Child processes that never outlive `fedclimb`: stop signals, parent-death signal, tree kill.
+
+- :func:`stop_signals_raise`: SIGTERM and SIGHUP unwind the main thread like Ctrl-C
+  (raising :class:`Terminated`, a ``KeyboardInterrupt``), so every ``finally`` that stops
+  children runs whichever of the three signals arrives.
+- :func:`die_with_parent`: a ``preexec_fn`` asking Linux to send the child SIGTERM when
+  this process dies, even by SIGKILL (``PR_SET_PDEATHSIG``), when no ``finally`` can run.
+- :func:`stop_tree`: SIGTERM a child, all its descendants and their process groups, then
+  SIGKILL what is left. The tree is read from ``/proc`` *before* anything is signalled:
+  a process whose parent dies is re-parented to init and no longer looks like ours, but
+  keeps its process group (Ray's workers stay in the group of Flower's SuperExec).
+
+Linux only where ``/proc`` and ``prctl`` are needed; elsewhere the tree kill falls back to
+the child's process group and no parent-death signal is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+__all__ = ["STOP_SIGNALS", "Terminated", "die_with_parent", "stop_signals_raise", "stop_tree", "tree"]
+
+# Signals that stop `fedclimb` cleanly (SIGINT already raises KeyboardInterrupt).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived; unwinds like Ctrl-C so that every cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread.
+
+    Outside the main thread (where Python cannot set handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP while stopping children (a second one must not cut it short)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets SIGTERM when this thread's process dies (Linux).
+
+    The kernel sends it when the *thread* that started the child exits, so start children
+    from the thread that outlives them (the main thread). None on other systems.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, state) of every process, from /proc."""
+    out: dict[int, tuple[int, int, str]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid, pgid = stat.rsplit(")", 1)[1].split()[:3]
+        out[int(entry.name)] = (int(ppid), int(pgid), state)
+    return out
+
+
+def tree(root: int, table: dict[int, tuple[int, int, str]] | None = None) -> set[int]:
+    """``root`` and every process below it (empty if ``root`` is gone)."""
+    table = _table() if table is None else table
+    if root not in table:
+        return set()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = {root}, [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _alive(pids: set[int], groups: set[int]) -> bool:
+    table = _table()
+    return any(
+        (pid in pids or pgid in groups) and state != "Z" for pid, (_, pgid, state) in table.items()
+    )
+
+
+def stop_tree(root: int, *, grace: float = 10.0, poll: float = 0.2) -> None:
+    """SIGTERM ``root``, its descendants and their process groups; SIGKILL them after ``grace`` s.
+
+    Never signals this process or its own process group. Zombies count as stopped (their
+    parent reaps them).
+    """
+    if not Path("/proc/self/stat").exists():  # no /proc: the child's own group is all we know
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(root, signal.SIGKILL)
+        return
+    me, my_group = os.getpid(), os.getpgrp()
+    pids: set[int] = set()
+    groups: set[int] = set()
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        table = _table()
+        for pid in {root, *pids}:  # what started since the last look joins the set
+            pids |= tree(pid, table)
+        pids.discard(me)
+        groups |= {table[pid][1] for pid in pids if pid in table} - {my_group}
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pids, groups):
+                return
+            time.sleep(poll)

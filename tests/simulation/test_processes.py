@@ -1,0 +1,137 @@
+"""simulation/processes.py with real (tiny) processes: tree kill, parent-death signal, stop signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from simulation.processes import Terminated, die_with_parent, stop_signals_raise, stop_tree, tree
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl")
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if _running(p)]
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# A child that starts a grandchild in a session of its own and an orphan that stays in the
+# child's process group (its parent exits at once), then prints their pids and waits.
+FAMILY = textwrap.dedent("""
+    import os, subprocess, sys, time
+    own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    middle = subprocess.Popen([sys.executable, "-c",
+        "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        "stdout=subprocess.DEVNULL); print(p.pid)"],
+        stdout=subprocess.PIPE, text=True)
+    orphan = int(middle.communicate()[0])
+    print(own.pid, orphan, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_stop_tree_reaches_other_sessions_and_orphans_in_the_group():
+    child = subprocess.Popen([sys.executable, "-c", FAMILY], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pids = [child.pid]
+    try:
+        own, orphan = (int(x) for x in child.stdout.readline().split())  # type: ignore[union-attr]
+        pids += [own, orphan]
+        assert own in tree(child.pid) and orphan not in tree(child.pid)  # the orphan now belongs to init
+        stop_tree(child.pid, grace=5.0)
+        child.wait(timeout=5)
+        assert _wait_gone([own, orphan]) == []
+    finally:
+        _kill(pids)
+        child.wait(timeout=5)
+
+
+def test_stop_tree_never_signals_its_own_process_group():
+    """A child left in the caller's group is stopped by pid; the group itself is not signalled."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stop_tree(child.pid, grace=5.0)  # this test process would die here if the group were signalled
+        assert child.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        _kill([child.pid])
+        child.wait(timeout=5)
+
+
+# A parent that starts a child with die_with_parent(), prints its pid, then is killed outright.
+ORPHANED = textwrap.dedent("""
+    import subprocess, sys, time
+    from simulation.processes import die_with_parent
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
+                             preexec_fn=die_with_parent())
+    print(child.pid, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_child_gets_sigterm_when_its_parent_is_killed_outright():
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANED], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True, cwd=os.getcwd())
+    pids = [parent.pid]
+    try:
+        pids.append(int(parent.stdout.readline()))  # type: ignore[union-attr]
+        assert _running(pids[1])
+        os.kill(parent.pid, signal.SIGKILL)  # no finally, no handler can run
+        parent.wait(timeout=5)
+        assert _wait_gone(pids[1:]) == []
+    finally:
+        _kill(pids)
+        parent.wait(timeout=5)
+
+
+def test_die_with_parent_is_what_makes_the_child_go():
+    """Control: the same child without the preexec_fn outlives its killed parent."""
+    script = ORPHANED.replace("preexec_fn=die_with_parent()", "preexec_fn=None")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pids = [parent.pid]
+    try:
+        pids.append(int(parent.stdout.readline()))  # type: ignore[union-attr]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=5)
+        assert _wait_gone(pids[1:], timeout=1.0) == pids[1:]
+    finally:
+        _kill(pids)
+        parent.wait(timeout=5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_stop_signals_unwind_like_ctrl_c_and_the_handlers_are_restored(sig):
+    before = signal.getsignal(sig)
+    caught = None
+    try:
+        with stop_signals_raise():
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the handler interrupts this
+    except Terminated as exc:
+        caught = exc
+    assert isinstance(caught, KeyboardInterrupt) and caught.signum == sig
+    assert str(caught) == f"stopped by {signal.Signals(sig).name}"
+    assert signal.getsignal(sig) == before
