@@ -394,8 +394,9 @@ class FedClimbStrategy(Strategy):
         # Only hospitals with a positive weight can take a share of the excess.
         positive = sum(w > 0 for w in weights(None))
         if positive and cap * positive < 1:
-            log.warning("aggregation.weight_cap=%s cannot hold with %d weighted replies; using 1/%d this round",
-                        cap, positive, positive)
+            # Expected with the default cap 0.5 and a single weighted reply: not a warning.
+            log.info("aggregation.weight_cap=%s cannot hold with %d weighted replies; using 1/%d this round",
+                     cap, positive, positive)
             cap = 1.0 / positive
         return weights(cap)
 
