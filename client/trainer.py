@@ -38,7 +38,7 @@ from common.modeling.lora import adapter_shapes, init_adapter, read_peft_folder
 from common.modeling.policy import Policy, Rollouts
 from common.modeling.prompts import EncodedPrompt, encode_prompt
 from common.policy_loss import low_var_kl, ppo_token_losses, reduce_token_mean
-from common.rewards import RewardBreakdown, RewardWeights, total_reward
+from common.rewards import RewardBreakdown, RewardWeights, total_reward, true_label_set
 from common.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class LocalTrainer:
             ok.append(r)
         return ok
 
-    def _mask_for(self, record: Record) -> np.ndarray | None:
+    def mask_for(self, record: Record) -> np.ndarray | None:
         if record.segmentation is None:
             return None
         hit = self._masks.get(record.id)
@@ -197,7 +197,7 @@ class LocalTrainer:
 
     def score(self, record: Record, text: str) -> RewardBreakdown:
         """The response's reward; localisation targets are moved into the model's image frame."""
-        boxes, mask = list(record.bboxes) or None, self._mask_for(record)
+        boxes, mask = list(record.bboxes) or None, self.mask_for(record)
         frame = self.encode(record).box_frame if (boxes or mask is not None) else None
         if frame is not None:
             ow, oh, mw, mh = frame
@@ -509,11 +509,10 @@ class LocalTrainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, records: Sequence[Record], *, seed: int, progress: bool = False) -> EvalResult:
-        """Greedy (or eval-temperature) answers on held-out records, metrics per domain."""
+    def answers(self, records: Sequence[Record], *, seed: int, progress: bool = False) -> list[Answer]:
+        """Greedy (or eval-temperature) answers on held-out records, one per record, scored."""
         cfg = self.cfg
-        t0 = time.perf_counter()
-        by_domain: dict[str, list[RewardBreakdown]] = {}
+        out: list[Answer] = []
         records = list(records)
         bar = _progress(len(records), progress)
         for i, chunk in enumerate(_chunks(records, cfg.rollout.eval_batch_prompts)):
@@ -525,31 +524,60 @@ class LocalTrainer:
                 seed=derive_seed(seed, "eval", i),
             )
             for r, text in zip(chunk, rollouts.texts, strict=True):
-                by_domain.setdefault(r.domain, []).append(self.score(r, text))
+                score = self.score(r, text)
+                # The labels the accuracy reward read: evaluation and reward agree.
+                out.append(Answer(r, text, score.predicted or frozenset(), score))
             bar.update(len(chunk))
         bar.close()
-        out: dict[str, DomainEval] = {}
-        for domain, items in sorted(by_domain.items()):
-            # The labels the accuracy reward read: evaluation and reward agree.
-            truth = [s.truth for s in items]
-            preds = [s.predicted or frozenset() for s in items]
-            counts = count_classes(truth, preds)
-            ious = [s.iou for s in items if s.iou is not None]
-            histogram: dict[str, int] = {}
-            for p in preds:
-                key = ", ".join(sorted(p)) or "(none)"
-                histogram[key] = histogram.get(key, 0) + 1
-            out[domain] = DomainEval(
-                records=len(items),
-                balanced_accuracy=balanced_accuracy(counts),
-                macro_f1=macro_f1(counts),
-                mean_iou=float(np.mean(ious)) if ious else 0.0,
-                format_rate=float(np.mean([s.format >= 1.0 - 1e-9 for s in items])),
-                mean_reward=float(np.mean([s.total for s in items])),
-                accuracy=float(np.mean([s.accuracy for s in items])),
-                predictions=histogram,
-            )
-        return EvalResult(out, time.perf_counter() - t0)
+        return out
+
+    def evaluate(self, records: Sequence[Record], *, seed: int, progress: bool = False) -> EvalResult:
+        """Metrics per domain of :meth:`answers` on held-out records."""
+        t0 = time.perf_counter()
+        return EvalResult(summarise(self.answers(records, seed=seed, progress=progress)), time.perf_counter() - t0)
+
+
+@dataclass
+class Answer:
+    """One evaluated record: the model's text, the labels it answered, and their reward."""
+
+    record: Record
+    text: str
+    predicted: frozenset[str]
+    score: Any
+
+
+def truth_labels(record: Record) -> frozenset[str]:
+    """The record's answer as a label set, exactly as the accuracy reward reads it."""
+    return true_label_set(record.answers, options=record.options)
+
+
+def summarise(answers: Sequence[Answer]) -> dict[str, DomainEval]:
+    """Per-domain metrics of scored answers."""
+    by_domain: dict[str, list[Answer]] = {}
+    for a in answers:
+        by_domain.setdefault(a.record.domain, []).append(a)
+    out: dict[str, DomainEval] = {}
+    for domain, items in sorted(by_domain.items()):
+        truth = [truth_labels(a.record) for a in items]
+        preds = [a.predicted for a in items]
+        counts = count_classes(truth, preds)
+        ious = [a.score.iou for a in items if a.score.iou is not None]
+        histogram: dict[str, int] = {}
+        for p in preds:
+            key = ", ".join(sorted(p)) or "(none)"
+            histogram[key] = histogram.get(key, 0) + 1
+        out[domain] = DomainEval(
+            records=len(items),
+            balanced_accuracy=balanced_accuracy(counts),
+            macro_f1=macro_f1(counts),
+            mean_iou=float(np.mean(ious)) if ious else 0.0,
+            format_rate=float(np.mean([a.score.format >= 1.0 - 1e-9 for a in items])),
+            mean_reward=float(np.mean([a.score.total for a in items])),
+            accuracy=float(np.mean([a.score.accuracy for a in items])),
+            predictions=histogram,
+        )
+    return out
 
 
 def start_adapter(cfg: FedClimbConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
