@@ -240,7 +240,7 @@ def domain_temperature(n: float, mu: float, *, mu_floor: float = MU_FLOOR) -> fl
     The paper's ``T = max(sqrt(N) * mu, eps)`` (QoQ-Med Sec. 3.3) with ``eps = 1e-6``
     lets one near-zero mean reward make ``T`` a million times smaller than every other
     temperature; after the batch re-standardisation the other domains' advantages fall
-    to ~1e-7, and on the server the hospital holding that domain takes all the weight.
+    to ~1e-6, and on the server the hospital holding that domain takes all the weight.
     Here a mean below ``mu_floor`` counts as ``mu_floor`` (rewards are in [0, 1], so the
     difficulty factor of two temperatures differs at most ``1 / mu_floor``-fold), and a
     count below 1 (DP noise) as 1: a domain or cluster with statistics holds at least
