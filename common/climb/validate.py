@@ -83,7 +83,7 @@ def check_media(
     for rel in record.videos:
         media.load_frames(_existing(record, rel, "video/volume"), n_frames=video_frames, bounds=bounds)
     for rel in record.time_series:
-        media.load_ecg(_existing(record, rel, "ECG"), bounds=bounds)
+        media.load_ecg_12lead(_existing(record, rel, "ECG"), bounds=bounds)  # what a round reads
     if record.segmentation is not None:
         mask = media.load_mask(_existing(record, record.segmentation, "segmentation mask"), bounds=bounds)
         sizes = sizes or [(mask.shape[1], mask.shape[0])]
