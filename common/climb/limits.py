@@ -27,7 +27,7 @@ from typing import Any
 
 from common.climb.errors import MediaError
 
-__all__ = ["Bounds", "DEFAULT_BOUNDS", "bounds_for", "outside_root_message", "is_inside"]
+__all__ = ["Bounds", "DEFAULT_BOUNDS", "bounds_for", "outside_root_message", "is_inside", "resolved"]
 
 
 def outside_root_message(rel: str, what: str = "media path") -> str:
@@ -36,6 +36,14 @@ def outside_root_message(rel: str, what: str = "media path") -> str:
         f"{what} {rel!r} is outside the data root; use a path relative to the root, without '..', "
         "that stays inside it (symbolic links included) or list the other folder in linked_roots.txt"
     )
+
+
+def resolved(path: Path, what: str = "media path") -> Path:
+    """``path`` with every symbolic link followed; a link loop is a MediaError, not a crash."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a symlink loop
+        raise MediaError(f"{what} {str(path)!r} cannot be resolved (a symbolic link loop?)") from None
 
 
 def is_inside(path: Path, roots: Iterable[Path]) -> bool:
@@ -86,12 +94,14 @@ class Bounds:
             not a regular file, or larger than ``max_bytes`` (default ``max_file_bytes``).
         """
         path = Path(path)
-        if self.roots and not is_inside(path.resolve(), self.roots):
+        if self.roots and not is_inside(resolved(path, what), self.roots):
             raise MediaError(outside_root_message(str(path), what))
         try:
             info = os.stat(path)
-        except OSError:
+        except FileNotFoundError:
             raise MediaError(f"{what} {path} does not exist; check the record's path") from None
+        except OSError as exc:
+            raise MediaError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
         if not stat.S_ISREG(info.st_mode):
             raise MediaError(f"{what} {path} is not a regular file; point the record at the file itself")
         limit = self.max_file_bytes if max_bytes is None else max_bytes
@@ -102,8 +112,8 @@ class Bounds:
 
     def folder(self, path: str | os.PathLike[str]) -> None:
         """Check that a series folder lies inside the roots."""
-        if self.roots and not is_inside(Path(path).resolve(), self.roots):
-            raise MediaError(outside_root_message(str(path)))
+        if self.roots and not is_inside(resolved(Path(path)), self.roots):
+            raise MediaError(outside_root_message(str(path), "series folder"))
 
     def pixels(self, width: int, height: int, source: str) -> None:
         """Refuse a frame of more than ``max_pixels`` pixels (before it is decoded)."""

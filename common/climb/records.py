@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from common.climb.errors import MediaError, RecordError
-from common.climb.limits import DEFAULT_BOUNDS, Bounds, is_inside, outside_root_message
+from common.climb.limits import DEFAULT_BOUNDS, Bounds, is_inside, outside_root_message, resolved
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Record:
         """
         check_relative(rel)
         path = Path(self.root) / rel
-        if not is_inside(path.resolve(), [Path(r).resolve() for r in self.roots]):
+        if not is_inside(resolved(path), [Path(r).resolve() for r in self.roots]):
             raise MediaError(outside_root_message(rel))
         return path
 

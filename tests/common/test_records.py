@@ -415,3 +415,14 @@ def test_linked_roots_file_is_an_explicit_allow_list(tmp_path: Path) -> None:
 
     with pytest.raises(MediaError, match="outside the data root"):
         second.media_path("img/o/x.png")
+
+
+def test_a_symlink_loop_is_a_media_error_not_a_crash(tmp_path: Path) -> None:
+    from common.climb.errors import MediaError
+
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    record = parse_record({"problem": "<image>\n" + TEXT_Q, "answer": "yes", "images": ["a.png"]},
+                          root=tmp_path, file="lab/labs/annotation_train.jsonl", line=1, split="train")
+    with pytest.raises(MediaError, match="cannot be resolved"):
+        record.media_path("a.png")
