@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -75,3 +78,41 @@ def test_a_domain_whose_released_total_is_not_positive_has_no_estimate() -> None
     s = _strategy()
     s.aggregate_evaluate(1, [_reply(1, _released([-2.0, 3.0], [1.0, 1.0], [1.0, 1.5], [0.0, 3.0]))])
     assert s.domain_means() == pytest.approx({"cxr": -1.0, "ecg": 0.5})  # cxr still unknown
+
+
+def test_a_federation_with_dp_evaluation_end_to_end(tmp_path: Path) -> None:
+    """Hospitals release noisy evaluation sums and no timing; the server accepts and divides them."""
+    from client.client_app import app as client_app
+    from server.federation import run_federation
+    from simulation.inprocess import InProcessGrid
+    from simulation.simulate import prepare_run
+
+    cfg = load_config(overrides=[
+        "simulation.hospitals=2", "simulation.synth_scale=0.25", "federation.rounds=1", "train.steps=1",
+        "rollout.batch_prompts=4", "rollout.num_rollouts=2", "rollout.eval_batch_prompts=32",
+        "federation.eval_max_records=12", "privacy.target_epsilon=20", "privacy.eval_release=dp",
+        "privacy.eval_noise_multiplier=5", f"model.cache_dir={tmp_path / 'cache'}",
+    ])
+    run = prepare_run(cfg, tmp_path / "run")
+    replies: list[Message] = []
+
+    class Recording(InProcessGrid):
+        def _deliver(self, msg: Message) -> Message:
+            reply = super()._deliver(msg)
+            replies.append(reply)
+            return reply
+
+    run_federation(Recording(client_app, len(run.roots), run_config=run.run_config, seed=0), run.cfg,
+                   run_dir=run.run_dir)
+    evaluate = [dict(r.content.metric_records[keys.METRICS]) for r in replies if r.metadata.message_type == "evaluate"]
+    train = [dict(r.content.metric_records[keys.METRICS]) for r in replies if r.metadata.message_type == "train"]
+    assert len(evaluate) == 4 and len(train) == 2  # rounds 0 and 1, two hospitals
+    assert all(set(m) - {keys.SITE_PARTITION} == {keys.STATUS, keys.NUM_EXAMPLES, *keys.EVAL_DP_PER_DOMAIN}
+               for m in evaluate)
+    assert not any(keys.ROLLOUT_SECONDS in m or keys.UPDATE_SECONDS in m for m in train)
+    history = json.loads((run.run_dir / "metrics.json").read_text())
+    assert history[0]["evaluate"]["domains"] and history[1]["train"]["aggregated"]
+    assert all(0.0 <= row["mean_reward"] <= 1.0 for row in history[1]["evaluate"]["domains"].values())
+    for i in range(2):
+        ledger = json.loads((run.sim_root / f"hospital-{i}" / "state" / "privacy_ledger.json").read_text())
+        assert [e["kind"] for e in ledger["entries"]].count("eval_release") == 2

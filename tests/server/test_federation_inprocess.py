@@ -161,4 +161,4 @@ def test_server_cannot_switch_a_hospitals_dp_off_or_move_its_data(tmp_path: Path
     assert train and all(keys.EPSILON in r.content.metric_records[keys.METRICS] for r in train)
     for i in range(3):
         ledger = json.loads((run.sim_root / f"hospital-{i}" / "state" / "privacy_ledger.json").read_text())
-        assert [e["kind"] for e in ledger["entries"]][0] == "dpsgd"
+        assert "dpsgd" in [e["kind"] for e in ledger["entries"]]  # after the release of N (stats_release)
