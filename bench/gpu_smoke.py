@@ -103,6 +103,7 @@ def main() -> None:
         hospital = HospitalConfig(name="gpu-hospital", data_root=str(work / "fed" / "hospital-0"), state_dir=str(state))
         hospital.privacy.enabled = dp
         hospital.privacy.target_epsilon = 8.0
+        hospital.privacy.planned_rounds = 1  # required under DP (the hospital's own plan)
         site = Site("gpu-hospital", hospital, True)
         cfg = effective_config(base, site, {})
         adapter = init_adapter(adapter_shapes_for(cfg.model, cfg.lora), seed=0)
@@ -120,7 +121,7 @@ def main() -> None:
         results[key] = {
             "status": out.status,
             "round_s": round(t2 - t1, 2),
-            "rollout_s": out.metrics.get("train.rollout-s"),
+            "rollout_s": out.metrics.get("train.rollout-s"),  # not sent under DP (None)
             "update_s": out.metrics.get("train.update-s"),
             "eval_s": round(t3 - t2, 2),
             "epsilon": out.metrics.get("dp.epsilon"),
