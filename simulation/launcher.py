@@ -15,17 +15,16 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from simulation.processes import die_with_parent, stop_signals_raise, stop_tree, uninterruptible
+from simulation.processes import die_with_parent, kill_marked, start_guard, stop_signals_raise, stop_tree, uninterruptible
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +96,7 @@ def sweep(flwr_home: Path) -> list[int]:
 
     Linux only (reads /proc); returns the PIDs that were signalled.
     """
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    killed = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0") and int(entry.name) != os.getpid():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
+    killed = kill_marked(f"FLWR_HOME={flwr_home}")
     if killed:
         log.warning("killed %d leftover simulation process(es): %s", len(killed), killed)
     return killed
@@ -128,6 +117,18 @@ def _start(cmd: list[str], logf: Any, env: Mapping[str, str], **kwargs: Any) -> 
         cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True,
         preexec_fn=die_with_parent(), **kwargs,  # noqa: PLW1509 - prctl only, no locks taken
     )
+
+
+@contextlib.contextmanager
+def _guarded(flwr_home: Path) -> Iterator[None]:
+    """If this process is killed outright, a watcher kills what carries this run's FLWR_HOME."""
+    guard = start_guard(f"FLWR_HOME={flwr_home}")
+    try:
+        yield
+    finally:
+        if guard is not None:
+            guard.kill()
+            guard.wait()
 
 
 @contextlib.contextmanager
@@ -178,7 +179,7 @@ def launch(spec: SimulationLaunch, *, poll: Callable[[], None] | None = None, po
     )
     if spec.total_cpus:
         fed_cfg += f" init-args-num-cpus={spec.total_cpus}"
-    with stop_signals_raise(), _superlink(spec, port):
+    with stop_signals_raise(), _guarded(spec.flwr_home), _superlink(spec, port):
         with open(spec.log_file, "ab") as logf:
             cmd = [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", run_cfg,
                    "--federation-config", fed_cfg, "--stream"]

@@ -5,6 +5,12 @@
   children runs whichever of the three signals arrives.
 - :func:`die_with_parent`: a ``preexec_fn`` asking Linux to send the child SIGTERM when
   this process dies, even by SIGKILL (``PR_SET_PDEATHSIG``), when no ``finally`` can run.
+  That reaches only direct children: Flower's SuperExec starts the simulation process
+  (and it Ray) without passing it on, so :func:`start_guard` also starts a small watcher
+  that notes the process groups below this process once a second and, when this process
+  dies, kills those groups and every process whose environment holds a marker
+  (``FLWR_HOME=<run>/.flwr``, which Flower passes down; Ray's agents rewrite theirs but
+  stay in SuperExec's group).
 - :func:`stop_tree`: SIGTERM a child, all its descendants and their process groups, then
   SIGKILL what is left. The tree is read from ``/proc`` *before* anything is signalled:
   a process whose parent dies is re-parented to init and no longer looks like ours, but
@@ -20,6 +26,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +34,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["STOP_SIGNALS", "Terminated", "die_with_parent", "stop_signals_raise", "stop_tree", "tree"]
+__all__ = ["STOP_SIGNALS", "Terminated", "die_with_parent", "kill_marked", "start_guard", "stop_signals_raise",
+           "stop_tree", "tree"]
 
 # Signals that stop `fedclimb` cleanly (SIGINT already raises KeyboardInterrupt).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -163,3 +171,64 @@ def stop_tree(root: int, *, grace: float = 10.0, poll: float = 0.2) -> None:
             if not _alive(pids, groups):
                 return
             time.sleep(poll)
+
+
+def kill_marked(marker: str) -> list[int]:
+    """SIGKILL every other process whose environment holds ``marker`` (``NAME=value``); their pids.
+
+    A process whose environment cannot be read (another user's, or a non-dumpable one such
+    as Flower's SuperExec) is not seen.
+    """
+    wanted = marker.encode()
+    killed = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if wanted in environ.split(b"\0") and int(entry.name) != os.getpid():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
+
+
+def start_guard(marker: str) -> subprocess.Popen | None:
+    """A watcher that stops what this process started when it dies (even by SIGKILL).
+
+    It kills the process groups it last saw below this process (not this process's own)
+    and runs :func:`kill_marked`.
+
+    Stop it with SIGKILL once the marked processes are stopped. None off Linux.
+    """
+    preexec = die_with_parent()
+    if preexec is None:
+        return None
+    return subprocess.Popen(  # noqa: S603 - fixed argv
+        [sys.executable, "-m", "simulation.processes", marker, str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, preexec_fn=preexec,  # noqa: PLW1509 - prctl only
+    )
+
+
+def _guard_main(marker: str, parent: int) -> None:
+    """The watcher: note the groups below the parent until it dies, then kill them and the marked."""
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the parent-death signal only cuts the sleep short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for the parent is not for the watcher
+    spared = {os.getpgrp(), os.getpgid(parent)}
+    groups: set[int] = set()
+    while os.getppid() == parent:
+        table = _table()
+        # Only groups alive a moment ago: an old group id may since belong to someone else.
+        groups = {table[pid][1] for pid in tree(parent, table) if pid in table} - spared
+        time.sleep(1.0)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    for _ in range(3):  # a process being started as the parent died joins a moment later
+        kill_marked(marker)
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    _guard_main(sys.argv[1], int(sys.argv[2]))

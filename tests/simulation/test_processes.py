@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from simulation.processes import Terminated, die_with_parent, stop_signals_raise, stop_tree, tree
+from simulation.processes import Terminated, die_with_parent, kill_marked, stop_signals_raise, stop_tree, tree
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl")
 
@@ -135,3 +135,59 @@ def test_stop_signals_unwind_like_ctrl_c_and_the_handlers_are_restored(sig):
     assert isinstance(caught, KeyboardInterrupt) and caught.signum == sig
     assert str(caught) == f"stopped by {signal.Signals(sig).name}"
     assert signal.getsignal(sig) == before
+
+
+# A parent with a guard for MARKER. A marked child starts a marked grandchild and exits (the
+# grandchild is then nobody's child of ours: only the marker finds it); an unmarked child
+# in a session of its own starts an unmarked grandchild in its group (like Ray's agents,
+# whose environment Ray rewrites: only the group finds them).
+GUARDED = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from simulation.processes import start_guard
+    marker = sys.argv[1]
+    guard = start_guard(marker)
+    marked = dict(os.environ, **dict([marker.split("=", 1)]))
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    start = "import subprocess, sys, time; print(subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL).pid, flush=True)"
+    middle = subprocess.Popen([sys.executable, "-c", start, *sleeper], env=marked, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    orphan = int(middle.communicate()[0])
+    group = subprocess.Popen([sys.executable, "-c", start + "; time.sleep(60)", *sleeper], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    member = int(group.stdout.readline())
+    print(guard.pid, orphan, group.pid, member, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_the_guard_stops_what_its_parent_started_when_the_parent_is_killed_outright(tmp_path):
+    marker = f"FEDCLIMB_GUARD_TEST={tmp_path}"
+    parent = subprocess.Popen([sys.executable, "-c", GUARDED, marker], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    control = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    pids = [parent.pid, control.pid]
+    try:
+        guard, orphan, leader, member = (int(x) for x in parent.stdout.readline().split())  # type: ignore[union-attr]
+        pids += [guard, orphan, leader, member]
+        assert all(_running(p) for p in pids)
+        time.sleep(1.5)  # the guard looks at the tree once a second
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=5)
+        assert _wait_gone([guard, orphan, leader, member]) == []
+        assert _running(control.pid)  # nothing outside the parent's tree or the marker
+    finally:
+        _kill(pids)
+        parent.wait(timeout=5)
+        control.wait(timeout=5)
+
+
+def test_kill_marked_matches_the_whole_variable_only(tmp_path):
+    marker = f"FEDCLIMB_GUARD_TEST={tmp_path}"
+    env = dict(os.environ, FEDCLIMB_GUARD_TEST=f"{tmp_path}-other")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    try:
+        assert other.pid not in kill_marked(marker)
+        assert _running(other.pid)
+    finally:
+        _kill([other.pid])
+        other.wait(timeout=5)
