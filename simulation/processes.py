@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 
 __all__ = ["STOP_SIGNALS", "Terminated", "die_with_parent", "kill_marked", "start_guard", "stop_signals_raise",
-           "stop_tree", "tree"]
+           "stop_tree", "tree", "uninterruptible"]
 
 # Signals that stop `fedclimb` cleanly (SIGINT already raises KeyboardInterrupt).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)

@@ -11,7 +11,15 @@ import time
 
 import pytest
 
-from simulation.processes import Terminated, die_with_parent, kill_marked, stop_signals_raise, stop_tree, tree
+from simulation.processes import (
+    Terminated,
+    die_with_parent,
+    kill_marked,
+    stop_signals_raise,
+    stop_tree,
+    tree,
+    uninterruptible,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses prctl")
 
@@ -191,3 +199,15 @@ def test_kill_marked_matches_the_whole_variable_only(tmp_path):
     finally:
         _kill([other.pid])
         other.wait(timeout=5)
+
+
+def test_a_signal_during_the_stop_is_ignored_and_the_handlers_come_back():
+    """While children are being stopped, a second Ctrl-C, SIGTERM or SIGHUP must not cut it short."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    with stop_signals_raise():
+        with uninterruptible():
+            for sig in before:
+                os.kill(os.getpid(), sig)
+            time.sleep(0.2)  # a handler would have run by now
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    assert {sig: signal.getsignal(sig) for sig in before} == before
