@@ -35,8 +35,9 @@ from common.privacy.accounting import (
     effective_noise_multiplier,
 )
 from common.privacy.ledger import PrivacyLedger
+from common.privacy.noise import NoiseSource
 from common.privacy.release import gaussian_release, release_eval_sums
-from common.seeding import derive_seed, secret_seed
+from common.seeding import derive_seed
 
 __all__ = [
     "DP_EVAL_KEYS",
@@ -208,9 +209,9 @@ def check_patient_units(train: Sequence[Record], evaluation: Sequence[Record]) -
         )
 
 
-def _release_rng(cfg: FedClimbConfig, seed: int, what: str) -> np.random.Generator:
-    """The noise of a release: secret with secure_rng, else derived from the round seed."""
-    return np.random.default_rng(secret_seed() if cfg.privacy.secure_rng else derive_seed(seed, what))
+def _release_rng(cfg: FedClimbConfig, seed: int, what: str) -> NoiseSource:
+    """The noise of a release (ChaCha20): a secret key with secure_rng, else derived from the round seed."""
+    return NoiseSource.secure() if cfg.privacy.secure_rng else NoiseSource.from_seed(derive_seed(seed, what))
 
 
 def _open_ledger(site: Site, cfg: FedClimbConfig) -> PrivacyLedger:

@@ -240,7 +240,7 @@ def release_eval_sums(
     sums: list[np.ndarray],
     *,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: NormalSource,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """DP release of per-domain evaluation sums (one Gaussian mechanism).
 
@@ -254,7 +254,7 @@ def release_eval_sums(
         (accuracy, reward, ...); each must lie in [0, units[d]].
     noise_multiplier : float
         sigma, > 0; noise std is ``sigma * sqrt(1 + k)``.
-    rng : np.random.Generator
+    rng : NormalSource
         Source of the noise.
 
     Returns
