@@ -5,9 +5,11 @@
     fedclimb data validate ROOT [--json]              check a CLIMB root, media included
     fedclimb data synth OUT                           write the synthetic federation
     fedclimb data from-dicom DICOM_DIR OUT ...        a hospital's DICOM folder -> CLIMB
+    fedclimb data from-table OUT --csv F|--builtin    a table (one row per patient) -> CLIMB text records
     fedclimb privacy report --state DIR               a hospital's privacy ledger, verified
     fedclimb privacy seal --state DIR                 adopt a version-1 ledger or one without a mark
     fedclimb export --adapter DIR --out MODEL_DIR     adapter merged into its base (plain HF folder)
+    fedclimb evaluate --adapter DIR --data ROOT       a checkpoint on a split, per domain, with baselines
 
 Exit codes: 0 success, 1 the command ran and found a problem (invalid records, a
 failed run, a simulation in which no round aggregated), 2 unusable arguments,
@@ -89,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--splits", default="0.8,0.1,0.1", help="train,valid,test fractions by patient")
     fd.add_argument("--frames", type=int, default=4, help="frames kept from a multi-frame DICOM")
     fd.add_argument("--allow-burned-in", action="store_true", help="keep images flagged BurnedInAnnotation=YES")
+    ft = d.add_parser("from-table", help="convert a table (one row per patient) into CLIMB text records (pseudonymous ids)")
+    ft.add_argument("out")
+    src = ft.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", help="a CSV with a header row: numeric features, a label column, an id column")
+    src.add_argument("--builtin", choices=("breast-cancer",), help="a real data set shipped with scikit-learn")
+    ft.add_argument("--label-column", help="the CSV column holding the answer")
+    ft.add_argument("--id-column", help="the CSV column holding the patient id (pseudonymised with the salt)")
+    ft.add_argument("--features", help="comma-separated feature columns, in prompt order (default: all others)")
+    ft.add_argument("--question", help="the question asked for every row")
+    ft.add_argument("--salt-file", required=True, help="the hospital's secret pseudonymisation salt (created if missing; keep it outside OUT)")
+    ft.add_argument("--options", help="answer options separated by '|' (default: the labels seen)")
+    ft.add_argument("--modality", default="tabular", help="CLIMB modality folder (default tabular)")
+    ft.add_argument("--dataset", help="dataset folder name (default: the CSV's name, or the built-in set's)")
+    ft.add_argument("--splits", default="0.7,0.1,0.2", help="train,valid,test fractions by patient")
 
     pr = sub.add_parser("privacy", help="privacy ledger tools").add_subparsers(dest="privacy_command", required=True)
     rep = pr.add_parser("report", help="verify a hospital's privacy ledger, print it and the remaining budget")
@@ -102,10 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the model folder to write")
     ex.add_argument("--base", help="the base model id or folder (default: the adapter's base_model_name_or_path)")
     ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+
+    ev = sub.add_parser("evaluate", help="evaluate an adapter (or the base model alone) per domain, with baselines")
+    ev.add_argument("--adapter", help="a PEFT adapter folder, a round-XXXX folder or a run directory (default: none, the base model alone)")
+    ev.add_argument("--base", help="the base model id or folder (default: the run's or --config's model)")
+    ev.add_argument("--data", required=True, help="a CLIMB root")
+    ev.add_argument("--split", default="test", help="the split to evaluate (default test)")
+    ev.add_argument("--out", help="where evaluation.json, evaluation.md and explanations/ go (default RUN_DIR/evaluation or ./evaluation)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    ev.add_argument("--explain", type=int, default=0, metavar="N", help="write a review PNG for N records spread over the domains")
+    ev.add_argument("--records", help="comma-separated record ids to explain (instead of --explain N)")
+    ev.add_argument("--config", help="a fedclimb YAML file (default: the run's config.yaml, else configs/base.yaml)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("overrides", nargs="*", help=_overrides_help())
     return p
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from simulation.evaluate import evaluate_command
+
+    return evaluate_command(args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -187,6 +222,30 @@ def _cmd_from_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_from_table(args: argparse.Namespace) -> int:
+    from client.table_import import (BREAST_CANCER_QUESTION, breast_cancer_table, convert_table, read_csv_table,
+                                     salt_for)
+
+    try:
+        fractions = [float(x) for x in args.splits.split(",")]
+        features = [f.strip() for f in args.features.split(",")] if args.features else None
+        if args.builtin:
+            table = breast_cancer_table(features) if features else breast_cancer_table()
+            question, dataset = args.question or BREAST_CANCER_QUESTION, args.dataset or "wdbc"
+        else:
+            if not args.label_column or not args.question:
+                raise _UsageError("--csv needs --label-column and --question")
+            table = read_csv_table(args.csv, label_column=args.label_column, id_column=args.id_column, features=features)
+            question, dataset = args.question, args.dataset or Path(args.csv).stem
+        summary = convert_table(table, Path(args.out), question=question, salt=salt_for(args.salt_file, args.out),
+                                dataset=dataset, modality=args.modality,
+                                options=args.options.split("|") if args.options else None, fractions=fractions)
+    except (ValueError, OSError) as exc:
+        raise _UsageError(str(exc)) from None
+    print(summary.report())
+    return 0
+
+
 def _cmd_privacy_report(args: argparse.Namespace) -> int:
     from common.privacy.ledger import LedgerError, report
 
@@ -223,6 +282,7 @@ def _cmd_train_local(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from common.config import ConfigError
+    from simulation.explain import explain_run, hospital_roots, link_in_report
     from simulation.report import write_report
     from simulation.simulate import config_for_cli, run_simulation
 
@@ -242,6 +302,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return 1
     command = "fedclimb " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = write_report(result.run_dir, result.cfg, result.history, seconds=result.seconds, command=command)
+    link_in_report(path, explain_run(result.run_dir, result.cfg, hospital_roots(result.run_dir), seed=result.cfg.seed))
     if mode == "progress":
         print(f"done in {result.seconds:.0f} s: {path}")
         table = path.read_text().split("## Test metrics per domain")[1].split("![")[0]
@@ -257,9 +318,11 @@ COMMANDS = {
     ("data", "validate"): _cmd_validate,
     ("data", "synth"): _cmd_synth,
     ("data", "from-dicom"): _cmd_from_dicom,
+    ("data", "from-table"): _cmd_from_table,
     ("privacy", "report"): _cmd_privacy_report,
     ("privacy", "seal"): _cmd_privacy_seal,
     "export": _cmd_export,
+    "evaluate": _cmd_evaluate,
 }
 
 
