@@ -216,10 +216,13 @@ def evaluate_round(
     policy.set_adapter(dict(adapter))
     seed = _round_seed(cfg, site, ins)
     if p.enabled and p.eval_release == "dp":
+        # Sampled answers (rollout.eval_temperature > 0) from a seed the server knows would
+        # let one record shift the draws of every record after it: secret, as for rollouts.
+        eval_seed = secret_seed() if p.secure_rng else seed
         with _exclusive(site.state_dir):
             status, released = privacy_round.evaluate_release(
                 site, cfg, ins.server_round, ins.domain_names, data.train, data.evaluation,
-                lambda records: data.trainer.evaluate(records, seed=seed).domains, seed)
+                lambda records: data.trainer.evaluate(records, seed=eval_seed).domains, seed)
         return EvalOutcome(status, released)
     if p.enabled and p.unit == "patient":
         privacy_round.check_patient_units(data.train, data.evaluation)
