@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from client.dp_step import DPSettings
 from client.site import Site
 from client.stats import ReleasedCounts, fingerprint, load_released, save_released, unit_domain_counts
 from client.trainer import DomainEval, privacy_units
@@ -37,7 +38,7 @@ from common.privacy.accounting import (
 from common.privacy.ledger import PrivacyLedger
 from common.privacy.noise import NoiseSource
 from common.privacy.release import gaussian_release, release_eval_sums
-from common.seeding import derive_seed
+from common.seeding import derive_seed, secret_seed
 
 __all__ = [
     "DP_EVAL_KEYS",
@@ -48,6 +49,8 @@ __all__ = [
     "TrainPrivacy",
     "begin_train",
     "check_patient_units",
+    "dp_settings",
+    "noise_source",
     "evaluate_release",
     "plan_privacy",
     "planned_evaluations",
@@ -209,9 +212,21 @@ def check_patient_units(train: Sequence[Record], evaluation: Sequence[Record]) -
         )
 
 
-def _release_rng(cfg: FedClimbConfig, seed: int, what: str) -> NoiseSource:
-    """The noise of a release (ChaCha20): a secret key with secure_rng, else derived from the round seed."""
+def noise_source(cfg: FedClimbConfig, seed: int, what: str) -> NoiseSource:
+    """The randomness of one mechanism (ChaCha20, common/privacy/noise.py).
+
+    Keyed from os.urandom with ``privacy.secure_rng``; else derived from the round seed and
+    ``what`` (reproducible simulations: whoever knows the seed can subtract the noise).
+    """
     return NoiseSource.secure() if cfg.privacy.secure_rng else NoiseSource.from_seed(derive_seed(seed, what))
+
+
+def dp_settings(tp: TrainPrivacy, cfg: FedClimbConfig, seed: int) -> DPSettings:
+    """The DP-SGD mechanism of a planned round: sigma, q, the divisor, clipping, its noise source."""
+    plan, p = tp.plan, cfg.privacy
+    return DPSettings(plan.noise_multiplier, plan.sample_rate, p.max_grad_norm, p.unit,
+                      noise_source(cfg, seed, "dp-noise"), secret_seed() if p.secure_rng else None,
+                      expected_batch_size=plan.expected_batch_size)
 
 
 def _open_ledger(site: Site, cfg: FedClimbConfig) -> PrivacyLedger:
@@ -247,7 +262,7 @@ def begin_train(
     ledger = _open_ledger(site, cfg)
     units = privacy_units(train, p.unit)
     released = load_released(site.state_dir, fingerprint([r.id for r in train], p.unit))
-    rng = _release_rng(cfg, seed, "stats")
+    rng = noise_source(cfg, seed, "stats")
     if released.units is None:
         if ledger.epsilon_if([(p.stats_noise_multiplier, 1.0, 1)]) > p.target_epsilon:
             return _exhausted(ledger, cfg, "no budget left to release the number of privacy units")
@@ -378,7 +393,7 @@ def evaluate_release(
     ledger.record(round=server_round, kind="eval_release", sample_rate=1.0,
                   noise_multiplier=p.eval_noise_multiplier, steps=1)
     noisy_size, noisy_sums = release_eval_sums(size, sums, noise_multiplier=p.eval_noise_multiplier,
-                                               rng=_release_rng(cfg, seed, "eval-release"))
+                                               rng=noise_source(cfg, seed, "eval-release"))
     metrics: dict[str, Any] = {
         keys.STATUS: keys.STATUS_OK,
         keys.NUM_EXAMPLES: max(int(round(float(np.clip(noisy_size, 0, None).sum()))), 0),

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from client import privacy_round
-from client.dp_step import DPSettings
 from client.privacy_round import PrivacyPlan, plan_privacy
 from client.runtime import HospitalData, Runtime
 from client.site import Site
@@ -31,7 +30,6 @@ from client.stats import unit_domain_counts
 from common import keys
 from common.config import FedClimbConfig
 from common.files import write_text_atomic
-from common.privacy.noise import NoiseSource
 from common.seeding import derive_seed, secret_seed
 
 log = logging.getLogger(__name__)
@@ -65,17 +63,6 @@ class EvalOutcome:
     status: int
     metrics: dict[str, Any]
     per_domain: dict[str, Any] = field(default_factory=dict)
-
-
-def _dp_generator(cfg: FedClimbConfig, seed: int) -> NoiseSource:
-    """The round's source of Poisson samples and DP noise: ChaCha20 (common/privacy/noise.py).
-
-    Keyed from os.urandom with ``secure_rng``; else from the round seed (reproducible
-    simulations: whoever knows the seed can subtract the noise).
-    """
-    if cfg.privacy.secure_rng:
-        return NoiseSource.secure()
-    return NoiseSource.from_seed(derive_seed(seed, "dp-noise"))
 
 
 # ------------------------------------------------------------------------- DRPO state
@@ -164,10 +151,7 @@ def _train_round(
         if isinstance(guard, privacy_round.Refused):
             log.warning("%s: not training round %d: %s", site.name, ins.server_round, guard.reason)
             return TrainOutcome(keys.STATUS_BUDGET_EXHAUSTED, None, guard.metrics, guard.reason)
-        plan = guard.plan
-        dp = DPSettings(plan.noise_multiplier, plan.sample_rate, cfg.privacy.max_grad_norm, cfg.privacy.unit,
-                        _dp_generator(cfg, seed), secret_seed() if cfg.privacy.secure_rng else None,
-                        expected_batch_size=plan.expected_batch_size)
+        dp = privacy_round.dp_settings(guard, cfg, seed)
     _warn_unknown_domains(site, data.train, ins.domain_names)
     drpo_state = _load_drpo_state(site, ins.server_round) if cfg.advantage.history == "run" and dp is None else None
     result = data.trainer.train(

@@ -8,9 +8,10 @@ the model's reasoning, its answer against the truth and the reward terms.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,9 @@ def render_explanation(ex: Explanation, path: str | Path) -> Path:
     for i in range(n):
         ax = fig.add_subplot(grid[0, i])
         ax.set_axis_off()
-        if not images:
-            ax.text(0.5, 0.5, "text-only record", ha="center", va="center", fontsize=11, color="grey")
+        if not images:  # a text-only record: its text is the evidence, shown in full here
+            ax.set_title("the record (text only)", fontsize=9)
+            ax.text(0.0, 1.0, _wrap(ex.question, 58, 40), va="top", ha="left", family="monospace", fontsize=8.5)
             continue
         ax.imshow(np.asarray(images[i].convert("RGB")))
         if i == ex.first_record_image:
@@ -110,7 +112,7 @@ def render_explanation(ex: Explanation, path: str | Path) -> Path:
         f"{ex.record_id}   [{ex.domain}]",
         "",
         "Question:",
-        _wrap(ex.question, 64, 6),
+        _wrap(ex.question, 64, 6) if images else "(the record's text is on the left)",
         *(["Options: " + _wrap("; ".join(ex.options), 56, 3)] if ex.options else []),
         "",
         *(["Model reasoning:", _wrap(reasoning_text(ex.response), 64, 10), ""] if reasoning_text(ex.response) else []),
@@ -132,8 +134,8 @@ def render_explanation(ex: Explanation, path: str | Path) -> Path:
     return path
 
 
-def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path) -> list[Path]:
-    """One review PNG per scored answer (client.trainer.Answer) in ``folder``.
+def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path, *, prefix: str = "") -> list[Path]:
+    """One review PNG per scored answer (client.trainer.Answer) in ``folder``, named by record id.
 
     Predicted boxes are moved from the model's image frame back to the original pixels,
     where the ground-truth boxes and masks are.
@@ -162,15 +164,15 @@ def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path) -> list[
             reward={"total": a.score.total, "accuracy": a.score.accuracy, "format": a.score.format, "iou": a.score.iou},
             truth_boxes=list(r.bboxes), predicted_boxes=pred_boxes, truth_mask=trainer.mask_for(r),
         )
-        paths.append(render_explanation(ex, folder / f"{safe_name(r.id)}.png"))
+        paths.append(render_explanation(ex, folder / f"{prefix}{safe_name(r.id)}.png"))
     return paths
 
 
 def explain_run(run_dir: Path, cfg: Any, roots: Sequence[Path], *, per_domain: int = 2, seed: int = 0) -> list[Path]:
     """Review PNGs of the final global adapter on ``per_domain`` test records of every domain.
 
-    The records are the first of each domain over the hospitals' test splits; the PNGs go
-    to ``RUN_DIR/explanations``.
+    The records are the first of each domain over the hospitals' test splits (in hospital
+    order); the PNGs go to ``RUN_DIR/explanations/hospital-<i>_<record id>.png``.
     """
     from client.trainer import LocalTrainer
     from common.climb.records import load_records
@@ -181,18 +183,39 @@ def explain_run(run_dir: Path, cfg: Any, roots: Sequence[Path], *, per_domain: i
     adapter = Path(run_dir) / "latest" / "adapter"
     if not adapter.is_dir():
         return []
-    policy = Policy(load_base_model(cfg.model), cfg.lora, freeze_a=cfg.aggregation.mode == "ffa")
+    with _quiet():
+        policy = Policy(load_base_model(cfg.model), cfg.lora, freeze_a=cfg.aggregation.mode == "ffa")
     policy.set_adapter(read_peft_folder(adapter))
     trainer = LocalTrainer(policy, cfg)
-    chosen: dict[str, list[Any]] = {}
-    for root in roots:
+    seen: dict[str, int] = {}
+    paths: list[Path] = []
+    for i, root in enumerate(roots):
+        chosen = []
         for r in load_records(root, cfg.data.eval_split, domain_key=cfg.data.domain_key):
-            if len(chosen.setdefault(r.domain, [])) < per_domain:
-                chosen[r.domain].append(r)
-    records = trainer.usable([r for _, rs in sorted(chosen.items()) for r in rs])
-    if not records:
-        return []
-    return explain_answers(trainer, trainer.answers(records, seed=seed), Path(run_dir) / "explanations")
+            if seen.get(r.domain, 0) < per_domain:
+                seen[r.domain] = seen.get(r.domain, 0) + 1
+                chosen.append(r)
+        records = trainer.usable(chosen)
+        if records:  # record ids repeat across hospitals: the hospital names the file
+            paths += explain_answers(trainer, trainer.answers(records, seed=seed), Path(run_dir) / "explanations",
+                                     prefix=f"hospital-{i}_")
+    return paths
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No weight-loading progress bar or deprecation warnings in the middle of a report."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def hospital_roots(run_dir: Path) -> list[Path]:

@@ -13,7 +13,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from client.runtime import Runtime
 from client.site import Site

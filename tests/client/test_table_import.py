@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from client.table_import import BANDS, Table, band, convert_table, describe_row, read_csv_table
+from client.table_import import BANDS, band, convert_table, describe_row, read_csv_table
 from common.climb.records import load_records
 from simulation.cli import main
 

@@ -13,7 +13,6 @@ import pytest
 
 from simulation.processes import (
     Terminated,
-    die_with_parent,
     kill_marked,
     stop_signals_raise,
     stop_tree,

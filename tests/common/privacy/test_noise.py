@@ -110,10 +110,12 @@ def test_identical_torch_seeds_give_different_secure_noise():
 
 def test_hospital_rounds_use_the_chacha_source():
     """The round's generator is a NoiseSource, keyed secretly or from the seed."""
-    import client.rounds as rounds
+    from client.privacy_round import noise_source
     from common.config import load_config
 
-    make = getattr(rounds, "_dp_generator")
+    def make(cfg, seed):
+        return noise_source(cfg, seed, "dp-noise")
+
     secure = make(load_config(overrides=["privacy.secure_rng=true"]), 5)
     seeded = make(load_config(overrides=["privacy.secure_rng=false"]), 5)
     assert isinstance(secure, NoiseSource) and isinstance(seeded, NoiseSource)
