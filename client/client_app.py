@@ -93,7 +93,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Per-domain held-out metrics of the global adapter, within the hospital's evaluation limits."""
     try:
         site, ok = _prepare(msg, context)
-        if not admit_evaluation(site.state_dir, int(ok.values[keys.SERVER_ROUND]), site.hospital.limits):
+        if not admit_evaluation(site.state_dir, int(context.run_id), int(ok.values[keys.SERVER_ROUND]),
+                                site.hospital.limits):
             return _status(msg, keys.STATUS_EVAL_LIMIT)
         outcome = evaluate_round(RUNTIME, site, ok.cfg, instruction_from_config(ok.values), ok.adapter)
         metrics = MetricRecord({**outcome.metrics, **_site_metrics(site, context)})

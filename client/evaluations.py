@@ -2,8 +2,10 @@
 
 Every answered evaluation sends exact metrics of an adapter the server chose; without a
 bound a server could query the test split as an oracle. The counts live in the state
-directory (``evaluations.json``, beside the privacy ledger) and survive restarts. An
-evaluation is counted before it runs, so one that crashes half-way still counts.
+directory (``evaluations.json``, beside the privacy ledger) and survive restarts: per
+server round of a Flower run, per run, and in total over the life of the state directory
+(a server that starts run after run still meets the total). An evaluation is counted
+before it runs, so one that crashes half-way still counts.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def _locked(state_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def evaluation_counts(state_dir: str | Path) -> tuple[int, dict[int, int]]:
-    """(total, per server round) evaluations answered so far from ``state_dir``.
+def evaluation_counts(state_dir: str | Path) -> tuple[int, dict[int, dict[int, int]]]:
+    """(total, {run id: {server round: evaluations}}) answered so far from ``state_dir``.
 
     Raises
     ------
@@ -51,37 +53,40 @@ def evaluation_counts(state_dir: str | Path) -> tuple[int, dict[int, int]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         total = data["total"]
-        rounds = {int(k): v for k, v in data["rounds"].items()}
-        if type(total) is not int or any(type(v) is not int or v < 0 for v in rounds.values()) or total < 0:
+        runs = {int(run): {int(r): n for r, n in rounds.items()} for run, rounds in data["runs"].items()}
+        counts = [n for rounds in runs.values() for n in rounds.values()]
+        if type(total) is not int or total < 0 or any(type(n) is not int or n < 0 for n in counts):
             raise ValueError("counts must be non-negative integers")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RuntimeError(f"{path} is unreadable ({exc}); no evaluation is answered until it is repaired") from exc
-    return total, rounds
+    return total, runs
 
 
-def admit_evaluation(state_dir: str | Path, server_round: int, limits: HospitalLimits) -> bool:
-    """Count one evaluation of ``server_round`` if the hospital's limits allow it.
+def admit_evaluation(state_dir: str | Path, run_id: int, server_round: int, limits: HospitalLimits) -> bool:
+    """Count one evaluation of ``server_round`` of Flower run ``run_id`` if the limits allow it.
 
     Returns
     -------
     bool
         True when the evaluation may run (it is now counted); False when
-        ``limits.max_evaluations_per_round`` for this round or
-        ``limits.max_evaluations_total`` is reached (nothing is counted).
+        ``limits.max_evaluations_per_round`` (this round of this run),
+        ``limits.max_evaluations_per_run`` or ``limits.max_evaluations_total`` is reached
+        (nothing is counted).
     """
     state_dir = Path(state_dir)
     with _locked(state_dir):
-        total, rounds = evaluation_counts(state_dir)
-        in_round = rounds.get(server_round, 0)
-        if total >= limits.max_evaluations_total:
-            log.warning("evaluation of round %d refused: limits.max_evaluations_total=%d answered already",
-                        server_round, limits.max_evaluations_total)
-            return False
-        if in_round >= limits.max_evaluations_per_round:
-            log.warning("evaluation of round %d refused: limits.max_evaluations_per_round=%d answered already",
-                        server_round, limits.max_evaluations_per_round)
-            return False
+        total, runs = evaluation_counts(state_dir)
+        rounds = runs.setdefault(run_id, {})
+        in_round, in_run = rounds.get(server_round, 0), sum(rounds.values())
+        for count, limit, name in ((total, limits.max_evaluations_total, "max_evaluations_total"),
+                                   (in_run, limits.max_evaluations_per_run, "max_evaluations_per_run"),
+                                   (in_round, limits.max_evaluations_per_round, "max_evaluations_per_round")):
+            if count >= limit:
+                log.warning("evaluation of round %d (run %d) refused: limits.%s=%d answered already",
+                            server_round, run_id, name, limit)
+                return False
         rounds[server_round] = in_round + 1
-        text = json.dumps({"total": total + 1, "rounds": {str(k): v for k, v in sorted(rounds.items())}})
+        text = json.dumps({"total": total + 1, "runs": {
+            str(run): {str(r): n for r, n in sorted(rs.items())} for run, rs in sorted(runs.items())}})
         write_text_atomic(state_dir / EVALUATIONS_FILE, text)
     return True

@@ -542,9 +542,10 @@ class HospitalLimits:
     max_temperature: float = 10.0
     max_kl_coef: float = 10.0
     # Held-out evaluations answered (each sends exact metrics of the adapter the server
-    # chose): per server round, and in total over the life of state_dir (counted there,
+    # chose): per server round and per Flower run, and in total over the life of state_dir (counted there,
     # like the privacy ledger). Beyond them an evaluation gets only a status code.
     max_evaluations_per_round: int = 2
+    max_evaluations_per_run: int = 100
     max_evaluations_total: int = 1000
 
     def __post_init__(self) -> None:
