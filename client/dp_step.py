@@ -68,6 +68,14 @@ class DPUpdater:
         from opacus import GradSampleModule
 
         self.params = policy.trainable_parameters()
+        model = policy.bundle.model
+        if getattr(model, "is_gradient_checkpointing", False):
+            # Opacus fills per-row gradients only when every forward of a layer got its
+            # backward; checkpointing runs each forward twice (once more inside backward),
+            # so no per-row gradient would ever appear. DP trades the memory for exactness.
+            model.gradient_checkpointing_disable()
+            log.warning("DP-SGD: gradient checkpointing turned off (per-row gradients need one forward per "
+                        "backward); activations now take more memory")
         self.module = GradSampleModule(policy.peft, batch_first=True, loss_reduction="sum", strict=True)
         # The hooks live on the policy's own LoRA layers, so they would also fire in
         # non-DP training of the same policy (and pile up per-row gradients there that
