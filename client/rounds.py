@@ -56,6 +56,9 @@ class TrainOutcome:
     adapter: dict[str, torch.Tensor] | None
     metrics: dict[str, Any]
     message: str = ""
+    # What the hospital's own log and benchmarks may see (never sent): wall-clock seconds
+    # of rollouts and updates, DP-SGD units whose gradient was not finite.
+    local: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,7 +183,8 @@ def _train_round(
     out = result.adapter
     if ins.only_lora_b:
         out = {k: v for k, v in out.items() if k.endswith(".lora_B.weight")}
-    return TrainOutcome(keys.STATUS_OK, out, metrics)
+    local = {"rollout_s": result.rollout_s, "update_s": result.update_s, "steps": float(result.steps)}
+    return TrainOutcome(keys.STATUS_OK, out, metrics, local=local)
 
 
 def evaluate_round(

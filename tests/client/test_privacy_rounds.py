@@ -473,6 +473,8 @@ def test_no_timing_or_other_unreleased_number_is_sent_under_dp(fed: Fed, tmp_pat
     assert keys.ROLLOUT_SECONDS not in out.metrics and keys.UPDATE_SECONDS not in out.metrics
     assert set(out.metrics) <= privacy_round.DP_TRAIN_KEYS
     assert out.metrics[keys.LOCAL_STEPS] == STEPS
+    # The hospital itself still sees them (its log, benchmarks): on the outcome, not the reply.
+    assert out.local["rollout_s"] == 12.5 and out.local["update_s"] == 3.25
     plain = _run(fed, _cfg(fed.root, "privacy.enabled=false"), tmp_path / "plain", _ins(fed))
     assert plain.metrics[keys.ROLLOUT_SECONDS] == 12.5 and plain.metrics[keys.UPDATE_SECONDS] == 3.25
 
