@@ -35,7 +35,7 @@ def model_words(args: argparse.Namespace) -> list[str]:
         "model=smollm2-135m", "model.precision=bf16", f"model.cpu_threads={args.threads}",
         "prompt.constrained=true",
         f"rollout.num_rollouts={args.rollouts}", f"rollout.batch_prompts={args.prompts}", "rollout.temperature=0.7",
-        "rollout.eval_batch_prompts=32", f"train.lr={args.lr}",
+        "rollout.eval_batch_prompts=32", f"train.lr={args.lr}", f"train.kl_coef={args.kl_coef}",
     ]
 
 
@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--rollouts", type=int, default=4, help="rollouts per prompt")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--kl-coef", type=float, default=0.0,
+                   help="KL to the start model (0 saves a reference forward per step; the run is short)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per hospital (hospitals train one at a time)")
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--skip-dp", action="store_true")
@@ -104,7 +106,9 @@ def main() -> None:
         run([*FEDCLIMB, "data", "from-table", str(data), "--builtin", "breast-cancer", "--salt-file", str(out / "salt.hex")],
             out / "from-table.log", commands)
     words = model_words(args)
-    run([*FEDCLIMB, "evaluate", "--data", str(data), "--out", str(out / "zero-shot"), *words], out / "zero-shot.log", commands)
+    if not (out / "zero-shot" / "evaluation.json").is_file():
+        run([*FEDCLIMB, "evaluate", "--data", str(data), "--out", str(out / "zero-shot"), *words],
+            out / "zero-shot.log", commands)
     zero = json.loads((out / "zero-shot" / "evaluation.json").read_text())
     fed = ["--data", str(data), "--hospitals", "3", "simulation.partition=dirichlet", "simulation.dirichlet_alpha=0.5",
            f"federation.rounds={args.rounds}", f"train.steps={args.steps}", "simulation.parallel_hospitals=1", *words]
