@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,13 +29,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--data", default="")
     args = p.parse_args()
-    if not args.data:
-        from simulation.synth import generate_federation
+    from dp_overhead import bench_data
 
-        root = Path(os.environ.get("TMPDIR", "/tmp")) / "fedclimb-bench-data"
-        if not (root / "federation.json").is_file():
-            generate_federation(root, hospitals=1, seed=0, scale=0.25, overwrite=True)
-        args.data = str(root / "hospital-0")
+    args.data = args.data or bench_data()
 
     import torch
 

@@ -92,6 +92,16 @@ def _measure(preset: str, dp: bool, rank: int, prompts: int, repeats: int, data:
             "peak_bytes": peak, "device": str(bundle.device), "trainable": sum(p.numel() for p in policy.trainable_parameters())}
 
 
+def bench_data() -> str:
+    """A small synthetic hospital, generated once under $TMPDIR."""
+    from simulation.synth import generate_federation
+
+    root = Path(os.environ.get("TMPDIR", "/tmp")) / "fedclimb-bench-data"
+    if not (root / "federation.json").is_file():
+        generate_federation(root, hospitals=1, seed=0, scale=0.25, overwrite=True)
+    return str(root / "hospital-0")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="tiny")
@@ -101,13 +111,7 @@ def main() -> None:
     p.add_argument("--data", default="")
     p.add_argument("--mode", choices=("dp", "plain"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    if not args.data:
-        from simulation.synth import generate_federation
-
-        root = Path(os.environ.get("TMPDIR", "/tmp")) / "fedclimb-bench-data"
-        if not (root / "federation.json").is_file():
-            generate_federation(root, hospitals=1, seed=0, scale=0.25, overwrite=True)
-        args.data = str(root / "hospital-0")
+    args.data = args.data or bench_data()
     if args.mode:
         print(json.dumps(_measure(args.preset, args.mode == "dp", args.rank, args.prompts, args.repeats, args.data)))
         return

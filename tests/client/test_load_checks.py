@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 
+from conftest import png_header
 from client.runtime import Runtime
 from client.site import Site
 from common.config import HospitalConfig, load_config
@@ -22,15 +21,6 @@ from simulation.synth import generate_federation
 CXR = "chest_xray/synth_cxr"
 QUESTION = ("<image>\nAbove is a chest X-ray image of a patient. What is the diagnosis? "
             "Answer with one phrase from the following:\nNormal\nPneumonia")
-
-
-def _png_header(path: Path, width: int, height: int) -> None:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(512)))
-                     + chunk(b"IEND", b""))
 
 
 def _record(image: str, **extra: object) -> str:
@@ -45,7 +35,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = generate_federation(base / "fed", hospitals=1, seed=0, scale=0.1).hospital_roots[0]
     images = root / CXR / "images"
     good = sorted(images.iterdir())[0].relative_to(root).as_posix()
-    _png_header(images / "bomb-mask.png", 30000, 30000)
+    png_header(images / "bomb-mask.png", 30000, 30000)
     (base / "outside.png").write_bytes((root / good).read_bytes())
     (images / "link.png").symlink_to(base / "outside.png")
     hostile = {

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from conftest import png_header
 from common.climb.dicom import dicom_frames
 from common.climb.errors import MediaError
 from common.climb.images import array_to_rgb, load_image
@@ -80,20 +81,6 @@ def _given(limits: dict) -> dict:
     from common.climb.limits import Bounds
 
     return {"bounds": Bounds(**limits)}
-
-
-def png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG whose IHDR claims ``width`` x ``height`` (8-bit grey) with a tiny IDAT: a decompression-bomb header."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(4096)))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def _small_png(path: Path) -> Path:

@@ -8,7 +8,6 @@ hospital's real round function.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from common.modeling.qwen7b import QWEN2_5_VL_7B_TEXT, QWEN2_5_VL_7B_VISION, build_qwen7b_folder, qwen7b_config

@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGLSLossless
 
+from conftest import png_header
 from common.climb.validate import ValidationReport, validate_root
 from simulation.cli import main
 from simulation.synth import generate_federation
@@ -264,19 +265,6 @@ def test_synthetic_federation_validates(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------- hostile roots
-
-
-def png_header(path: Path, width: int, height: int) -> None:
-    """A PNG whose IHDR claims width x height with almost no data (a decompression-bomb header)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(512)))
-                     + chunk(b"IEND", b""))
 
 
 def test_cli_json_is_always_written_for_hostile_lines(tmp_path, capsys):
