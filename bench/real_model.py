@@ -34,7 +34,7 @@ def model_words(args: argparse.Namespace) -> list[str]:
     return [
         "model=smollm2-135m", "model.precision=bf16", f"model.cpu_threads={args.threads}",
         "prompt.constrained=true",
-        f"rollout.num_rollouts={args.rollouts}", f"rollout.batch_prompts={args.prompts}", "rollout.temperature=0.7",
+        f"rollout.num_rollouts={args.rollouts}", f"rollout.batch_prompts={args.prompts}", f"rollout.temperature={args.temperature}",
         "rollout.eval_batch_prompts=32", f"train.lr={args.lr}", f"train.kl_coef={args.kl_coef}",
     ]
 
@@ -90,7 +90,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="local steps per round")
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--rollouts", type=int, default=4, help="rollouts per prompt")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature: answers are constrained to the options, so 1.0 stays coherent and "
+                        "explores (at 0.7 every rollout of a group gave the same answer and no group had a signal)")
     p.add_argument("--kl-coef", type=float, default=0.0,
                    help="KL to the start model (0 saves a reference forward per step; the run is short)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per hospital (hospitals train one at a time)")
