@@ -246,29 +246,17 @@ def _cmd_from_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_privacy_report(args: argparse.Namespace) -> int:
-    from common.privacy.ledger import LedgerError, report
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    """``privacy report`` (verify and print) or ``privacy seal`` (adopt an older ledger)."""
+    from common.privacy import ledger
 
     state = Path(args.state)
     if not state.is_dir():
         raise _UsageError(f"{state} is not a directory")
+    action = {"report": ledger.report, "seal": ledger.seal}[args.privacy_command]
     try:
-        print(report(state))
-    except (LedgerError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _cmd_privacy_seal(args: argparse.Namespace) -> int:
-    from common.privacy.ledger import LedgerError, seal
-
-    state = Path(args.state)
-    if not state.is_dir():
-        raise _UsageError(f"{state} is not a directory")
-    try:
-        print(seal(state))
-    except LedgerError as exc:
+        print(action(state))
+    except (ledger.LedgerError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -319,8 +307,8 @@ COMMANDS = {
     ("data", "synth"): _cmd_synth,
     ("data", "from-dicom"): _cmd_from_dicom,
     ("data", "from-table"): _cmd_from_table,
-    ("privacy", "report"): _cmd_privacy_report,
-    ("privacy", "seal"): _cmd_privacy_seal,
+    ("privacy", "report"): _cmd_privacy,
+    ("privacy", "seal"): _cmd_privacy,
     "export": _cmd_export,
     "evaluate": _cmd_evaluate,
 }
