@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client.evaluations import admit_evaluation
 from client.instruction import CheckedInstruction, InstructionError, check_instruction
+from client.privacy_round import evaluation_withheld
 from client.rounds import evaluate_round, instruction_from_config, train_round
 from client.runtime import RUNTIME
 from client.site import NODE_PARTITION, Site, resolve_site
@@ -93,8 +94,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Per-domain held-out metrics of the global adapter, within the hospital's evaluation limits."""
     try:
         site, ok = _prepare(msg, context)
-        if not admit_evaluation(site.state_dir, int(context.run_id), int(ok.values[keys.SERVER_ROUND]),
-                                site.hospital.limits):
+        withheld = evaluation_withheld(ok.cfg.privacy)  # sends nothing: not counted against the limits
+        if not withheld and not admit_evaluation(site.state_dir, int(context.run_id),
+                                                 int(ok.values[keys.SERVER_ROUND]), site.hospital.limits):
             return _status(msg, keys.STATUS_EVAL_LIMIT)
         outcome = evaluate_round(RUNTIME, site, ok.cfg, instruction_from_config(ok.values), ok.adapter)
         metrics = MetricRecord({**outcome.metrics, **_site_metrics(site, context)})

@@ -23,7 +23,7 @@ charged by client/rounds.py, after these checks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,7 @@ from flwr.app import ConfigRecord, RecordDict
 from client.site import Site, effective_config
 from common import keys
 from common.config import ConfigError, FedClimbConfig
-from common.modeling.lora import is_lora_a
-from common.wire import WIRE_ARRAYS, WireError, check_declared, decode_adapter
+from common.wire import WIRE_ARRAYS, WireError, check_declared, decode_adapter, fp32_names
 
 __all__ = ["InstructionError", "CheckedInstruction", "check_values", "check_instruction"]
 
@@ -143,11 +142,6 @@ def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return dict(values)
 
 
-def _exact_names(shapes: Sequence[str], only_b: bool) -> list[str]:
-    """Names the server sends in fp32 whatever the precision (ffa's frozen lora_A)."""
-    return [name for name in shapes if is_lora_a(name)] if only_b else []
-
-
 def check_instruction(
     content: RecordDict, *, run_cfg: FedClimbConfig, site: Site, adapter_shapes: AdapterShapes
 ) -> CheckedInstruction:
@@ -181,7 +175,7 @@ def check_instruction(
     precision = str(values.get(keys.WIRE_PRECISION, "fp32"))
     shapes = adapter_shapes(cfg)
     try:
-        check_declared(record, shapes, precision, exact=_exact_names(list(shapes), bool(values.get(keys.ONLY_B))))
+        check_declared(record, shapes, precision, exact=fp32_names(shapes, bool(values.get(keys.ONLY_B))))
         adapter = {name: t.float() for name, t in decode_adapter(record).items()}
     except WireError as exc:
         raise InstructionError(f"adapter: {exc}") from None

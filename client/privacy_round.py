@@ -52,6 +52,7 @@ __all__ = [
     "dp_settings",
     "noise_source",
     "evaluate_release",
+    "evaluation_withheld",
     "plan_privacy",
     "planned_evaluations",
     "train_metrics",
@@ -104,6 +105,11 @@ class TrainPrivacy:
     ledger: PrivacyLedger
     plan: PrivacyPlan
     released: ReleasedCounts
+
+
+def evaluation_withheld(p: PrivacyConfig) -> bool:
+    """Under DP with ``eval_release: none`` an evaluation sends nothing (and so counts for nothing)."""
+    return p.enabled and p.eval_release == "none"
 
 
 def planned_evaluations(p: PrivacyConfig) -> int:
@@ -294,6 +300,11 @@ def begin_train(
     return TrainPrivacy(ledger, plan, released)
 
 
+def _released_total(noisy: Any) -> int:
+    """``num-examples`` from released per-domain values: their sum, negatives counted as 0."""
+    return max(int(round(float(np.clip(noisy, 0, None).sum()))), 0)
+
+
 def _only(metrics: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
     extra = sorted(set(metrics) - allowed)
     if extra:
@@ -316,7 +327,7 @@ def train_metrics(tp: TrainPrivacy, cfg: FedClimbConfig, domain_names: Sequence[
     if cfg.privacy.stats_release == "dp" and domain_names:
         counts = tp.released.aligned(domain_names)
         metrics[keys.D_COUNT] = counts
-        metrics[keys.NUM_EXAMPLES] = max(int(round(float(np.clip(counts, 0, None).sum()))), 0)
+        metrics[keys.NUM_EXAMPLES] = _released_total(counts)
     return _only(metrics, DP_TRAIN_KEYS)
 
 
@@ -388,15 +399,14 @@ def evaluate_release(
         refused = _exhausted(ledger, cfg, "no budget left for an evaluation release")
         return keys.STATUS_BUDGET_EXHAUSTED, {**refused.metrics, keys.NUM_EXAMPLES: 0}
     names = list(domain_names)
-    size, sums = unit_weighted_eval_sums(evaluate, list(evaluation), p.unit, names) if evaluation else (
-        np.zeros(len(names)), [np.zeros(len(names)) for _ in range(3)])
+    size, sums = unit_weighted_eval_sums(evaluate, list(evaluation), p.unit, names)  # zeros when empty
     ledger.record(round=server_round, kind="eval_release", sample_rate=1.0,
                   noise_multiplier=p.eval_noise_multiplier, steps=1)
     noisy_size, noisy_sums = release_eval_sums(size, sums, noise_multiplier=p.eval_noise_multiplier,
                                                rng=noise_source(cfg, seed, "eval-release"))
     metrics: dict[str, Any] = {
         keys.STATUS: keys.STATUS_OK,
-        keys.NUM_EXAMPLES: max(int(round(float(np.clip(noisy_size, 0, None).sum()))), 0),
+        keys.NUM_EXAMPLES: _released_total(noisy_size),
         keys.E_DP_UNITS: [float(x) for x in noisy_size],
     }
     for key, values in zip(keys.EVAL_DP_PER_DOMAIN[1:], noisy_sums, strict=True):

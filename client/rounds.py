@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from client import privacy_round
-from client.privacy_round import PrivacyPlan, plan_privacy
 from client.runtime import HospitalData, Runtime
 from client.site import Site
 from client.stats import unit_domain_counts
@@ -34,8 +33,7 @@ from common.seeding import derive_seed, secret_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Instruction", "TrainOutcome", "EvalOutcome", "train_round", "evaluate_round", "plan_privacy",
-           "PrivacyPlan"]
+__all__ = ["Instruction", "TrainOutcome", "EvalOutcome", "train_round", "evaluate_round"]
 
 
 @dataclass
@@ -57,7 +55,7 @@ class TrainOutcome:
     metrics: dict[str, Any]
     message: str = ""
     # What the hospital's own log and benchmarks may see (never sent): wall-clock seconds
-    # of rollouts and updates, DP-SGD units whose gradient was not finite.
+    # of rollouts and updates.
     local: dict[str, float] = field(default_factory=dict)
 
 
@@ -183,7 +181,7 @@ def _train_round(
     out = result.adapter
     if ins.only_lora_b:
         out = {k: v for k, v in out.items() if k.endswith(".lora_B.weight")}
-    local = {"rollout_s": result.rollout_s, "update_s": result.update_s, "steps": float(result.steps)}
+    local = {"rollout_s": result.rollout_s, "update_s": result.update_s}
     return TrainOutcome(keys.STATUS_OK, out, metrics, local=local)
 
 
@@ -197,7 +195,7 @@ def evaluate_round(
     nothing (none).
     """
     p = cfg.privacy
-    if p.enabled and p.eval_release == "none":
+    if privacy_round.evaluation_withheld(p):
         return EvalOutcome(keys.STATUS_OK, {keys.STATUS: keys.STATUS_OK, keys.NUM_EXAMPLES: 0})
     data = runtime.hospital_data(site, cfg)
     policy = runtime.policy(cfg)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common.modeling.lora import is_lora_a
+
 WirePrecision = Literal["fp32", "fp16", "bf16"]
 
 #: Serialisation type of Flower's own NumPy path (``flwr.common.constant.SType``).
@@ -51,14 +53,21 @@ WIRE_ARRAYS: dict[str, tuple[str, str]] = {
 # dtype strings accepted in a record, per serialisation type.
 _NUMPY_DTYPES = ("float32", "float16")
 _RAW_DTYPES = ("bfloat16",)
-_BF16_BYTES = 2
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": _BF16_BYTES}
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: Longest .npy header read (format 1.0: 10 bytes of magic, version and a 16-bit length).
 NPY_HEADER_MAX_BYTES = 10 + 0xFFFF
 
 
 class WireError(ValueError):
     """An ``ArrayRecord`` does not hold a well-formed adapter payload."""
+
+
+def fp32_names(names: Collection[str], only_b: bool) -> list[str]:
+    """The tensors that travel in fp32 whatever the wire precision: in ``ffa`` (only B
+    trained) the frozen ``lora_A`` must reach every hospital exactly. One rule for the
+    server that sends and the hospital that checks."""
+    return [n for n in names if is_lora_a(n)] if only_b else []
 
 
 def encode_adapter(
@@ -259,12 +268,7 @@ def _bf16_to_array(tensor: torch.Tensor) -> Array:
 def _array_to_bf16(name: str, array: Array) -> torch.Tensor:
     """Rebuild a bfloat16 tensor from a raw little-endian ``Array``."""
     shape = _declared_shape(name, array)
-    expected_bytes = math.prod(shape) * _BF16_BYTES
-    if len(array.data) != expected_bytes:
-        raise WireError(
-            f"array {name!r} holds {len(array.data)} bytes, expected {expected_bytes} "
-            f"for bfloat16 of shape {shape}."
-        )
+    _check_payload_length(name, array, shape)
     words = np.frombuffer(array.data, dtype="<i2").astype(np.int16)  # native order copy
     return torch.from_numpy(words).view(torch.bfloat16).reshape(shape)
 

@@ -24,9 +24,9 @@ from flwr.serverapp import Grid
 
 from common.config import FedClimbConfig, to_yaml
 from common.modeling.loader import base_model_source
-from common.modeling.lora import init_adapter, is_lora_a, read_peft_folder
+from common.modeling.lora import init_adapter, read_peft_folder
 from common.modeling.shapes import adapter_shapes_for
-from common.wire import encode_adapter
+from common.wire import encode_adapter, fp32_names
 from server.checkpoint import load_latest, save_round
 from server.strategy import FedClimbStrategy, RoundLog
 
@@ -67,7 +67,7 @@ def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
 
 def _encode_global(strategy: FedClimbStrategy) -> ArrayRecord:
     """The global adapter at wire precision; in ffa the frozen A always travels in fp32."""
-    exact = [k for k in strategy.global_adapter if is_lora_a(k)] if strategy.only_b else []
+    exact = fp32_names(strategy.global_adapter, strategy.only_b)
     return encode_adapter(strategy.global_adapter, strategy.cfg.federation.wire_precision, exact=exact)
 
 

@@ -37,6 +37,7 @@ from common.privacy.ledger_chain import (
     ChainCheck,
     chain_hashes,
     check_against_mark,
+    entry_hash,
     new_mark,
     validate_mark,
 )
@@ -545,8 +546,11 @@ def _upgrade_v1(data: object, *, source: str) -> dict[str, Any]:
         )
     except ValueError as err:
         raise bad(str(err)) from None
+    prev = chain_hashes(ledger)[-1]
     for entry in entries:
-        ledger["entries"].append({**entry, "prev": chain_hashes(ledger)[-1]})
+        chained = {**entry, "prev": prev}
+        ledger["entries"].append(chained)
+        prev = entry_hash(chained)
     spent = _recompute(ledger)
     if entries and not spent >= entries[-1]["epsilon"] * (1 - RECOMPUTE_REL_TOL):
         raise bad(
@@ -872,7 +876,7 @@ class PrivacyLedger:
             time=_utc_now(),
         )
         write_ledger_atomic(self.path, ledger)
-        head = chain_hashes(ledger)[-1]
+        head = entry_hash(entry)  # the new chain head (the entry as appended)
         _write_mark(self.mark_path, new_mark(ledger, head=head, epsilon=entry["epsilon"]))
         self._ledger = ledger
         self._spent = entry["epsilon"]

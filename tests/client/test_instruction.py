@@ -186,13 +186,14 @@ def test_check_values_names_the_bad_key() -> None:
 # ------------------------------------------------------------------ through the ClientApp
 
 
-def _hospital_yaml(base: Path, root: Path, state: str) -> dict[str, str]:
+def _hospital_yaml(base: Path, root: Path, state: str, privacy_extra: str = "") -> dict[str, str]:
     """The node config of a hospital whose state (privacy ledger) lives in ``base/state``."""
     path = base / f"{state}.yaml"
     path.write_text(
         f"name: h0\ndata_root: {root}\nstate_dir: {base / state}\nmax_eval_records: 4\n"
         "privacy:\n  target_epsilon: 50.0\n  planned_rounds: 5\n  noise_multiplier: 1.0\n  secure_rng: false\n"
-        "limits:\n  max_evaluations_per_round: 1\n  max_evaluations_total: 2\n", encoding="utf-8")
+        + privacy_extra
+        + "limits:\n  max_evaluations_per_round: 1\n  max_evaluations_total: 2\n", encoding="utf-8")
     return {"hospital-config": str(path)}
 
 
@@ -217,13 +218,13 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _call(hospital: dict[str, Any], state: str, content: RecordDict, kind: str = "train",
-          server_round: int | None = None) -> Message:
+          server_round: int | None = None, privacy_extra: str = "") -> Message:
     from client.client_app import app
 
     if server_round is not None:
         content[keys.CONFIG][keys.SERVER_ROUND] = server_round
     msg = Message(content, dst_node_id=1, message_type=kind, group_id="1")
-    node_config = _hospital_yaml(hospital["base"], hospital["root"], state)
+    node_config = _hospital_yaml(hospital["base"], hospital["root"], state, privacy_extra)
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
                       run_config=dict(hospital["run_config"]))
     return app(msg, context)
@@ -263,3 +264,12 @@ def test_evaluations_are_bounded_per_round_and_in_total(hospital: dict[str, Any]
     assert status(1) == {keys.STATUS: keys.STATUS_EVAL_LIMIT}  # second of round 1
     assert status(2)[keys.STATUS] == keys.STATUS_OK
     assert status(3) == {keys.STATUS: keys.STATUS_EVAL_LIMIT}  # third in total
+
+
+def test_withheld_evaluations_do_not_use_up_the_limits(hospital: dict[str, Any]) -> None:
+    """Under DP with eval_release: none nothing is sent, so nothing counts against the limits."""
+    for server_round in (1, 1, 1):  # past 1 per round and 2 in total, were they counted
+        reply = _call(hospital, "state-withheld", _content(None, hospital["shapes"]), "evaluate", server_round,
+                      privacy_extra="  eval_release: none\n")
+        assert dict(reply.content.metric_records[keys.METRICS]) == {keys.STATUS: keys.STATUS_OK,
+                                                                     keys.NUM_EXAMPLES: 0}

@@ -20,7 +20,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import client.privacy_round as privacy_round
 import client.rounds as rounds
-from client.rounds import Instruction, plan_privacy, train_round
+from client.privacy_round import plan_privacy
+from client.rounds import Instruction, train_round
 from client.runtime import HospitalData, Runtime
 from client.site import Site
 from client.stats import unit_domain_counts
