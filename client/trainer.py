@@ -28,6 +28,7 @@ from common.advantages import (
     grpo_advantages,
 )
 from common.climb.errors import MediaError
+from common.climb.images import load_mask
 from common.climb.inputs import load_visuals
 from common.climb.limits import bounds_for
 from common.climb.records import Record
@@ -187,11 +188,8 @@ class LocalTrainer:
         if record.segmentation is None:
             return None
         hit = self._masks.get(record.id)
-        if hit is None:
-            from PIL import Image
-
-            with Image.open(record.media_path(record.segmentation)) as im:
-                hit = np.asarray(im.convert("L")) > 0
+        if hit is None:  # the bounded loader `data validate` and load-time checks use
+            hit = load_mask(record.media_path(record.segmentation), bounds=bounds_for(self.cfg.data, record.roots))
             self._masks[record.id] = hit
         return hit
 

@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.climb.limits import DEFAULT_BOUNDS
+
 __all__ = [
     "ConfigError",
     "FedClimbConfig",
@@ -188,11 +190,12 @@ class DataConfig:
     max_images: int = 4
     # Limits checked from headers before anything is decoded; a record over one is
     # invalid, with the key in its reason (docs/data.md). Defaults suit CLIMB.
-    max_pixels: int = 50_000_000  # rows x columns of one image or frame
-    max_frames: int = 2048  # frames of a multi-frame DICOM / video, slices of a volume
-    max_ecg_samples: int = 1_000_000  # per lead, as stored and at 500 Hz
-    max_file_bytes: int = 1 << 30  # one media file, on disk and once inflated/decoded
-    max_line_bytes: int = 1 << 20  # one annotation line
+    # (defaults: common.climb.limits.DEFAULT_BOUNDS, the one place they are written)
+    max_pixels: int = DEFAULT_BOUNDS.max_pixels  # rows x columns of one image or frame
+    max_frames: int = DEFAULT_BOUNDS.max_frames  # frames of a multi-frame DICOM / video, slices of a volume
+    max_ecg_samples: int = DEFAULT_BOUNDS.max_ecg_samples  # per lead, as stored and at 500 Hz
+    max_file_bytes: int = DEFAULT_BOUNDS.max_file_bytes  # one media file, on disk and once inflated/decoded
+    max_line_bytes: int = DEFAULT_BOUNDS.max_line_bytes  # one annotation line
     max_prompt_tokens: int = 8192  # one tokenised prompt, images included
     # Paper-style ECG rendering size, pixels per millimetre.
     ecg_px_per_mm: float = 2.0

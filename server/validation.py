@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from common.keys import STATUS_EVAL_LIMIT, STATUS_REFUSED
 from server.aggregation import update_norm
 
 logger = logging.getLogger(__name__)
@@ -35,9 +36,8 @@ STATUS_OK = 0
 #: Status code of a client whose privacy budget is spent: it sends no tensors.
 STATUS_BUDGET_EXHAUSTED = 1
 #: Status codes of a client that refused the instruction before spending anything, and
-#: why (its log says which check failed); such a reply carries the status and nothing else.
-STATUS_REFUSED = 4
-STATUS_EVAL_LIMIT = 5
+#: why (its log says which check failed); such a reply carries the status and nothing else
+#: (STATUS_REFUSED, STATUS_EVAL_LIMIT from common.keys).
 REFUSALS = {
     STATUS_REFUSED: "the hospital refused the instruction (an invalid value or adapter; its log says which)",
     STATUS_EVAL_LIMIT: "the hospital's evaluation limits are reached",

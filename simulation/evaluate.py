@@ -23,14 +23,7 @@ from common.evaluation import confusion_matrix, constant_baseline, label_key, ma
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_command", "run_evaluation", "choose_explained", "truth_set"]
-
-
-def truth_set(record: Record) -> frozenset[str]:
-    """The record's answer as the evaluation compares it (the trainer's own label rule)."""
-    from client.trainer import truth_labels
-
-    return truth_labels(record)
+__all__ = ["evaluate_command", "run_evaluation", "choose_explained"]
 
 
 def _config(args: argparse.Namespace) -> tuple[FedClimbConfig, Path | None]:
@@ -93,7 +86,7 @@ def _domain_reports(answers: Sequence[Any], base_answers: Sequence[Any] | None,
     out = {}
     for domain, ev in summary.items():
         mine = [a for a in answers if a.record.domain == domain]
-        truth = [truth_set(a.record) for a in mine]
+        truth = [a.score.truth for a in mine]
         constant = constant_baseline(truth, majority.get(domain) or majority_answer(truth))
         has_boxes = any(a.score.iou is not None for a in mine)
         b = base_summary.get(domain)
@@ -156,7 +149,7 @@ def _markdown(meta: dict[str, Any], reports: dict[str, DomainReport], overall: d
 def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, split: str, out: Path, seed: int = 0,
                    explain: int = 0, record_ids: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
     """Evaluate and write ``evaluation.json`` / ``evaluation.md`` (+ explanation PNGs) under ``out``."""
-    from client.trainer import LocalTrainer
+    from client.trainer import LocalTrainer, truth_labels
     from common.modeling.loader import load_base_model
     from common.modeling.lora import is_lora_b, read_peft_folder
     from common.modeling.policy import Policy
@@ -175,7 +168,7 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     train = [r for r in load_records(data, cfg.data.train_split, domain_key=cfg.data.domain_key)] if split != cfg.data.train_split else []
     majority = {}
     for d in {r.domain for r in records}:
-        seen = [truth_set(r) for r in train if r.domain == d]
+        seen = [truth_labels(r) for r in train if r.domain == d]
         if seen:
             majority[d] = majority_answer(seen)
     zero = {k: (v * 0 if is_lora_b(k) else v) for k, v in policy.get_adapter().items()}
@@ -196,7 +189,7 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
             "constant_from": "training split" if majority else "evaluated split"}
     result = {"meta": meta, "overall": overall, "domains": {d: asdict(r) for d, r in sorted(reports.items())},
               "explanations": [str(Path(p).relative_to(out)) for p in explained],
-              "records": [{"id": a.record.id, "domain": a.record.domain, "truth": label_key(truth_set(a.record)),
+              "records": [{"id": a.record.id, "domain": a.record.domain, "truth": label_key(a.score.truth),
                            "answer": label_key(a.predicted), "reward": a.score.total} for a in answers]}
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "evaluation.md").write_text(_markdown(meta, reports, overall, [str(Path(p).relative_to(out)) for p in explained]),

@@ -140,8 +140,8 @@ def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path, *, prefi
     Predicted boxes are moved from the model's image frame back to the original pixels,
     where the ground-truth boxes and masks are.
     """
-    from client.trainer import truth_labels
     from common.climb.inputs import load_visuals
+    from common.climb.limits import bounds_for
     from common.evaluation import label_key
     from common.rewards import parse_boxes
 
@@ -149,13 +149,14 @@ def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path, *, prefi
     paths = []
     for a in answers:
         r = a.record
-        visuals = load_visuals(r, video_frames=cfg.data.video_frames, ecg_px_per_mm=cfg.data.ecg_px_per_mm)
+        visuals = load_visuals(r, video_frames=cfg.data.video_frames, ecg_px_per_mm=cfg.data.ecg_px_per_mm,
+                               bounds=bounds_for(cfg.data))  # the limits the trainer loaded them with
         frame = trainer.encode(r).box_frame
         pred_boxes = parse_boxes(a.text) if r.has_localisation else []
         if frame is not None and pred_boxes:
             ow, oh, mw, mh = frame
             pred_boxes = [(x1 * ow / mw, y1 * oh / mh, x2 * ow / mw, y2 * oh / mh) for x1, y1, x2, y2 in pred_boxes]
-        truth = truth_labels(r)
+        truth = a.score.truth
         ex = Explanation(
             record_id=r.id, domain=r.domain, question=r.question, options=r.options, images=visuals.images,
             first_record_image=visuals.leading if r.images and visuals.leading < len(visuals.images) else None,
