@@ -99,7 +99,9 @@ def _media_entries(folder: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):  # does not descend into symlinks
         base = Path(dirpath)
         out += [base / d for d in dirnames if (base / d).is_symlink()]
-        out += [base / f for f in filenames if not (base == folder and f.startswith("annotation_"))]
+        # a hospital root's own allow-list is not media (the pool writes its own)
+        out += [base / f for f in filenames
+                if not (base == folder and (f.startswith("annotation_") or f == LINKED_ROOTS_FILE))]
     return sorted(out)
 
 

@@ -85,8 +85,12 @@ def partition_root(
     alpha: float = 0.5,
     seed: int = 0,
     domain_key: Literal["dataset", "modality"] = "dataset",
+    max_line_bytes: int = DEFAULT_BOUNDS.max_line_bytes,
 ) -> list[Path]:
-    """Write ``out/hospital-<i>`` CLIMB roots (or return ROOT's folders) and return them."""
+    """Write ``out/hospital-<i>`` CLIMB roots (or return ROOT's folders) and return them.
+
+    ``max_line_bytes`` is ``data.max_line_bytes``: the lines the hospitals will accept.
+    """
     root = Path(root).resolve()
     if not root.is_dir():
         raise ValueError(f"--data {root} is not a directory")
@@ -100,7 +104,7 @@ def partition_root(
     items: list[tuple[Path, str, str, str]] = []
     for path, split in files:
         rel = path.relative_to(root).as_posix()
-        for number, raw in read_lines(path, max_line_bytes=DEFAULT_BOUNDS.max_line_bytes):
+        for number, raw in read_lines(path, max_line_bytes=max_line_bytes):
             if raw is not None and not raw.strip():
                 continue
             try:

@@ -140,6 +140,7 @@ def prepare_data(cfg: FedClimbConfig, run_dir: Path) -> list[Path]:
         alpha=cfg.simulation.dirichlet_alpha,
         seed=cfg.seed,
         domain_key=cfg.data.domain_key,
+        max_line_bytes=cfg.data.max_line_bytes,
     )
 
 

@@ -104,3 +104,14 @@ def test_hostile_lines_in_the_source_are_skipped_not_fatal(tmp_path: Path) -> No
         f.write(b"[" * 200_000 + b"]" * 200_000 + b"\n" + b'{"age": ' + b"9" * 5000 + b"}\n" + b"\xff\xfe\n")
     roots = partition_root(source, tmp_path / "parts", hospitals=2, mode="domain", seed=0)
     assert sum(len(load_records(r, "train")) for r in roots) == len(load_records(source, "train"))
+
+
+def test_partition_keeps_the_lines_the_configured_line_limit_allows(federation: Path, tmp_path: Path) -> None:
+    """data.max_line_bytes reaches the partition: a line the hospitals accept is not dropped on the way."""
+    source = federation / "hospital-0"
+    longest = max(len(line.encode()) + 1 for p in source.rglob("annotation_train.jsonl")
+                  for line in p.read_text().splitlines())
+    kept = partition_root(source, tmp_path / "a", hospitals=2, mode="domain", max_line_bytes=longest)
+    assert sum(sum(_lines(r, "train").values()) for r in kept) == sum(_lines(source, "train").values())
+    short = partition_root(source, tmp_path / "b", hospitals=2, mode="domain", max_line_bytes=longest - 2)
+    assert sum(sum(_lines(r, "train").values()) for r in short) < sum(_lines(source, "train").values())
