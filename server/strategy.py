@@ -458,12 +458,12 @@ class FedClimbStrategy(Strategy):
         replies only. A domain whose total is not positive has no estimate.
         """
         out: dict[str, dict[str, float]] = {}
+        noisy = [m for m in per_node.values() if keys.E_DP_UNITS in m]
         for i, d in enumerate(self.domains):
             rows = [(m[keys.E_RECORDS][i], m) for m in per_node.values() if keys.E_RECORDS in m and m[keys.E_RECORDS][i] > 0]
-            noisy = [m for m in per_node.values() if keys.E_DP_UNITS in m]
             exact_total = sum(n for n, _ in rows)
             total = exact_total + sum(m[keys.E_DP_UNITS][i] for m in noisy)
-            if total <= 0 or (exact_total <= 0 and not noisy):
+            if total <= 0:  # (without noisy replies total is exact_total)
                 continue
             out[d] = {"records": float(total)}
             for k in keys.EVAL_PER_DOMAIN:
