@@ -28,12 +28,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common import keys
-from common.config import ConfigError, FedClimbConfig, HospitalConfig, load_hospital_config
+from common.config import ConfigError, FedClimbConfig, HospitalConfig, HospitalLimits, load_hospital_config
 from common.runconfig import SIM_AUTO, auto_run_dir
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Site", "SiteError", "resolve_site", "effective_config", "on_simulation_engine", "in_process_engine",
+           "LIMITED_KEYS", "limit_clamps", "limited_values",
            "NODE_HOSPITAL_CONFIG", "NODE_DATA_ROOT", "NODE_STATE_DIR"]
 
 # --node-config keys a SuperNode operator sets.
@@ -203,6 +204,31 @@ def _non_finite(obj: Any, prefix: str = "") -> list[str]:
     return bad
 
 
+#: The run settings a hospital's limits bound: (dotted key, HospitalLimits field).
+LIMITED_KEYS: tuple[tuple[str, str], ...] = (
+    ("train.steps", "max_local_steps"),
+    ("rollout.num_rollouts", "max_rollouts"),
+    ("rollout.batch_prompts", "max_batch_prompts"),
+    ("rollout.max_new_tokens", "max_new_tokens"),
+    ("train.lr", "max_lr"),
+    ("train.ppo_epochs", "max_ppo_epochs"),
+    ("rollout.temperature", "max_temperature"),
+    ("train.kl_coef", "max_kl_coef"),
+)
+
+
+def limited_values(cfg: FedClimbConfig) -> dict[str, Any]:
+    """The values of ``cfg`` that a hospital's limits bound (what the coordinator asks for)."""
+    return {dotted: getattr(getattr(cfg, dotted.split(".")[0]), dotted.split(".")[1]) for dotted, _ in LIMITED_KEYS}
+
+
+def limit_clamps(cfg: FedClimbConfig, limits: HospitalLimits) -> list[tuple[str, Any, Any]]:
+    """(dotted key, asked value, limit) for each value of ``cfg`` above the hospital's limit."""
+    asked = limited_values(cfg)
+    return [(dotted, asked[dotted], getattr(limits, field_name)) for dotted, field_name in LIMITED_KEYS
+            if asked[dotted] > getattr(limits, field_name)]
+
+
 def effective_config(run_cfg: FedClimbConfig, site: Site, instruction: Mapping[str, Any]) -> FedClimbConfig:
     """The configuration this hospital trains with this round.
 
@@ -229,23 +255,10 @@ def effective_config(run_cfg: FedClimbConfig, site: Site, instruction: Mapping[s
     bad = _non_finite(cfg)
     if bad:
         raise ConfigError(f"{bad[0]}: must be finite ({len(bad)} non-finite value(s) in the run configuration)")
-    lim = site.hospital.limits
-    clamps = (
-        ("train.steps", lim.max_local_steps),
-        ("rollout.num_rollouts", lim.max_rollouts),
-        ("rollout.batch_prompts", lim.max_batch_prompts),
-        ("rollout.max_new_tokens", lim.max_new_tokens),
-        ("train.lr", lim.max_lr),
-        ("train.ppo_epochs", lim.max_ppo_epochs),
-        ("rollout.temperature", lim.max_temperature),
-        ("train.kl_coef", lim.max_kl_coef),
-    )
-    for dotted, bound in clamps:
+    for dotted, value, bound in limit_clamps(cfg, site.hospital.limits):
         section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value > bound:
-            log.warning("%s=%s exceeds this hospital's limit %s; using the limit", dotted, value, bound)
-            setattr(getattr(cfg, section), name, type(value)(bound))
+        log.warning("%s=%s exceeds this hospital's limit %s; using the limit", dotted, value, bound)
+        setattr(getattr(cfg, section), name, type(value)(bound))
     hospital = site.hospital
     cfg.privacy = copy.deepcopy(hospital.privacy)
     cfg.data.root = hospital.data_root
