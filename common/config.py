@@ -480,6 +480,9 @@ class ServerConfig:
     resume: bool = False
     # A PEFT adapter folder to start from ("" = deterministic seeded init).
     init_adapter: str = ""
+    # Deployment: hospital name -> Flower node id (set by `fedclimb coordinator run` from
+    # the coordinator's registered.json), so that logs and reports name hospitals.
+    node_names: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

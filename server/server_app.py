@@ -61,9 +61,26 @@ def resolve_run(grid: Grid, context: Context) -> tuple[FedClimbConfig, Path]:
     return cfg, run_dir
 
 
+def log_to_run_dir(run_dir: Path) -> None:
+    """A deployment's server log, ``RUN_DIR/server.log`` (INFO and up, hospitals by name).
+
+    Flower uploads only its own logger's lines; fedclimb's would otherwise show WARNING
+    and up on the SuperLink's console only.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "server.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("server", "common"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Resolve the run configuration and run (or resume) the federation."""
     cfg, run_dir = resolve_run(grid, context)
+    if not on_simulation_engine(grid):
+        log_to_run_dir(run_dir)
     log.info("fedclimb run directory: %s", run_dir)
     run_federation(grid, cfg, run_dir=run_dir)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -122,6 +123,12 @@ class FedClimbStrategy(Strategy):
         # (which would add its counts to N_d several times).
         self._owner_of_label: dict[str, int] = {}
         self._label_of_node: dict[int, str] = {}
+        # Deployment: node id -> hospital name (server.node_names, from the coordinator's
+        # registrations); simulated hospitals name themselves (site.partition).
+        self._names = {int(node): str(name) for name, node in cfg.server.node_names.items()}
+        # The instructions of the current configure_* call: the SuperLink's own error
+        # replies (hospital unreachable) come from the SuperLink, not from the hospital.
+        self._sent: list[Message] = []
 
     # ----------------------------------------------------------------- state
 
@@ -169,9 +176,15 @@ class FedClimbStrategy(Strategy):
         known = {d: (n[d], mu[d]) for d in self.domains if n[d] > 0 and mu[d] >= 0}
         return domain_temperatures(known, self.domains, mu_floor=self.cfg.aggregation.mu_floor)
 
+    def label(self, node: int, metrics: dict[str, Any] | None = None) -> str:
+        """A reply's hospital: its simulated name, its registered name, else ``node-<id>``."""
+        if node in self._names and not (metrics and _partition(metrics) >= 0):
+            return self._names[node]
+        return node_label(node, metrics)
+
     def _claim(self, node: int, metrics: dict[str, Any]) -> str | None:
         """Bind the reply's name to its node; the reason when it belongs to another."""
-        label = node_label(node, metrics)
+        label = self.label(node, metrics)
         previous = self._label_of_node.get(node)
         if _partition(metrics) < 0:  # unnamed: known by its node id, unique by construction
             return None if previous is None else f"node {node} was {previous!r} and now sends no name"
@@ -221,6 +234,7 @@ class FedClimbStrategy(Strategy):
             # 12 h would silently cut a longer round_timeout_s short).
             out.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd),
                                ttl=float(self.cfg.federation.round_timeout_s)))
+        self._sent = list(out)
         if self.current is not None:
             self.current.bytes_sent += arrays.count_bytes() * len(nodes)
         return out
@@ -239,6 +253,28 @@ class FedClimbStrategy(Strategy):
 
     # ----------------------------------------------------------------- aggregation
 
+    def _sender(self, msg: Message) -> int:
+        """The hospital a reply answers for.
+
+        An error reply the SuperLink makes itself (the hospital stopped sending heartbeats)
+        comes from the SuperLink's id; it answers the instruction sent to the hospital.
+        """
+        src = int(msg.metadata.src_node_id)
+        sent_to = {int(m.metadata.dst_node_id): m for m in self._sent}
+        if src in sent_to:
+            return src
+        by_id = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent if m.metadata.message_id}
+        return by_id.get(msg.metadata.reply_to_message_id, src)
+
+    def _missing(self, server_round: int, repliers: set[int], kind: str) -> list[str]:
+        """Hospitals that were sent an instruction and never answered (logged by name)."""
+        missing = sorted(self.label(int(m.metadata.dst_node_id)) for m in self._sent
+                         if int(m.metadata.dst_node_id) not in repliers)
+        for name in missing:
+            log.warning("round %d: no %s reply from %s within federation.round_timeout_s=%s s", server_round,
+                        kind, name, self.cfg.federation.round_timeout_s)
+        return missing
+
     def _received(self, msg: Message) -> None:
         if self.current is not None and msg.has_content() and keys.ARRAYS in msg.content.array_records:
             self.current.bytes_received += msg.content.array_records[keys.ARRAYS].count_bytes()
@@ -246,6 +282,9 @@ class FedClimbStrategy(Strategy):
     def _check(self, msg: Message) -> tuple[str, dict[str, torch.Tensor] | None, dict[str, Any], str]:
         """(status, adapter, metrics, reason) of one train reply; never raises."""
         if msg.has_error():
+            if int(msg.error.code) == int(ErrorCode.NODE_UNAVAILABLE):
+                return "error", None, {}, ("unreachable: its SuperNode stopped sending heartbeats "
+                                           "(stopped, crashed or cut off); it is left out of this round")
             return "error", None, {}, f"the hospital reported an error: {msg.error.reason}"
         content = msg.content
         metrics = dict(content.metric_records[keys.METRICS]) if keys.METRICS in content.metric_records else {}
@@ -295,15 +334,16 @@ class FedClimbStrategy(Strategy):
         checked = []
         for msg in replies:
             self._received(msg)
-            checked.append((msg.metadata.src_node_id, *self._check(msg)))
+            checked.append((self._sender(msg), *self._check(msg)))
         checked.sort(key=lambda c: (_partition(c[3]), c[0]))
+        report["missing"] = self._missing(server_round, {c[0] for c in checked}, "training")
         for node, status, arrays, metrics, reason in checked:
             clash = self._claim(node, metrics) if status == "ok" or _partition(metrics) >= 0 else None
             if clash is not None:
                 status, arrays, reason = "rejected", None, clash
-                label = f"node-{node}"
+                label = self.label(node)
             else:
-                label = node_label(node, metrics)
+                label = self.label(node, metrics)
                 report["nodes"][label] = {k: v for k, v in metrics.items()}
             if status == "ok" and arrays is not None:
                 accepted.append((node, arrays, metrics))
@@ -345,7 +385,7 @@ class FedClimbStrategy(Strategy):
         self.global_adapter = {k: v.float() for k, v in agg.adapter.items()}
         report.update(
             aggregated=True,
-            weights={node_label(n, m): w for (n, _, m), w in zip(accepted, weights, strict=True)},
+            weights={self.label(n, m): w for (n, _, m), w in zip(accepted, weights, strict=True)},
             fedit_error=agg.fedit_error,
             svd_truncation_error=agg.svd_truncation_error,
             temperatures=temperatures,
@@ -362,7 +402,7 @@ class FedClimbStrategy(Strategy):
         for node, _, m in accepted:
             counts = m.get(keys.D_COUNT)
             if counts is not None:
-                self.hospital_counts[node_label(node, m)] = [float(x) for x in counts]
+                self.hospital_counts[self.label(node, m)] = [float(x) for x in counts]
 
     def _weights(
         self, accepted: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]], temperatures: dict[str, float]
@@ -402,16 +442,19 @@ class FedClimbStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         per_node: dict[str, dict[str, Any]] = {}
+        replies = list(replies)
+        self._missing(server_round, {self._sender(m) for m in replies}, "evaluation")
         for msg in replies:
             if msg.has_error():
-                log.warning("round %d: evaluation error from node %s: %s", server_round, msg.metadata.src_node_id,
+                log.warning("round %d: no evaluation from %s: %s", server_round, self.label(self._sender(msg)),
                             msg.error.reason)
                 continue
             content = msg.content
             metrics = dict(content.metric_records[keys.METRICS]) if keys.METRICS in content.metric_records else {}
             extra = _extra_records(content)
             if extra is not None:
-                log.warning("round %d: dropped evaluation of node %s: %s", server_round, msg.metadata.src_node_id, extra)
+                log.warning("round %d: dropped evaluation of %s: %s", server_round, self.label(msg.metadata.src_node_id),
+                            extra)
                 continue
             verdict = validate_metrics_reply(
                 metrics,
@@ -419,7 +462,7 @@ class FedClimbStrategy(Strategy):
                 num_domains=len(self.domains),
                 has_arrays=bool(content.array_records),
             )
-            label = node_label(msg.metadata.src_node_id, metrics)
+            label = self.label(msg.metadata.src_node_id, metrics)
             if metrics.get(keys.STATUS) in (keys.STATUS_NO_DATA, keys.STATUS_ERROR) and not content.array_records:
                 log.info("round %d: %s sent no evaluation (status %s)", server_round, label, metrics.get(keys.STATUS))
                 continue
@@ -436,8 +479,8 @@ class FedClimbStrategy(Strategy):
                 continue
             clash = self._claim(msg.metadata.src_node_id, metrics)
             if clash is not None:
-                log.warning("round %d: dropped evaluation of node %s: %s", server_round,
-                            msg.metadata.src_node_id, clash)
+                log.warning("round %d: dropped evaluation of %s: %s", server_round,
+                            self.label(msg.metadata.src_node_id), clash)
                 continue
             per_node[label] = metrics
         combined = self._combine_eval(per_node)

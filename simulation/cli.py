@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="a fedclimb YAML file (default: the run's config.yaml, else configs/base.yaml)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("overrides", nargs="*", help=_overrides_help())
+    from server.coordinator_cli import add_parsers as add_coordinator_parsers
+
+    add_coordinator_parsers(sub)  # fedclimb coordinator {init,start,run}
     return p
 
 
@@ -320,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s")
     key = args.command
+    if key == "coordinator":  # its own errors and exit codes (server/coordinator_cli.py)
+        from server.coordinator_cli import main_for as coordinator_main
+
+        return coordinator_main(args)
     if key == "data":
         key = ("data", args.data_command)
     elif key == "privacy":
