@@ -51,6 +51,9 @@ STATE_FILE = "coordinator.json"
 EVENTS_FILE = "events.jsonl"
 # Keys the coordinator sets itself; a resume may differ in them.
 DERIVED = ("server.run_dir", "server.resume", "server.node_names", "federation.min_hospitals")
+# Seconds between reads of the event file, between run-status requests (more often once
+# the last round is in), and of SuperLink silence before giving up.
+POLL_S = 2.0
 STATUS_POLL_S = 15.0
 UNREACHABLE_GIVE_UP_S = 30.0
 
@@ -252,8 +255,9 @@ class Follower:
             self._waiting_report = text
             self.say(text)
 
-    def follow(self, poll_s: float = 2.0) -> RunState:
+    def follow(self) -> RunState:
         """Until the run finishes; its final state. RunError when the SuperLink is lost."""
+        poll_s = POLL_S
         last_poll = -1e9
         unreachable_since: float | None = None
         state: RunState | None = None
@@ -386,13 +390,15 @@ def _finish(d: CoordinatorDir, run: RunFolder, follower: Follower, say: Callable
             f"(latest -> round-{rounds:04d})")
         return 0
     where = f"after round {last}" if last is not None else "before its first checkpoint"
-    reason = state.details or state.text
+    reason = f" ({state.details})" if state.details else ""
+    if state.sub_status == "completed":
+        reason = f" with {last if last is not None else 'no'} of {rounds} rounds checkpointed"
     tail = _server_log_tail(run.path)
     if tail:
         say("the last lines of the server log:")
         for line in tail:
             say("  " + line)
-    raise RunError(f"Flower run {follower.run_id} ended {state.text} ({reason}); {run.name} stopped {where}. "
+    raise RunError(f"Flower run {follower.run_id} ended {state.text}{reason}; {run.name} stopped {where}. "
                    f"Fix the cause and run this command again to resume {where}.")
 
 
