@@ -135,7 +135,9 @@ class RunFolder:
     """``DIR/runs/run-NNN`` and what the coordinator recorded about it (``coordinator.json``)."""
 
     path: Path
+    # The user's configuration (comparable values) and the exact words submitted.
     config: dict[str, str] = field(default_factory=dict)
+    words: list[str] = field(default_factory=list)
     submissions: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = False
 
@@ -150,7 +152,7 @@ class RunFolder:
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.state_file, json.dumps(
-            {"config": self.config, "submissions": self.submissions, "complete": self.complete},
+            {"config": self.config, "words": self.words, "submissions": self.submissions, "complete": self.complete},
             indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -159,7 +161,8 @@ class RunFolder:
             raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return cls(path)
-        return cls(path, dict(raw.get("config", {})), list(raw.get("submissions", [])), bool(raw.get("complete")))
+        return cls(path, dict(raw.get("config", {})), [str(w) for w in raw.get("words", [])],
+                   list(raw.get("submissions", [])), bool(raw.get("complete")))
 
     def last_round(self) -> int | None:
         """The last checkpointed round (``latest``), None without one."""
@@ -297,10 +300,9 @@ class Follower:
 # ----------------------------------------------------------------------------- the command
 
 
-def _submit(d: CoordinatorDir, control: Control, run: RunFolder, cfg: FedClimbConfig, fab: bytes, digest: str,
-            resume: bool, say: Callable[[str], None]) -> int:
-    words = config_words(cfg)
-    run_config = {"config-file": "", "overrides": " ".join(shlex.quote(w) for w in words), "sim-root": ""}
+def _submit(d: CoordinatorDir, control: Control, run: RunFolder, fab: bytes, digest: str, resume: bool,
+            say: Callable[[str], None]) -> int:
+    run_config = {"config-file": "", "overrides": " ".join(shlex.quote(w) for w in run.words), "sim-root": ""}
     previous = run.submissions[-1]["fab"] if run.submissions else None
     if previous and previous != digest:
         say(f"note: {run.name} ran app {previous} before; this installation's app is {digest} (hospitals "
@@ -351,24 +353,34 @@ def run_command(root: Path, *, config: str | None = None, overrides: Sequence[st
                 f"{run.path}")
             return 0
 
-    if not chose_min:
-        cfg.federation.min_hospitals = max(len(names), 1)
-    cfg.server.node_names = dict(names)
-    cfg.server.run_dir = str(run.path.relative_to(d.root))  # the SuperLink's working directory is DIR
-    last = run.last_round()
-    cfg.server.resume = last is not None
-    if not run.config:
-        run.config = comparable
+    if run.words and run.config == comparable:
+        # Submitted before: exactly the same words again. The hospitals' reply caches are
+        # keyed on the round's whole configuration, so a redone round must not differ in
+        # any value (not even in a name), or it would be trained and charged again.
+        cfg = load_config(None, run.words)
+        late = sorted(set(names) - set(cfg.server.node_names))
+        if late:
+            say(f"note: {', '.join(late)} admitted after {run.name} started: in this run's logs as node ids")
+    else:
+        if not chose_min:
+            cfg.federation.min_hospitals = max(len(names), 1)
+        cfg.server.node_names = dict(names)
+        cfg.server.run_dir = str(run.path.relative_to(d.root))  # the SuperLink's working directory is DIR
+        # Always true: a fresh run folder has no checkpoint (the ServerApp starts at round 1),
+        # and a resumed submission then carries the very same configuration.
+        cfg.server.resume = True
+        run.config, run.words = comparable, config_words(cfg)
     run.save()
 
     fab, digest = build_app(run.path / "app")
     say(f"app {digest}")
-    if cfg.server.resume:
+    last = run.last_round()
+    if last is not None:
         say(f"{run.name}: resuming after round {last} of {cfg.federation.rounds}")
     else:
         say(f"{run.name}: {cfg.federation.rounds} round(s), waiting for {cfg.federation.min_hospitals} "
             f"hospital(s) ({', '.join(sorted(names)) or 'none admitted yet'})")
-    run_id = _submit(d, control, run, cfg, fab, digest, cfg.server.resume, say)
+    run_id = _submit(d, control, run, fab, digest, last is not None, say)
     say(f"submitted as Flower run {run_id}; following {run.path / EVENTS_FILE}")
     return _finish(d, run, Follower(run, control, run_id, cfg, names, say), say)
 

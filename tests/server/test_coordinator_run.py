@@ -120,7 +120,8 @@ def test_a_run_completes_with_one_line_per_round(coord: CoordinatorDir, monkeypa
     assert out[-1].startswith("run-001 complete: 2 round(s)")
     words = _words(link)
     assert words["server.node_names"] == NAMES and words["federation.min_hospitals"] == 2
-    assert words["server.run_dir"] == "runs/run-001" and words["server.resume"] is False
+    assert words["server.run_dir"] == "runs/run-001"
+    assert words["server.resume"] is True  # a fresh folder has no checkpoint; a resume then sends the same words
     assert link.submitted[0][0] == b"FAB-BYTES"
     assert link.submitted[0][1]["config-file"] == "" and link.submitted[0][1]["sim-root"] == ""
     state = json.loads((coord.runs / "run-001" / "coordinator.json").read_text())
@@ -142,7 +143,7 @@ def test_the_words_resolve_to_the_same_configuration_everywhere(coord: Coordinat
     remote = load_config(None, words)  # what config_from_run_config does on the other side
     local = load_config(coord.federation, ["federation.rounds=1", "train.lr=1e-5"])
     local.server.node_names, local.federation.min_hospitals = dict(NAMES), 2
-    local.server.run_dir = "runs/run-001"
+    local.server.run_dir, local.server.resume = "runs/run-001", True
     assert remote == local
     assert remote.federation.domains == ["cxr", "a b"] and remote.train.lr == 1e-5
 
@@ -193,13 +194,24 @@ def test_after_a_crash_the_run_resumes_from_its_last_checkpoint(coord: Coordinat
 
     out = capsys.readouterr().out
     assert "run-001: resuming after round 1 of 3" in out
-    words = _words(link)
-    assert words["server.resume"] is True and words["server.run_dir"] == "runs/run-001"
+    # the very same run configuration: every redone round is asked exactly as before
+    assert link.submitted[1][1] == link.submitted[0][1]
+    assert _words(link)["server.run_dir"] == "runs/run-001"
     # the rounds before the crash come back from the event file once, then the redone ones
     assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("round ")] == [
         "round 0 (before training)", "round 1/3", "round 2/3", "round 3/3"]
     submissions = json.loads((coord.runs / "run-001" / "coordinator.json").read_text())["submissions"]
     assert [s["resume"] for s in submissions] == [False, True]
+
+
+def test_a_hospital_admitted_mid_run_does_not_change_the_resumed_configuration(
+        coord: CoordinatorDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    link = _interrupted_run(coord, monkeypatch)
+    coord.registered.write_text(json.dumps({**NAMES, "gamma": 33}))
+    link.final = "completed"
+    assert cli_main(["coordinator", "run", str(coord.root), "federation.rounds=3"]) == 0
+    assert "note: gamma admitted after run-001 started" in capsys.readouterr().out
+    assert link.submitted[1][1] == link.submitted[0][1]
 
 
 def test_a_changed_configuration_does_not_resume(coord: CoordinatorDir, monkeypatch: pytest.MonkeyPatch,
