@@ -577,8 +577,19 @@ class HospitalConfig:
     eval_split: str = "test"
     max_train_records: int = 0  # 0 = all; > 0 only without DP (see below)
     max_eval_records: int = 0   # 0 = all
+    # Deployment (`fedclimb hospital init/start`, docs/app-pinning.md): the SuperLink's
+    # HOST:PORT, the coordinator's CA certificate and this hospital's node key (relative
+    # paths are relative to hospital.yaml), and the app (FAB) digests this hospital runs.
+    coordinator: str = ""
+    ca_cert: str = ""
+    node_key: str = ""
+    insecure: bool = False  # no TLS, no node authentication (rehearsals only)
+    approved_apps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for digest in self.approved_apps:
+            _check(re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None, "approved_apps",
+                   f"entries must be \"sha256:\" and 64 lower-case hex digits, got {digest!r}")
         _check(bool(self.train_split) and bool(self.eval_split), "train_split",
                "train_split and eval_split must name splits (e.g. train, test)")
         _check(self.train_split != self.eval_split, "eval_split",
@@ -798,7 +809,7 @@ def load_hospital_config(path: str | Path, overrides: Sequence[str] = ()) -> Hos
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     base = path.resolve().parent
-    for attr in ("data_root", "state_dir"):
+    for attr in ("data_root", "state_dir", "ca_cert", "node_key"):
         value = getattr(hospital, attr)
         if value and not Path(value).is_absolute():
             setattr(hospital, attr, str(base / value))

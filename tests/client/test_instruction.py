@@ -256,14 +256,18 @@ def test_the_valid_instruction_trains_and_charges_the_ledger(hospital: dict[str,
 
 def test_evaluations_are_bounded_per_round_and_in_total(hospital: dict[str, Any]) -> None:
     """limits: 1 per round, 2 in total. Over them the reply is status 5 and nothing else."""
-    def status(server_round: int) -> dict[str, Any]:
-        reply = _call(hospital, "state-eval", _content(None, hospital["shapes"]), "evaluate", server_round)
+    def status(server_round: int, seed: int) -> dict[str, Any]:
+        content = _content(None, hospital["shapes"])
+        # A new seed makes each one a new evaluation (the same one asked again is re-sent:
+        # tests/client/test_hospital_reply_cache.py).
+        content[keys.CONFIG][keys.SEED] = seed
+        reply = _call(hospital, "state-eval", content, "evaluate", server_round)
         return dict(reply.content.metric_records[keys.METRICS])
 
-    assert status(1)[keys.STATUS] == keys.STATUS_OK
-    assert status(1) == {keys.STATUS: keys.STATUS_EVAL_LIMIT}  # second of round 1
-    assert status(2)[keys.STATUS] == keys.STATUS_OK
-    assert status(3) == {keys.STATUS: keys.STATUS_EVAL_LIMIT}  # third in total
+    assert status(1, 0)[keys.STATUS] == keys.STATUS_OK
+    assert status(1, 1) == {keys.STATUS: keys.STATUS_EVAL_LIMIT}  # second of round 1
+    assert status(2, 2)[keys.STATUS] == keys.STATUS_OK
+    assert status(3, 3) == {keys.STATUS: keys.STATUS_EVAL_LIMIT}  # third in total
 
 
 def test_withheld_evaluations_do_not_use_up_the_limits(hospital: dict[str, Any]) -> None:

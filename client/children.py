@@ -1,0 +1,127 @@
+"""The processes `fedclimb hospital start` runs: started in their own process groups, stopped by them.
+
+Each child starts in a new session (its own process group, which the processes it starts
+in turn inherit: Flower's SuperExec and the ClientApp processes it launches). On Linux a
+child is also asked to receive SIGTERM when `fedclimb` dies, even by SIGKILL. Stopping
+signals exactly those groups: SIGTERM, then SIGKILL after a grace period; nothing is
+ever signalled by name. Their output is forwarded line by line, with a prefix, to this
+process's stdout and to a log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+__all__ = ["Child", "StopRequested", "stop_requests_raise"]
+
+_PR_SET_PDEATHSIG = 1
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived (SIGINT raises KeyboardInterrupt already)."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_requests_raise():  # type: ignore[no-untyped-def]
+    """Inside the block SIGTERM and SIGHUP unwind the main thread like Ctrl-C."""
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class Child:
+    """One started process group whose output is forwarded with ``prefix``."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], *, out: IO[str],
+                 log: IO[str] | None, lock: threading.Lock) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(  # noqa: S603 - argv built by fedclimb, no shell
+            list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, errors="replace", start_new_session=True, preexec_fn=_die_with_parent(),
+        )
+        self._out, self._log, self._lock = out, log, lock
+        self._thread = threading.Thread(target=self._forward, name=f"forward-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _forward(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = _ANSI.sub("", raw.rstrip("\n"))
+            if not line.strip():
+                continue
+            text = f"[{self.name}] {line}\n"
+            with self._lock:
+                self._out.write(text)
+                self._out.flush()
+                if self._log is not None:
+                    self._log.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + text)
+                    self._log.flush()
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM the child's process group, SIGKILL it after ``grace`` s; its exit status."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None and not _group_alive(self.proc.pid):
+                    self._thread.join(timeout=2)
+                    return self.proc.returncode
+                time.sleep(0.1)
+        self._thread.join(timeout=2)
+        return self.proc.poll()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is left in group ``pgid`` (Linux /proc; else assume not)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return False
+    for entry in proc.glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
