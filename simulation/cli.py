@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.coordinator_cli import add_parsers as add_coordinator_parsers
 
     add_coordinator_parsers(sub)  # fedclimb coordinator {init,start,run}
+    from client.hospital_cli import add_parsers as add_hospital_parsers
+
+    add_hospital_parsers(sub)  # fedclimb hospital {init,start}
     return p
 
 
@@ -327,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.coordinator_cli import main_for as coordinator_main
 
         return coordinator_main(args)
+    if key == "hospital":  # its own errors and exit codes (client/hospital_cli.py)
+        from client.hospital_cli import main_for as hospital_main
+
+        return hospital_main(args)
     if key == "data":
         key = ("data", args.data_command)
     elif key == "privacy":
