@@ -236,9 +236,12 @@ in_image() {  # in_image [podman run options...] -- fedclimb arguments...
 step "synthetic data, coordinator and hospital folders in $WORK"
 fedclimb data synth "$WORK/data" --hospitals 2 --scale 0.25 >"$WORK/synth.log" 2>&1 \
   || { cat "$WORK/synth.log" >&2; fail "fedclimb data synth failed"; }
-DATA="$WORK/data/hospital-1"
+DATA="$WORK/data/hospital-0"
 [ -d "$DATA" ] || fail "the synthetic federation has no $DATA"
 chmod -R a+rX "$WORK/data"
+# The federation's domains: the hospital's CLIMB dataset folders (<modality>/<dataset>).
+DOMAINS=$(find "$DATA" -mindepth 2 -maxdepth 2 -type d -printf '%f\n' | sort | paste -sd, -)
+[ -n "$DOMAINS" ] || fail "no dataset folders under $DATA"
 
 PORT=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fedclimb coordinator init "$WORK/coordinator" --address "127.0.0.1:$PORT" >"$WORK/coordinator-init.log" 2>&1 \
@@ -254,7 +257,8 @@ chown "$HOSPITAL_UID:$HOSPITAL_UID" "$WORK/hospital"
 podman volume create "$STATE_VOLUME" >/dev/null
 in_image -v "$WORK/hospital:/hospital" -v "$WORK/incoming:/incoming:ro" -v "$DATA:/data:ro" \
   -v "$STATE_VOLUME:/state" -- \
-  hospital init /hospital --coordinator "127.0.0.1:$PORT" --ca /incoming/ca.crt --data /data --name "$NAME" \
+  hospital init /hospital --coordinator "127.0.0.1:$PORT" --ca /incoming/ca.crt --data /data --state /state \
+  --name "$NAME" \
   >"$WORK/hospital-init.log" 2>&1 \
   || { cat "$WORK/hospital-init.log" >&2; fail "fedclimb hospital init (in the image) failed"; }
 [ -s "$WORK/hospital/$NAME.pub" ] || fail "hospital init wrote no $NAME.pub"
@@ -278,7 +282,7 @@ hospital_cid=$(podman run -d --init --network host --name "fedclimb-ci-hospital-
   || fail "podman run of the hospital container failed"
 
 step "coordinator run: one round of the tiny preset"
-setsid fedclimb coordinator run "$WORK/coordinator" model=tiny federation.rounds=1 >"$WORK/run.log" 2>&1 &
+setsid fedclimb coordinator run "$WORK/coordinator" federation.rounds=1 "federation.domains=[$DOMAINS]" train.steps=2 >"$WORK/run.log" 2>&1 &
 run_pid=$!
 run_rc=0
 wait "$run_pid" || run_rc=$?
@@ -288,10 +292,22 @@ cat "$WORK/run.log"
 [ "$(podman inspect -f '{{.State.Running}}' "$hospital_cid")" = true ] \
   || fail "the hospital container stopped during the run"
 
-step "the privacy ledger outlives the container"
-podman stop -t 20 "$hospital_cid" >/dev/null || fail "podman stop of the hospital container failed"
+podman logs "$hospital_cid" >"$WORK/hospital-container.log" 2>&1 || true
+echo "---- the hospital's own account (its lines of the container log)"
+grep 'fedclimb hospital' "$WORK/hospital-container.log" || true
+grep -q "fedclimb hospital $NAME: round 1 train: .*status ok" "$WORK/hospital-container.log" \
+  || fail "the hospital container's log has no 'round 1 train: ... status ok' line"
+
+step "stopping the hospital container (SIGTERM through --init)"
+stop_t0=$SECONDS
+podman stop -t 30 "$hospital_cid" >/dev/null || fail "podman stop of the hospital container failed"
+exit_code=$(podman inspect -f '{{.State.ExitCode}}' "$hospital_cid")
+[ "$exit_code" = 0 ] || fail "the hospital container exited with $exit_code on SIGTERM (expected 0: a clean stop)"
+echo "stopped cleanly in $((SECONDS - stop_t0)) s"
 podman rm "$hospital_cid" >/dev/null
 hospital_cid=""
+
+step "the privacy ledger outlives the container (read from the volume by a new one)"
 in_image -v "$STATE_VOLUME:/state:ro" -- privacy report --state /state >"$WORK/ledger.txt" 2>&1 \
   || { cat "$WORK/ledger.txt" >&2; fail "fedclimb privacy report on the state volume failed in a new container"; }
 cat "$WORK/ledger.txt"
