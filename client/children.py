@@ -27,6 +27,8 @@ __all__ = ["Child", "StopRequested", "stop_requests_raise"]
 
 _PR_SET_PDEATHSIG = 1
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Flower's empty log lines ("INFO :" and a timestamp with nothing after it): not forwarded.
+_EMPTY = re.compile(r"(INFO|DEBUG)\s*:?|[\d/]+ [\d:]+:(INFO|DEBUG):")
 
 
 class StopRequested(KeyboardInterrupt):
@@ -84,7 +86,7 @@ class Child:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = _ANSI.sub("", raw.rstrip("\n"))
-            if not line.strip():
+            if not line.strip() or _EMPTY.fullmatch(line.strip()):
                 continue
             text = f"[{self.name}] {line}\n"
             with self._lock:
