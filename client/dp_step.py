@@ -123,16 +123,21 @@ class DPUpdater:
         self.module.enable_hooks()
 
     def accumulate(
-        self, losses: torch.Tensor, mask: torch.Tensor, unit_index: torch.Tensor, num_units: int, dp: DPSettings
+        self, losses: torch.Tensor, mask: torch.Tensor, unit_index: torch.Tensor, num_units: int, dp: DPSettings,
+        *, grad_unit_index: torch.Tensor | None = None,
     ) -> None:
-        """Backward one micro-batch (whole units only) and add its clipped unit gradients."""
+        """Backward one micro-batch (whole units only) and add its clipped unit gradients.
+
+        ``unit_index`` gives the unit of each loss row; ``grad_unit_index`` the unit of each
+        row the model was run on, when that differs (duplicate rows scored once)."""
         per_row = reduce_per_unit(losses, mask, unit_index, num_units)
         with warnings.catch_warnings():
             # Opacus notes that no *input* needs a gradient (the base model is frozen): expected.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             per_row.sum().backward()
         per_row_grads = [p.grad_sample.float() for p in self.params]
-        per_unit = group_rows_to_units(per_row_grads, unit_index, num_units)
+        per_unit = group_rows_to_units(per_row_grads, unit_index if grad_unit_index is None else grad_unit_index,
+                                       num_units)
         summed, stats = clip_and_noise(
             per_unit, max_grad_norm=dp.max_grad_norm, noise_multiplier=0.0, expected_batch_size=1.0
         )

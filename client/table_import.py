@@ -121,9 +121,11 @@ def _format(value: float) -> str:
     return f"{value:.4g}"
 
 
-def describe_row(columns: Sequence[str], row: Sequence[float], cutoffs: Mapping[str, Sequence[float]]) -> str:
-    """One line per feature: name, value, and its band among the training patients."""
-    return "\n".join(f"- {c}: {_format(v)}, {band(v, cutoffs[c])}" for c, v in zip(columns, row, strict=True))
+def describe_row(columns: Sequence[str], row: Sequence[float], cutoffs: Mapping[str, Sequence[float]],
+                 values: bool = True) -> str:
+    """One line per feature: name, value (unless ``values`` is False), and its band among the training patients."""
+    return "\n".join(f"- {c}: {_format(v) + ', ' if values else ''}{band(v, cutoffs[c])}"
+                     for c, v in zip(columns, row, strict=True))
 
 
 @dataclass
@@ -139,9 +141,15 @@ class TableSummary:
 
 def convert_table(table: Table, out_root: str | os.PathLike[str], *, question: str, salt: bytes,
                   dataset: str = "table", modality: str = "tabular", options: Sequence[str] | None = None,
-                  fractions: Sequence[float] = (0.7, 0.1, 0.2), header: str = "Measurements of the patient "
-                  "(value, and its band among this hospital's training patients):") -> TableSummary:
-    """Write ``<out>/<modality>/<dataset>/annotation_<split>.jsonl`` (text records, pseudonymous patient ids)."""
+                  fractions: Sequence[float] = (0.7, 0.1, 0.2), header: str | None = None,
+                  values: bool = True) -> TableSummary:
+    """Write ``<out>/<modality>/<dataset>/annotation_<split>.jsonl`` (text records, pseudonymous patient ids).
+
+    ``values=False`` writes only each feature's band in words (shorter prompts, which a small
+    language model reads more easily than digits)."""
+    if header is None:
+        header = ("Measurements of the patient (" + ("value, and its band" if values else "band")
+                  + " among this hospital's training patients):")
     if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3 or min(fractions) < 0:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
     if not question.strip():
@@ -165,7 +173,7 @@ def convert_table(table: Table, out_root: str | os.PathLike[str], *, question: s
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     summary = TableSummary()
     for row, label, patient, split in zip(table.values, table.labels, patients, splits, strict=True):
-        text = header + "\n" + describe_row(table.columns, row, cutoffs) + "\n" + prompt_question
+        text = header + "\n" + describe_row(table.columns, row, cutoffs, values) + "\n" + prompt_question
         record = {"conversations": [{"from": "human", "value": build_prompt(text, opts, 0)},
                                     {"from": "gpt", "value": label}],
                   "dataset": sanitize_name(dataset, "table"), "patient_id": patient}

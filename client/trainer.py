@@ -467,12 +467,18 @@ class LocalTrainer:
                 dev = policy.bundle.device
                 module = self._dp_updater.module if dp is not None else None  # type: ignore[union-attr]
                 entropy = None
+                # Identical rollouts of one prompt (frequent when answers are constrained to a
+                # few options) are scored once; gathering the rows back makes autograd sum
+                # their gradients, so the update is exactly the one over every row.
+                unique, inverse = unique_rows(rollouts, rows)
                 if cfg.train.entropy_coef > 0:
                     logp, entropy = policy.token_logprobs(
-                        rollouts, rows, temperature=cfg.rollout.temperature, module=module, with_entropy=True
+                        rollouts, unique, temperature=cfg.rollout.temperature, module=module, with_entropy=True
                     )
+                    entropy = entropy[inverse]
                 else:
-                    logp = policy.token_logprobs(rollouts, rows, temperature=cfg.rollout.temperature, module=module)
+                    logp = policy.token_logprobs(rollouts, unique, temperature=cfg.rollout.temperature, module=module)
+                logp = logp[inverse]
                 mask = mask_all[rows].to(dev)
                 if epoch == 0:
                     old = logp.detach()
@@ -494,7 +500,11 @@ class LocalTrainer:
                     reduce_token_mean(losses, mask, total_tokens=total_tokens).backward()
                 else:
                     unit_local = torch.tensor([i for i, g in enumerate(mb) for p in g for _ in range(K)], device=dev)
-                    self._dp_updater.accumulate(losses, mask, unit_local, len(mb), dp)  # type: ignore[union-attr]
+                    # The per-sample gradients are per scored (unique) row: each belongs to
+                    # the unit of the rows it stands for (one prompt, so one unit).
+                    self._dp_updater.accumulate(  # type: ignore[union-attr]
+                        losses, mask, unit_local, len(mb), dp, grad_unit_index=unit_local[inverse_first(inverse)]
+                    )
             if dp is None:
                 if cfg.train.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.train.max_grad_norm)
@@ -607,6 +617,30 @@ def _next_batch(order: list[int], size: int, n: int, rng: np.random.Generator) -
         batch += fresh[:need]
         rest = fresh[need:]
     return batch, rest
+
+
+def unique_rows(rollouts: Rollouts, rows: Sequence[int]) -> tuple[list[int], torch.Tensor]:
+    """The distinct rows among ``rows`` (same prompt and same response tokens) and, for each
+    of ``rows``, the position of its representative in that list (``[len(rows)]`` long)."""
+    seen: dict[tuple[int, tuple[int, ...]], int] = {}
+    unique: list[int] = []
+    inverse: list[int] = []
+    for r in rows:
+        m = rollouts.mask[r] > 0
+        key = (int(rollouts.prompt_index[r]), tuple(rollouts.responses[r][m].tolist()))
+        if key not in seen:
+            seen[key] = len(unique)
+            unique.append(r)
+        inverse.append(seen[key])
+    return unique, torch.tensor(inverse, dtype=torch.long)
+
+
+def inverse_first(inverse: torch.Tensor) -> torch.Tensor:
+    """For each distinct row (0..max(inverse)), the first position of ``inverse`` that maps to it."""
+    first = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long)
+    for pos in range(len(inverse) - 1, -1, -1):
+        first[inverse[pos]] = pos
+    return first
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--modality", default="tabular", help="CLIMB modality folder (default tabular)")
     ft.add_argument("--dataset", help="dataset folder name (default: the CSV's name, or the built-in set's)")
     ft.add_argument("--splits", default="0.7,0.1,0.2", help="train,valid,test fractions by patient")
+    ft.add_argument("--bands-only", action="store_true",
+                    help="write each feature's band in words without its value (shorter prompts)")
 
     pr = sub.add_parser("privacy", help="privacy ledger tools").add_subparsers(dest="privacy_command", required=True)
     rep = pr.add_parser("report", help="verify a hospital's privacy ledger, print it and the remaining budget")
@@ -245,7 +247,8 @@ def _cmd_from_table(args: argparse.Namespace) -> int:
             question, dataset = args.question, args.dataset or Path(args.csv).stem
         summary = convert_table(table, Path(args.out), question=question, salt=salt_for(args.salt_file, args.out),
                                 dataset=dataset, modality=args.modality,
-                                options=args.options.split("|") if args.options else None, fractions=fractions)
+                                options=args.options.split("|") if args.options else None, fractions=fractions,
+                                values=not args.bands_only)
     except (ValueError, OSError) as exc:
         raise _UsageError(str(exc)) from None
     print(summary.report())

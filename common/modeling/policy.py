@@ -209,7 +209,9 @@ class Policy:
         gen = self.sampling_config(temperature=temperature, max_new_tokens=max_new_tokens)
         self.peft.eval()
         with self.autocast(), _checkpoint_defaults_off(self.peft.get_base_model()):
-            out = self.peft.generate(**inputs, generation_config=gen, logits_processor=processors or None)
+            cache = self._shared_prefill(prompts, num_rollouts) if num_rollouts > 1 else None
+            out = self.peft.generate(**inputs, generation_config=gen, logits_processor=processors or None,
+                                     **({"cache": cache} if cache is not None else {}))
         responses = out[:, prompt_len:].cpu()
         mask = self._response_mask(responses)
         responses = responses.masked_fill(mask == 0, self.pad_id)
@@ -218,6 +220,27 @@ class Policy:
             for p, r, m in zip(rows, responses, mask, strict=True)
         ]
         return Rollouts(list(prompts), index, responses, mask, texts)
+
+    def _shared_prefill(self, prompts: Sequence[EncodedPrompt], num_rollouts: int) -> Any | None:
+        """The key/value cache of each prompt (all but its last token), computed once and
+        repeated for its ``num_rollouts`` rows, so that ``generate`` does not run the same
+        prompt K times. Text models only (a vision model's positions depend on its images);
+        ``None`` means generate prefills as usual."""
+        if self.bundle.multimodal:
+            return None
+        base = self._inputs(list(prompts))
+        ids, attention = base["input_ids"], base["attention_mask"]
+        if ids.shape[1] < 2:
+            return None
+        # The positions generate itself gives a left-padded row (padding at position 1).
+        positions = (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 1)
+        out = self.peft(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+                        use_cache=True)
+        cache = out.past_key_values
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(num_rollouts)
+        return cache
 
     def sampling_config(self, *, temperature: float, max_new_tokens: int) -> GenerationConfig:
         """The generation config of :meth:`generate`: plain sampling at ``temperature``.

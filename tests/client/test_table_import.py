@@ -92,3 +92,17 @@ def test_builtin_breast_cancer_by_command(tmp_path, capsys):
     assert main(["data", "from-table", str(out), "--builtin", "breast-cancer", "--salt-file", str(out / "salt")]) == 2
     assert main(["data", "from-table", str(out), "--csv", "x.csv", "--salt-file", str(tmp_path / "salt")]) == 2
     assert "needs --label-column" in capsys.readouterr().err
+
+
+def test_bands_only_drops_the_values(tmp_path):
+    out = tmp_path / "bc"
+    features = "worst concave points,worst texture"
+    assert main(["data", "from-table", str(out), "--builtin", "breast-cancer", "--salt-file", str(tmp_path / "salt"),
+                 "--features", features, "--bands-only"]) == 0
+    record = load_records(out, "train")[0]
+    lines = [ln for ln in record.prompt.splitlines() if ln.startswith("- ")]
+    assert [ln.split(":")[0] for ln in lines] == ["- worst concave points", "- worst texture"]
+    words = [w for _, w in BANDS]
+    for ln in lines:
+        assert ln.split(": ", 1)[1] in words  # the band only: no number before it
+    assert "band among" in record.prompt and "value" not in record.prompt.split("\n")[0]

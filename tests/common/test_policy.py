@@ -486,3 +486,27 @@ def test_sampling_distribution_is_the_scored_one_whatever_the_checkpoint_config(
     sampled = sampled.gather(2, rollouts.responses.unsqueeze(-1)).squeeze(-1)
     mask = rollouts.mask > 0
     torch.testing.assert_close(logp[mask], sampled[mask], atol=1e-4, rtol=0)
+
+
+def test_text_rollouts_run_each_prompt_once(text):
+    """A text model's K rollouts of a prompt share one prefill: no forward pass over the whole
+    prompt has more rows than there are prompts (the vision model's positions depend on its
+    images, so it keeps generate's own prefill)."""
+    policy = text.policy
+    prompts = text.prompts(True)
+    shapes: list[tuple[int, int]] = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            shapes.append(tuple(ids.shape))
+
+    handle = policy.peft.get_base_model().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        rollouts = policy.generate(prompts, num_rollouts=4, temperature=1.0, max_new_tokens=6, seed=2)
+    finally:
+        handle.remove()
+    assert rollouts.num_rows == 4 * len(prompts)
+    longest = max(s[1] for s in shapes)
+    assert longest >= 8 and all(rows == len(prompts) for rows, length in shapes if length == longest)
+    assert all(length <= 2 for rows, length in shapes if rows == 4 * len(prompts))
