@@ -105,62 +105,75 @@ def _num(x: float) -> str:
     return repr(float(x)) if isinstance(x, float) else str(x)
 
 
+def _lines(rows: list[tuple[str, str]]) -> str:
+    """``key: value`` rows, their comments aligned in one column."""
+    out = []
+    for text, comment in rows:
+        if text.startswith("#") or not comment:
+            out.append(text)
+        else:
+            out.append(f"{text:<40} # {comment}")
+    return "\n".join(out) + "\n"
+
+
 def hospital_yaml(h: HospitalConfig) -> str:
     """hospital.yaml's text for ``h``, every setting with what it does."""
     p, lim = h.privacy, h.limits
-    apps = "".join(f"\n  - {_q(d)}" for d in h.approved_apps) or " []"
-    return f"""\
-# This hospital's own settings (schema: common.config.HospitalConfig), read by
-# `fedclimb hospital start` and by the ClientApp. The coordinator can never override them.
-# Relative paths are relative to this file.
-name: {_q(h.name)}
-coordinator: {_q(h.coordinator)}   # the SuperLink's HOST:PORT
-ca_cert: {_q(h.ca_cert)}           # the coordinator's CA certificate
-node_key: {_q(h.node_key)}         # this hospital's private key (0600); it never leaves this folder
-insecure: {str(h.insecure).lower()}                # true: no TLS and no node authentication (rehearsals only)
-# The app versions (FAB digests) this hospital runs. Any other app is refused before any of
-# its code runs, and the refusal names its digest (docs/app-pinning.md).
-approved_apps:{apps}
-data_root: {_q(h.data_root)}       # CLIMB layout: <modality>/<dataset>/annotation_<split>.jsonl
-state_dir: {_q(h.state_dir)}       # privacy ledger, audit log, reply cache: back it up, never delete it
-device: {_q(h.device)}             # cuda when present, else cpu
-domain_key: {h.domain_key}
-train_split: {_q(h.train_split)}   # the split trained on
-eval_split: {_q(h.eval_split)}     # held-out split for evaluation; must differ from train_split
-max_eval_records: {h.max_eval_records}             # 0 = evaluate on the whole split
-privacy:
-  enabled: {str(p.enabled).lower()}
-  unit: {p.unit}                   # patient: all of a patient's records are one privacy unit
-  target_epsilon: {_num(p.target_epsilon)}
-  delta: {p.delta:.1e}              # well below 1 / number of units
-  planned_rounds: {p.planned_rounds}             # the budget lasts this many rounds in total, whatever the coordinator says
-  planned_evaluations: {p.planned_evaluations}        # evaluations the budget also pays for (0 = planned_rounds + 1)
-  noise_multiplier: {_num(p.noise_multiplier)}       # 0 = calibrate from target_epsilon and planned_rounds
-  max_grad_norm: {_num(p.max_grad_norm)}
-  sample_rate: {_num(p.sample_rate)}            # 0 = rollout.batch_prompts / N (N DP-released)
-  accountant: {p.accountant}
-  stats_release: {p.stats_release}              # per-domain unit counts, released once with DP noise
-  stats_noise_multiplier: {_num(p.stats_noise_multiplier)}
-  eval_release: {p.eval_release}               # held-out metrics: dp (noisy sums, charged), exact (outside DP), none
-  eval_noise_multiplier: {_num(p.eval_noise_multiplier)}
-  domain_temperature: {p.domain_temperature}
-  secure_rng: {str(p.secure_rng).lower()}               # keep true outside simulations
-# What the coordinator may ask per round: the largest value of any federation preset in
-# configs/ (a preset federation is never clamped). A larger request is clamped to the
-# limit, and `fedclimb hospital start` prints each clamp.
-limits:
-  max_local_steps: {lim.max_local_steps}
-  max_rollouts: {lim.max_rollouts}
-  max_batch_prompts: {lim.max_batch_prompts}
-  max_new_tokens: {lim.max_new_tokens}
-  max_lr: {_num(lim.max_lr)}
-  max_ppo_epochs: {lim.max_ppo_epochs}
-  max_temperature: {_num(lim.max_temperature)}
-  max_kl_coef: {_num(lim.max_kl_coef)}
-  max_evaluations_per_round: {lim.max_evaluations_per_round}    # each answered evaluation releases held-out metrics
-  max_evaluations_per_run: {lim.max_evaluations_per_run}    # per Flower run
-  max_evaluations_total: {lim.max_evaluations_total}    # over the life of state_dir
-"""
+    apps = [("approved_apps:", "")] + [(f"  - {_q(d)}", "") for d in h.approved_apps]
+    if not h.approved_apps:
+        apps = [("approved_apps: []", "`fedclimb hospital init` writes the installed app's \"sha256:<hex>\" here")]
+    return _lines([
+        ("# This hospital's own settings (schema: common.config.HospitalConfig), read by", ""),
+        ("# `fedclimb hospital start` and by the ClientApp. The coordinator can never override them.", ""),
+        ("# Relative paths are relative to this file.", ""),
+        (f"name: {_q(h.name)}", "names the key file the coordinator admits (NAME.pub)"),
+        (f"coordinator: {_q(h.coordinator)}", "the SuperLink's HOST:PORT"),
+        (f"ca_cert: {_q(h.ca_cert)}", "the coordinator's CA certificate"),
+        (f"node_key: {_q(h.node_key)}", "this hospital's private key (0600); it never leaves this folder"),
+        (f"insecure: {str(h.insecure).lower()}", "true: no TLS, no node authentication (rehearsals only)"),
+        ("# The app versions (FAB digests) this hospital runs. Any other app is refused before any of", ""),
+        ("# its code runs, and the refusal names its digest (docs/app-pinning.md).", ""),
+        *apps,
+        (f"data_root: {_q(h.data_root)}", "CLIMB layout: <modality>/<dataset>/annotation_<split>.jsonl"),
+        (f"state_dir: {_q(h.state_dir)}", "privacy ledger, audit log, reply cache: back it up, never delete it"),
+        (f"device: {_q(h.device)}", "auto: cuda when present, else cpu"),
+        (f"domain_key: {h.domain_key}", ""),
+        (f"train_split: {_q(h.train_split)}", "the split trained on"),
+        (f"eval_split: {_q(h.eval_split)}", "held-out split for evaluation; must differ from train_split"),
+        (f"max_eval_records: {h.max_eval_records}", "0 = evaluate on the whole split"),
+        ("privacy:", ""),
+        (f"  enabled: {str(p.enabled).lower()}", ""),
+        (f"  unit: {p.unit}", "patient: all of a patient's records are one privacy unit"),
+        (f"  target_epsilon: {_num(p.target_epsilon)}", ""),
+        (f"  delta: {p.delta:.1e}", "well below 1 / number of units"),
+        (f"  planned_rounds: {p.planned_rounds}", "the budget lasts this many rounds, whatever the coordinator says"),
+        (f"  planned_evaluations: {p.planned_evaluations}", "evaluations it also pays for (0 = planned_rounds + 1)"),
+        (f"  noise_multiplier: {_num(p.noise_multiplier)}", "0 = calibrate from target_epsilon and planned_rounds"),
+        (f"  max_grad_norm: {_num(p.max_grad_norm)}", ""),
+        (f"  sample_rate: {_num(p.sample_rate)}", "0 = rollout.batch_prompts / N (N DP-released)"),
+        (f"  accountant: {p.accountant}", ""),
+        (f"  stats_release: {p.stats_release}", "per-domain unit counts, released once with DP noise"),
+        (f"  stats_noise_multiplier: {_num(p.stats_noise_multiplier)}", ""),
+        (f"  eval_release: {p.eval_release}", "held-out metrics: dp (noisy sums, charged), exact, none"),
+        (f"  eval_noise_multiplier: {_num(p.eval_noise_multiplier)}", ""),
+        (f"  domain_temperature: {p.domain_temperature}", ""),
+        (f"  secure_rng: {str(p.secure_rng).lower()}", "keep true outside simulations"),
+        ("# What the coordinator may ask per round: the largest value any federation preset in configs/", ""),
+        ("# uses (a preset federation is never clamped). A larger request is clamped to the limit, and", ""),
+        ("# `fedclimb hospital start` prints each clamp.", ""),
+        ("limits:", ""),
+        (f"  max_local_steps: {lim.max_local_steps}", ""),
+        (f"  max_rollouts: {lim.max_rollouts}", ""),
+        (f"  max_batch_prompts: {lim.max_batch_prompts}", ""),
+        (f"  max_new_tokens: {lim.max_new_tokens}", ""),
+        (f"  max_lr: {_num(lim.max_lr)}", ""),
+        (f"  max_ppo_epochs: {lim.max_ppo_epochs}", ""),
+        (f"  max_temperature: {_num(lim.max_temperature)}", ""),
+        (f"  max_kl_coef: {_num(lim.max_kl_coef)}", ""),
+        (f"  max_evaluations_per_round: {lim.max_evaluations_per_round}", "each answered evaluation releases metrics"),
+        (f"  max_evaluations_per_run: {lim.max_evaluations_per_run}", "per Flower run"),
+        (f"  max_evaluations_total: {lim.max_evaluations_total}", "over the life of state_dir"),
+    ])
 
 
 def _check_inputs(root: Path, name: str, coordinator: str, ca: Path | None, insecure: bool) -> None:
