@@ -236,7 +236,7 @@ class Policy:
         positions = (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 1)
         out = self.peft(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
                         use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             return None
         cache.batch_repeat_interleave(num_rollouts)
