@@ -230,7 +230,7 @@ in_image() {  # in_image [podman run options...] -- fedclimb arguments...
   local opts=()
   while [ "$1" != -- ]; do opts+=("$1"); shift; done
   shift
-  podman run --rm --init --network host "${opts[@]}" "$IMAGE" "$@"
+  podman run --rm --init --network none "${opts[@]}" "$IMAGE" "$@"
 }
 
 step "synthetic data, coordinator and hospital folders in $WORK"
@@ -282,15 +282,21 @@ hospital_cid=$(podman run -d --init --network host --name "fedclimb-ci-hospital-
   || fail "podman run of the hospital container failed"
 
 step "coordinator run: one round of the tiny preset"
-setsid fedclimb coordinator run "$WORK/coordinator" federation.rounds=1 "federation.domains=[$DOMAINS]" train.steps=2 >"$WORK/run.log" 2>&1 &
+setsid fedclimb coordinator run "$WORK/coordinator" federation.rounds=1 "federation.domains=[$DOMAINS]" \
+  train.steps=2 federation.connect_timeout_s=180 >"$WORK/run.log" 2>&1 &
 run_pid=$!
+run_t0=$SECONDS
+while kill -0 "$run_pid" 2>/dev/null; do
+  [ "$(podman inspect -f '{{.State.Running}}' "$hospital_cid" 2>/dev/null)" = true ] || {
+    cat "$WORK/run.log"; fail "the hospital container stopped during the run"; }
+  [ $((SECONDS - run_t0)) -lt 900 ] || { cat "$WORK/run.log"; fail "the round did not complete within 900 s"; }
+  sleep 2
+done
 run_rc=0
 wait "$run_pid" || run_rc=$?
 run_pid=""
 cat "$WORK/run.log"
 [ "$run_rc" = 0 ] || fail "fedclimb coordinator run exited with $run_rc"
-[ "$(podman inspect -f '{{.State.Running}}' "$hospital_cid")" = true ] \
-  || fail "the hospital container stopped during the run"
 
 podman logs "$hospital_cid" >"$WORK/hospital-container.log" 2>&1 || true
 echo "---- the hospital's own account (its lines of the container log)"
