@@ -101,6 +101,11 @@ class CoordinatorDir:
     def registered(self) -> Path:
         return self.root / "registered.json"
 
+    @property
+    def started(self) -> Path:
+        """When the running SuperLink started (written by `coordinator start`)."""
+        return self.logs / "superlink.json"
+
 
 @dataclass
 class CoordinatorSettings:

@@ -22,6 +22,7 @@ spending privacy budget again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -59,11 +60,15 @@ UNREACHABLE_GIVE_UP_S = 30.0
 
 
 class RunError(RuntimeError):
-    """The run did not complete; ``code`` is the command's exit status."""
+    """The run did not complete; ``code`` is the command's exit status.
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    ``resumable``: its ServerApp died (no heartbeat), so submitting it again resumes it.
+    """
+
+    def __init__(self, message: str, code: int = 1, resumable: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.resumable = resumable
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -312,7 +317,8 @@ def _submit(d: CoordinatorDir, control: Control, run: RunFolder, fab: bytes, dig
     except ControlError as exc:
         raise RunError(f"the SuperLink refused the run or did not answer: {exc}. Is `fedclimb coordinator "
                        f"start {d.root}` running?", code=3) from None
-    run.submissions.append({"flwr_run_id": run_id, "fab": digest, "resume": resume, "submitted_at": _now()})
+    run.submissions.append({"flwr_run_id": run_id, "fab": digest, "resume": resume, "submitted_at": _now(),
+                            "submitted": time.time()})
     run.save()
     return run_id
 
@@ -336,7 +342,6 @@ def run_command(root: Path, *, config: str | None = None, overrides: Sequence[st
             f"with, but these values differ now: {', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}. "
             f"Restore them to resume, or move {run.path} elsewhere to start a new run.", code=2)
 
-    # Still running on the SuperLink (this command was stopped or lost): follow it.
     if run.last_run_id is not None:
         try:
             state = control.run_state(run.last_run_id)
@@ -344,8 +349,19 @@ def run_command(root: Path, *, config: str | None = None, overrides: Sequence[st
             raise RunError(f"the SuperLink does not answer ({exc}); is `fedclimb coordinator start {root}` "
                            "running?", code=3) from None
         if state is not None and not state.finished:
-            say(f"{run.name}: Flower run {run.last_run_id} is still {state.text}; following it")
-            return _finish(d, run, Follower(run, control, run.last_run_id, cfg, names, say), say)
+            if _outlived(d, run):
+                # Its ServerApp stopped with the previous SuperLink; the database has not noticed yet.
+                say(f"{run.name}: Flower run {run.last_run_id} was interrupted by a restart of the SuperLink")
+                with contextlib.suppress(ControlError):
+                    control.stop_run(run.last_run_id)
+            else:  # this command was stopped or lost, the run was not: follow it
+                say(f"{run.name}: Flower run {run.last_run_id} is still {state.text}; following it")
+                try:
+                    return _finish(d, run, Follower(run, control, run.last_run_id, cfg, names, say), say)
+                except RunError as exc:
+                    if not exc.resumable:
+                        raise
+                    say(f"{exc}; resuming it now")
         if run.last_round() == cfg.federation.rounds and run.config == comparable:
             run.complete = True
             run.save()
@@ -411,7 +427,17 @@ def _finish(d: CoordinatorDir, run: RunFolder, follower: Follower, say: Callable
         for line in tail:
             say("  " + line)
     raise RunError(f"Flower run {follower.run_id} ended {state.text}{reason}; {run.name} stopped {where}. "
-                   f"Fix the cause and run this command again to resume {where}.")
+                   f"Fix the cause and run this command again to resume {where}.",
+                   resumable=state.sub_status == "failed" and "heartbeat" in state.details.lower())
+
+
+def _outlived(d: CoordinatorDir, run: RunFolder) -> bool:
+    """True when the SuperLink now running started after ``run``'s last submission."""
+    try:
+        started = float(json.loads(d.started.read_text(encoding="utf-8"))["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return float(run.submissions[-1].get("submitted", float("inf"))) < started
 
 
 def _server_log_tail(run_dir: Path, lines: int = 15) -> list[str]:

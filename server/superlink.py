@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import json
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from common.files import write_text_atomic
 from server.coordinator import CONNECTION, CoordinatorDir, CoordinatorSettings, insecure_warning, write_flwr_config
 from server.flwr_control import Control
 from server.registration import Registrar, try_sync
@@ -157,6 +159,15 @@ def _stop_leftovers(seen: dict[int, str | None], grace: float = 10.0) -> None:
             return
 
 
+def write_started(d: CoordinatorDir, pid: int) -> None:
+    """``DIR/logs/superlink.json``: when the running SuperLink started.
+
+    A run submitted before that cannot still have its ServerApp (it ran under the
+    previous SuperLink, stopped with it): `coordinator run` resumes it instead of waiting.
+    """
+    write_text_atomic(d.started, json.dumps({"pid": pid, "started": time.time()}) + "\n")
+
+
 def _wait_ready(proc: subprocess.Popen, control: Control, s: CoordinatorSettings) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -208,6 +219,7 @@ def serve(d: CoordinatorDir, s: CoordinatorSettings, *, insecure: bool, say: Cal
                     pump = threading.Thread(target=_pump, args=(proc.stdout, logf, say, names), daemon=True)
                     pump.start()
                     _wait_ready(proc, control, s)
+                    write_started(d, proc.pid)
                     admitted = try_sync(registrar) or {}
                     names.update({v: k for k, v in admitted.items()})
                     say(f"SuperLink ready; admitted hospitals: {', '.join(sorted(admitted)) or 'none yet'} "

@@ -43,6 +43,7 @@ class FakeSuperLink:
         self.rounds = 0
         self.start_round = 0
         self.down = False
+        self.frozen = False
 
     # the Control API the command uses
     def start_run(self, fab: bytes, run_config: dict[str, Any]) -> int:
@@ -55,6 +56,7 @@ class FakeSuperLink:
         run_id = 500 + len(self.submitted)
         self.runs[run_id] = ["running"]
         self.polls = 0
+        self.frozen = False
         return run_id
 
     def run_state(self, run_id: int) -> RunState | None:
@@ -65,6 +67,8 @@ class FakeSuperLink:
         if self.runs[run_id][-1] != "running":
             status, sub = self.runs[run_id][-1].split(":")
             return RunState(run_id, status, sub, self.details)
+        if self.frozen:  # its ServerApp is gone, the database still says running
+            return RunState(run_id, "running", "", "")
         rnd = self.start_round + self.polls
         self.polls += 1
         if rnd <= self.rounds:
@@ -78,6 +82,9 @@ class FakeSuperLink:
             return RunState(run_id, "running", "", "")
         self.runs[run_id].append(f"finished:{self.final}")
         return RunState(run_id, "finished", self.final, self.details)
+
+    def stop_run(self, run_id: int) -> None:
+        self.runs[run_id].append("finished:stopped")
 
     def list_nodes(self) -> list[NodeRecord]:
         return [NodeRecord(i, "online", b"", n) for n, i in NAMES.items()]
@@ -245,6 +252,35 @@ def test_a_run_still_going_is_followed_not_submitted_again(coord: CoordinatorDir
     assert cli_main(["coordinator", "run", str(coord.root), "federation.rounds=2"]) == 0
     assert "Flower run 501 is still running; following it" in capsys.readouterr().out
     assert len(link.submitted) == 1
+
+
+def test_a_run_interrupted_by_a_superlink_restart_is_resumed_at_once(
+        coord: CoordinatorDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The restarted SuperLink still lists the run as running; its ServerApp died with the old one."""
+    import time
+
+    link = FakeSuperLink(coord)
+    _use(monkeypatch, link)
+    real_state = link.run_state
+    calls = {"n": 0}
+
+    def crash_after_round_1(run_id: int) -> RunState | None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the command went down with the SuperLink
+        return real_state(run_id)
+
+    monkeypatch.setattr(link, "run_state", crash_after_round_1)
+    assert cli_main(["coordinator", "run", str(coord.root), "federation.rounds=2"]) == 130
+    monkeypatch.setattr(link, "run_state", real_state)
+    link.frozen = True
+    coord.started.write_text(json.dumps({"pid": 1, "started": time.time() + 1}))  # `coordinator start` again
+
+    assert cli_main(["coordinator", "run", str(coord.root), "federation.rounds=2"]) == 0
+    out = capsys.readouterr().out
+    assert "Flower run 501 was interrupted by a restart of the SuperLink" in out
+    assert "run-001: resuming after round 1 of 2" in out
+    assert link.runs[501][-1] == "finished:stopped" and link.submitted[1][1] == link.submitted[0][1]
 
 
 def test_a_failed_run_exits_1_with_the_reason_and_the_server_log(coord: CoordinatorDir,
