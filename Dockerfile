@@ -27,7 +27,9 @@
 # Build arguments:
 #   BASE_IMAGE       Debian bookworm image to start from (default: localhost/debian-base:bookworm)
 #   EXTRA_CA_CERTS   PEM text of extra CA certificates to trust (TLS-intercepting proxies); they
-#                    are added to the system trust store for the build and for the running image
+#                    are added to the system trust store, which pip, requests and Python's ssl
+#                    use in the build and in the running image (PIP_CERT, REQUESTS_CA_BUNDLE,
+#                    SSL_CERT_FILE). The federation's own TLS uses only the coordinator's ca.crt.
 #   PIP_OPTIONS      extra pip options for every install (e.g. a local index or --find-links)
 #   TORCH_VERSION    the torch release (CPU build) installed before fedclimb (default 2.13.0)
 #   TORCH_INDEX_URL  where the CPU build of torch comes from (empty: only PIP_OPTIONS' sources)
@@ -54,6 +56,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     VIRTUAL_ENV=/usr/local/fedclimb \
     PATH=/usr/local/fedclimb/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
