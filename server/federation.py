@@ -124,7 +124,7 @@ def run_federation(
     base_name = base_for_adapters(cfg, run_dir)
     fed = cfg.federation
     nodes = wait_for_nodes(grid, fed.min_hospitals, fed.connect_timeout_s)
-    log.info("connected: %s", ", ".join(strategy.label(n) for n in nodes) or "none")
+    log.info("connected: %s", ", ".join(sorted(strategy.label(n) for n in nodes)) or "none")
 
     def finish(rlog: RoundLog) -> None:
         entry = asdict(rlog)
