@@ -258,10 +258,11 @@ def load_settings(root: Path) -> tuple[CoordinatorDir, CoordinatorSettings]:
         if missing:
             raise CoordinatorError(f"{', '.join(map(str, missing))} missing: run `fedclimb coordinator init "
                                    f"{root} --address {s.address} --force` to make new keys")
-        try:
-            load_ca(d.ca_cert, d.ca_key) if d.ca_key.is_file() else None
-        except ValueError as exc:
-            raise CoordinatorError(str(exc)) from None
+        if d.ca_key.is_file():  # the CA key may live offline; the SuperLink needs only its certificate
+            try:
+                load_ca(d.ca_cert, d.ca_key)
+            except ValueError as exc:
+                raise CoordinatorError(str(exc)) from None
     return d, s
 
 
