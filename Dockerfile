@@ -61,8 +61,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/usr/local/fedclimb \
     PATH=/usr/local/fedclimb/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-# Python 3.11 (bookworm's python3) and the CA store.
+# Python 3.11 (bookworm's python3) and the CA store; security fixes the base may lack.
 RUN apt-get update \
+ && apt-get upgrade -y \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 

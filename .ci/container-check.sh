@@ -265,6 +265,11 @@ in_image -v "$WORK/hospital:/hospital" -v "$WORK/incoming:/incoming:ro" -v "$DAT
 [ "$(stat -c %u:%a "$WORK/hospital/node_key")" = "$HOSPITAL_UID:600" ] \
   || fail "node_key should be owned by uid $HOSPITAL_UID with mode 600, is $(stat -c %u:%a "$WORK/hospital/node_key")"
 cp "$WORK/hospital/$NAME.pub" "$WORK/coordinator/hospitals/$NAME.pub"
+# The hospital approves the app of the image's fedclimb; the coordinator ships the checkout's.
+image_app=$(sed -n 's/.*approved app: \(sha256:[0-9a-f]*\).*/\1/p' "$WORK/hospital-init.log")
+host_app=$("$VENV/bin/python" -c 'from common.fab import installed_app_digest; print(installed_app_digest())')
+[ -n "$image_app" ] && [ "$image_app" = "$host_app" ] \
+  || fail "the image's app ($image_app) is not this checkout's ($host_app): files changed during the build? run it again"
 
 step "coordinator start on 127.0.0.1:$PORT (TLS, node authentication)"
 setsid fedclimb coordinator start "$WORK/coordinator" >"$WORK/coordinator.log" 2>&1 &
@@ -317,3 +322,4 @@ step "the privacy ledger outlives the container (read from the volume by a new o
 in_image -v "$STATE_VOLUME:/state:ro" -- privacy report --state /state >"$WORK/ledger.txt" 2>&1 \
   || { cat "$WORK/ledger.txt" >&2; fail "fedclimb privacy report on the state volume failed in a new container"; }
 cat "$WORK/ledger.txt"
+grep -q dpsgd "$WORK/ledger.txt" || fail "the ledger read back from the state volume has no dpsgd (training) entry"
