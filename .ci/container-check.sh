@@ -184,7 +184,7 @@ if [ "${1:-}" = --build-only ]; then step "built (--build-only)"; exit 0; fi
 # ----------------------------------------------------------------------------------------------
 # The real check: a SuperLink on this host, a hospital container joining it over TLS
 # ----------------------------------------------------------------------------------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/fedclimb-container-check.XXXXXX")
+WORK=$(mktemp -d -t fedclimb-container-check.XXXXXX)
 NAME="ci-$$"
 STATE_VOLUME="fedclimb-ci-state-$$"
 coordinator_pid=""
