@@ -164,7 +164,7 @@ def _settings_text(s: CoordinatorSettings) -> str:
 
 FEDERATION_TEMPLATE = """\
 # The federation's run configuration, read by `fedclimb coordinator run DIR`.
-# Any key of the fedclimb configuration can be set here (docs/configuration.md);
+# Any key of the fedclimb configuration can be set here (docs/config.md);
 # `key=value` words on the command line win over this file.
 defaults:
   - model: tiny          # presets under configs/model: tiny, smollm2-135m, qwen2_5_vl_7b
