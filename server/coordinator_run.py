@@ -12,7 +12,9 @@ What it does:
    to the SuperLink (``DIR/flwr`` connection). The run configuration travels whole as
    ``key=value`` words, so the ServerApp and every hospital resolve the same values.
 4. Prints one line per round from the run's ``events.jsonl`` and exits 0 when the run has
-   finished every round, non-zero with the reason otherwise.
+   finished every round and every round aggregated an update; non-zero with the reason
+   otherwise (a round in which too few hospitals replied, or their replies were refused,
+   fails the run with each hospital's reason, like ``fedclimb simulate``).
 
 The instruction of a redone round is the same as the first time (same adapter and
 domain statistics from the checkpoint, same configuration values; nothing run-specific
@@ -41,7 +43,7 @@ from common.config import ConfigError, FedClimbConfig, load_config
 from common.files import write_text_atomic
 from server.coordinator import CONNECTION, CoordinatorDir, CoordinatorError, load_settings
 from server.flwr_control import Control, ControlError, RunState
-from server.progress import RoundPrinter
+from server.progress import RoundPrinter, not_aggregated
 from server.registration import read_registered
 
 __all__ = ["run_command", "RunError", "config_words", "resolve_config", "RunFolder", "choose_run_folder",
@@ -367,6 +369,7 @@ def run_command(root: Path, *, config: str | None = None, overrides: Sequence[st
             run.save()
             say(f"{run.name} had already finished all {cfg.federation.rounds} rounds; its checkpoints are in "
                 f"{run.path}")
+            _fail_unaggregated(run, cfg)
             return 0
 
     if run.words and run.config == comparable:
@@ -416,6 +419,7 @@ def _finish(d: CoordinatorDir, run: RunFolder, follower: Follower, say: Callable
         run.save()
         say(f"{run.name} complete: {rounds} round(s) in {time.monotonic() - t0:.0f} s; checkpoints in {run.path} "
             f"(latest -> round-{rounds:04d})")
+        _fail_unaggregated(run, follower.cfg)
         return 0
     where = f"after round {last}" if last is not None else "before its first checkpoint"
     reason = f" ({state.details})" if state.details else ""
@@ -429,6 +433,39 @@ def _finish(d: CoordinatorDir, run: RunFolder, follower: Follower, say: Callable
     raise RunError(f"Flower run {follower.run_id} ended {state.text}{reason}; {run.name} stopped {where}. "
                    f"Fix the cause and run this command again to resume {where}.",
                    resumable=state.sub_status == "failed" and "heartbeat" in state.details.lower())
+
+
+def _round_events(run: RunFolder) -> dict[int, dict[str, Any]]:
+    """The last event of each round in the run's event file."""
+    events: dict[int, dict[str, Any]] = {}
+    path = run.path / EVENTS_FILE
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                events[int(event.get("server_round", -1))] = event
+    return events
+
+
+def _fail_unaggregated(run: RunFolder, cfg: FedClimbConfig) -> None:
+    """RunError (exit 1) when a round of the finished run aggregated no update.
+
+    Such a round left the global adapter unchanged: too few hospitals replied, or their
+    replies were refused (an app they have not approved, an exhausted budget, ...). The
+    run is finished either way (the next command starts a new one); the command must not
+    report success.
+    """
+    events = _round_events(run)
+    reasons = [why for rnd, event in sorted(events.items())
+               if (why := not_aggregated(event, cfg.federation.min_replies))]
+    if not reasons:
+        return
+    n = len(reasons)
+    raise RunError(
+        f"{run.name} ran all {cfg.federation.rounds} round(s), but {n} of them aggregated no update "
+        f"(the global adapter did not change in {'it' if n == 1 else 'them'}): " + " | ".join(reasons)
+        + f". Fix the cause (the hospitals' own logs say more) and run this command again: it starts a new run; "
+        f"{run.path} is kept.")
 
 
 def _outlived(d: CoordinatorDir, run: RunFolder) -> bool:

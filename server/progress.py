@@ -15,7 +15,7 @@ from typing import Any
 from common import keys
 from simulation.report import overall
 
-__all__ = ["RoundPrinter", "format_round"]
+__all__ = ["RoundPrinter", "format_round", "not_aggregated"]
 
 
 def _short(reason: str, limit: int = 90) -> str:
@@ -55,6 +55,30 @@ def format_round(event: dict[str, Any], rounds: int) -> str:
     parts.append(f"sent {event.get('bytes_sent', 0) / 1e6:.2f} MB recv {event.get('bytes_received', 0) / 1e6:.2f} MB")
     parts.append(f"{event.get('seconds', 0.0):.0f} s")
     return " | ".join(parts)
+
+
+def not_aggregated(event: dict[str, Any], min_replies: int) -> str | None:
+    """Why a training round's updates did not reach the global adapter; None when they did.
+
+    ``round 1: no update aggregated (fewer than federation.min_replies=1 accepted); alpha: the
+    hospital reported an error: the hospital has not approved app sha256:...; beta: no reply
+    within federation.round_timeout_s``
+    """
+    rnd = int(event.get("server_round", -1))
+    train = event.get("train") or {}
+    if rnd <= 0 or train.get("aggregated", False):
+        return None
+    notes = [f"{n}: {r}" for n, r in sorted((train.get("rejected") or {}).items())]
+    notes += [f"{n}: no reply within federation.round_timeout_s" for n in train.get("missing") or []]
+    notes += [f"{n}: privacy budget exhausted" for n in train.get("budget_exhausted") or []]
+    notes += [f"{n}: no usable data" for n in train.get("no_data") or []]
+    if train.get("error"):
+        notes.append(f"aggregation failed: {train['error']}")
+    if not train.get("nodes") and not train.get("missing"):
+        notes.append("no hospital was asked (none connected)")
+    head = f"round {rnd}: no update aggregated" + (
+        "" if train.get("error") else f" (fewer than federation.min_replies={min_replies} accepted)")
+    return head + ("; " + "; ".join(notes) if notes else "")
 
 
 @dataclass

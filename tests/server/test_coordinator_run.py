@@ -44,6 +44,7 @@ class FakeSuperLink:
         self.start_round = 0
         self.down = False
         self.frozen = False
+        self.train: dict[int, dict[str, Any]] = {}  # round -> its train report's changes
 
     # the Control API the command uses
     def start_run(self, fab: bytes, run_config: dict[str, Any]) -> int:
@@ -75,7 +76,7 @@ class FakeSuperLink:
             assert self.run_dir is not None
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "events.jsonl", "a") as f:
-                f.write(json.dumps(_event(rnd)) + "\n")
+                f.write(json.dumps(_event(rnd, **self.train.get(rnd, {}))) + "\n")
             (self.run_dir / f"round-{rnd:04d}").mkdir(exist_ok=True)
             (self.run_dir / "latest.tmp").symlink_to(f"round-{rnd:04d}")
             (self.run_dir / "latest.tmp").replace(self.run_dir / "latest")
@@ -305,6 +306,60 @@ def test_a_failed_run_exits_1_with_the_reason_and_the_server_log(coord: Coordina
     assert "ended finished:failed (ServerApp failed with exception: boom)" in captured.err
     assert "run this command again to resume after round 0" in captured.err
     assert "  ERROR boom" in captured.out
+
+
+UNAPPROVED = "the hospital reported an error: the hospital has not approved app sha256:" + "ab" * 32
+
+
+def test_a_round_that_aggregated_nothing_fails_the_run_naming_each_hospital(
+        coord: CoordinatorDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every round ran, but in round 1 no hospital's update arrived: exit 1, not 0."""
+    link = FakeSuperLink(coord)
+    _use(monkeypatch, link)
+    link.train[1] = {"nodes": {"alpha": {}}, "aggregated": False, "rejected": {"alpha": UNAPPROVED},
+                     "missing": ["beta"]}
+
+    assert cli_main(["coordinator", "run", str(coord.root), "federation.rounds=2"]) == 1
+
+    captured = capsys.readouterr()
+    assert "round 1/2 | hospitals 0/2" in captured.out and "not aggregated" in captured.out
+    err = captured.err
+    assert "run-001 ran all 2 round(s), but 1 of them aggregated no update" in err
+    assert "round 1: no update aggregated (fewer than federation.min_replies=1 accepted)" in err
+    assert f"alpha: {UNAPPROVED}" in err and "beta: no reply within federation.round_timeout_s" in err
+    assert "round 2:" not in err  # round 2 aggregated
+    # the run is over (its checkpoints kept); the next command starts a new one
+    assert json.loads((coord.runs / "run-001" / "coordinator.json").read_text())["complete"] is True
+    link.train.clear()
+    assert cli_main(["coordinator", "run", str(coord.root), "federation.rounds=2"]) == 0
+    assert _words(link)["server.run_dir"] == "runs/run-002"
+
+
+def test_a_run_found_finished_with_a_skipped_round_fails_too(
+        coord: CoordinatorDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command was away while the run ended; coming back must not turn the failure into 0."""
+    link = FakeSuperLink(coord)
+    _use(monkeypatch, link)
+    link.train[2] = {"nodes": {}, "aggregated": False, "rejected": {}, "missing": []}
+    real_state = link.run_state
+    calls = {"n": 0}
+
+    def interrupt_once(run_id: int) -> RunState | None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_state(run_id)
+
+    monkeypatch.setattr(link, "run_state", interrupt_once)
+    assert cli_main(["coordinator", "run", str(coord.root), "federation.rounds=2"]) == 130
+    monkeypatch.setattr(link, "run_state", real_state)
+    while real_state(501).status != "finished":  # the run goes on without the command
+        pass
+    capsys.readouterr()
+
+    assert cli_main(["coordinator", "run", str(coord.root), "federation.rounds=2"]) == 1
+    err = capsys.readouterr().err
+    assert "round 2: no update aggregated" in err and "no hospital was asked (none connected)" in err
 
 
 def test_progress_names_left_out_hospitals_with_the_reason() -> None:
