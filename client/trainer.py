@@ -420,12 +420,13 @@ class LocalTrainer:
         self.policy.peft.eval()
         with torch.no_grad():
             for chunk in _chunks(rows, cfg.train.micro_batch * cfg.rollout.num_rollouts):
+                unique, inverse = unique_rows(rollouts, chunk)  # identical rows scored once
                 if need_old:
-                    old.append(self.policy.token_logprobs(rollouts, chunk, temperature=cfg.rollout.temperature).cpu())
+                    old.append(self.policy.token_logprobs(rollouts, unique, temperature=cfg.rollout.temperature)
+                               .cpu()[inverse])
                 if need_ref:
-                    ref.append(
-                        self.policy.token_logprobs(rollouts, chunk, temperature=cfg.rollout.temperature, adapter=False).cpu()
-                    )
+                    ref.append(self.policy.token_logprobs(rollouts, unique, temperature=cfg.rollout.temperature,
+                                                          adapter=False).cpu()[inverse])
         return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)
 
     def _update(

@@ -95,3 +95,30 @@ def test_merged_update_equals_update_over_every_row(tmp_path: Path, monkeypatch:
     assert sum(float(g.abs().sum()) for g in full) > 0
     for a, b in zip(merged, full, strict=True):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
+
+
+def test_reference_logprobs_of_merged_rows_equal_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DRPO's damping and the KL penalty score the rollouts before the update with the policy and
+    the reference: identical rows are scored once there too, with the same values."""
+    torch.set_num_threads(1)
+    _records(tmp_path / "data")
+    cfg = load_config(overrides=[
+        "privacy=off", "prompt.constrained=true", "lora.init_b_std=0.1", "train.kl_coef=0.1",
+        "rollout.num_rollouts=8", "rollout.batch_prompts=4", "rollout.temperature=1.0",
+        "model.device=cpu", "model.precision=fp32", f"model.cache_dir={tmp_path / 'cache'}",
+    ])
+    trainer = LocalTrainer(Policy(load_base_model(cfg.model), cfg.lora), cfg)
+    records = trainer.usable(load_records(tmp_path / "data", "train"))
+    trainer.policy.set_reference(trainer._start_adapter())
+    rollouts = trainer.policy.generate([trainer.encode(r) for r in records], num_rollouts=8, temperature=1.0,
+                                       max_new_tokens=8, seed=5)
+    assert len(unique_rows(rollouts, list(range(rollouts.num_rows)))[0]) < rollouts.num_rows
+    merged = trainer._reference_logprobs(rollouts, dp=False)
+    monkeypatch.setattr(trainer_module, "unique_rows", lambda ro, rows: (list(rows), torch.arange(len(rows))))
+    full = trainer._reference_logprobs(rollouts, dp=False)
+    assert merged[1] is not None  # the reference's log-probs (the KL penalty needs them)
+    for a, b in zip(merged, full, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape == rollouts.mask.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
