@@ -10,6 +10,7 @@ process's stdout and to a log file.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
@@ -75,6 +76,8 @@ class Child:
             text=True, bufsize=1, errors="replace", start_new_session=True, preexec_fn=_die_with_parent(),
         )
         self._out, self._log, self._lock = out, log, lock
+        # The last lines it printed (why it exited, read by :meth:`recent_output`).
+        self._recent: collections.deque[str] = collections.deque(maxlen=200)
         self._thread = threading.Thread(target=self._forward, name=f"forward-{name}", daemon=True)
         self._thread.start()
 
@@ -86,6 +89,7 @@ class Child:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = _ANSI.sub("", raw.rstrip("\n"))
+            self._recent.append(line)
             if not line.strip() or _EMPTY.fullmatch(line.strip()):
                 continue
             text = f"[{self.name}] {line}\n"
@@ -98,6 +102,12 @@ class Child:
 
     def poll(self) -> int | None:
         return self.proc.poll()
+
+    def recent_output(self, wait: float = 2.0) -> str:
+        """Its last lines of output; once it has exited, waits up to ``wait`` s for the rest."""
+        if self.proc.poll() is not None:
+            self._thread.join(timeout=wait)
+        return "\n".join(self._recent)
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM the child's process group, SIGKILL it after ``grace`` s; its exit status."""

@@ -13,6 +13,15 @@ Then two process groups run until SIGINT/SIGTERM (or until one of them exits):
   private folder first on its PATH, which is client/app_gate.py: an app (FAB) whose
   digest hospital.yaml does not approve is refused before any of its code runs.
 
+When the coordinator refuses to activate the SuperNode (Flower error 2004: the key is not
+admitted, or the coordinator still counts this hospital online because it was restarted
+within about a minute of a crash) both are started again with a growing pause, one line
+each time, for up to two minutes; then the command gives up (status 1) naming the public
+key to send. While the SuperNode runs, ``<state_dir>/logs/supernode.json`` records it
+alive (client/supernode_presence.py); after a crash the next start first waits until the
+coordinator can have noticed the old SuperNode gone (at most 75 s), so that it neither is
+refused nor leaves a round waiting for the reply the crashed SuperNode took.
+
 A fresh secret shared by the two (``--superexec-auth-secret-file``) keeps any other local
 executor from taking this SuperNode's tasks. Both run with the Python environment's
 ``bin/`` on PATH, Flower's telemetry off and Flower's home in the state folder. Their
@@ -26,16 +35,19 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from client.children import Child, StopRequested, stop_requests_raise
 from client.hospital_checks import check_data, check_identity, check_ledger, load_checked
 from client.hospital_setup import HOSPITAL_FILE
+from client.supernode_presence import ALIVE_EVERY_S, OFFLINE_AFTER_S, Presence
 from common.config import HospitalConfig
 from common.fab import installed_app_digest
 
@@ -43,11 +55,17 @@ __all__ = ["INSECURE_WARNING", "start_hospital", "supernode_argv"]
 
 INSECURE_WARNING = ("WARNING: insecure mode: no TLS and no node authentication. Anyone on the network can read "
                     "this hospital's replies and pose as the coordinator. Use it for rehearsals only.")
-#: Known SuperNode exit statuses and what the hospital can do about them.
-_EXIT_HINTS = {
-    305: "the coordinator refused this hospital's key: send {pub} to the coordinator (it goes into its "
-         "hospitals/ folder), then start again",
-}
+#: The SuperNode's output when the SuperLink refused to activate it (Flower error 2004).
+#: Flower exits with status 1 for it, so it is recognised by what it printed.
+_ACTIVATION_REFUSED = ("[code: 2004]", "Failed to activate SuperNode")
+#: The SuperNode's output when it could not set up its connection for another reason.
+_CONNECTION_FAILED = ("Exit Code: 305", "Failed to initialize the connection to the SuperLink")
+#: For how long refused activations are tried again. Flower keeps a node that stopped
+#: without saying so (kill -9, power loss) online for up to 2 heartbeat intervals (60 s)
+#: after its last heartbeat, and refuses to activate it again until then.
+ACTIVATION_RETRY_S = 120.0
+#: Seconds between tries (the last repeats).
+ACTIVATION_BACKOFF_S = (5.0, 10.0, 15.0, 20.0)
 
 
 def _free_port() -> int:
@@ -158,38 +176,116 @@ def start_hospital(root: Path, *, insecure: bool = False, grace: float = 10.0) -
         env = _environment(h, runtime)
         if shutil.which("flwr-clientapp", path=env["PATH"]) != str(gate):
             raise RuntimeError(f"the app gate {gate} is not the flwr-clientapp found on PATH; not starting")
-        port = _free_port()
         lock = threading.Lock()
         with open(state / "logs" / "hospital.log", "a", encoding="utf-8") as log, stop_requests_raise():
             mode = "INSECURE" if insecure else "TLS + node key"
-            _say(f"starting SuperNode for {h.name} -> {h.coordinator} ({mode}); runtime port 127.0.0.1:{port}")
-            children.append(Child("supernode", supernode_argv(h, config, port, secret, insecure=insecure), env,
-                                  out=sys.stdout, log=log, lock=lock))
-            children.append(Child("clientapp", ["flower-superexec", "--insecure", "--runtime-api-address",
-                                                f"127.0.0.1:{port}", "--superexec-auth-secret-file", str(secret),
-                                                "--parent-pid", str(os.getpid())], env,
-                                  out=sys.stdout, log=log, lock=lock))
-            _say(f"running (SuperNode pid {children[0].pid}, executor pid {children[1].pid}); Ctrl-C stops it")
+
+            def launch() -> None:
+                """The SuperNode and its executor, on a free runtime port."""
+                port = _free_port()
+                _say(f"starting SuperNode for {h.name} -> {h.coordinator} ({mode}); runtime port 127.0.0.1:{port}")
+                children.append(Child("supernode", supernode_argv(h, config, port, secret, insecure=insecure), env,
+                                      out=sys.stdout, log=log, lock=lock))
+                children.append(Child("clientapp", ["flower-superexec", "--insecure", "--runtime-api-address",
+                                                    f"127.0.0.1:{port}", "--superexec-auth-secret-file", str(secret),
+                                                    "--parent-pid", str(os.getpid())], env,
+                                      out=sys.stdout, log=log, lock=lock))
+                _say(f"running (SuperNode pid {children[0].pid}, executor pid {children[1].pid}); Ctrl-C stops it")
+
+            def stop_all() -> dict[str, int | None]:
+                codes = {}
+                while children:  # the last started first; removed once stopped
+                    codes[children[-1].name] = children[-1].stop(grace)
+                    children.pop()
+                return codes
+
+            presence = Presence.in_state(state, h.coordinator)
             try:
-                return _wait(children, root / f"{h.name}.pub")
+                _wait_for_the_last_one(h, presence)
+                return _run(launch, stop_all, children, root / f"{h.name}.pub", presence)
             except (KeyboardInterrupt, StopRequested) as exc:
                 _say(f"stopping ({exc or 'SIGINT'})")
+                if stop_all().get("supernode", -signal.SIGKILL) != -signal.SIGKILL:
+                    presence.restore(None)  # it signed off: a restart need not wait
                 return 0
             finally:
-                for child in reversed(children):
-                    child.stop(grace)
+                stop_all()
                 _say("stopped every process it started")
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-def _wait(children: list[Child], public_key: Path) -> int:
-    """Until a child exits: report it and return a non-zero status."""
+def _wait_for_the_last_one(h: HospitalConfig, presence: Presence) -> None:
+    """Wait while the coordinator may still count this hospital's crashed SuperNode online."""
+    pause = presence.wait_s()
+    if pause > 0:
+        last = time.strftime("%H:%M:%S", time.localtime(presence.last_alive() or time.time()))
+        _say(f"the last SuperNode of {h.name} stopped without signing off (a crash?) after {last}; the coordinator "
+             f"counts it online for up to {OFFLINE_AFTER_S:.0f} s and would refuse it: waiting {pause:.0f} s before "
+             "connecting")
+        time.sleep(pause)
+
+
+def _wait(children: list[Child], presence: Presence) -> tuple[Child, int]:
+    """Until a child exits: that child and its exit status. Records the SuperNode alive meanwhile."""
+    marked = -ALIVE_EVERY_S
     while True:
+        if time.monotonic() - marked >= ALIVE_EVERY_S:  # first of all: it may have got online already
+            presence.mark()
+            marked = time.monotonic()
         for child in children:
             code = child.poll()
             if code is not None:
-                hint = _EXIT_HINTS.get(code, "see the lines above").format(pub=public_key)
-                _say(f"{child.name} exited with status {code}: {hint}")
-                return 1
+                return child, code
         time.sleep(0.5)
+
+
+def _run(launch: Callable[[], None], stop_all: Callable[[], dict[str, int | None]], children: list[Child],
+         public_key: Path, presence: Presence) -> int:
+    """Run the processes until one exits; try again while the coordinator refuses to activate this hospital.
+
+    A refused activation (Flower error 2004) means either that the coordinator has not
+    admitted this key, or that it still counts this hospital online after a crash; the
+    two look the same from here, so the SuperNode is started again with a growing pause
+    for up to :data:`ACTIVATION_RETRY_S`. Anything else that exits ends the command
+    (status 1) with what the hospital can do.
+    """
+    refused_since: float | None = None
+    tries = 0
+    while True:
+        before = presence.last_alive()
+        launch()
+        started = time.monotonic()
+        child, code = _wait(children, presence)
+        output = child.recent_output() if child.name == "supernode" else ""
+        stop_all()
+        now = time.monotonic()
+        if any(marker in output for marker in _CONNECTION_FAILED):
+            presence.restore(before)  # it never got online
+        if not any(marker in output for marker in _ACTIVATION_REFUSED):
+            _say(f"{child.name} exited with status {code}: {_exit_hint(output, public_key)}")
+            return 1
+        if refused_since is None or now - started > ACTIVATION_RETRY_S:
+            refused_since, tries = started, 0
+        waited = now - refused_since
+        if waited >= ACTIVATION_RETRY_S:
+            _say(f"giving up after {waited:.0f} s: the coordinator still refuses to activate this hospital "
+                 f"(Flower error 2004), so it has not admitted this key: send {public_key} to the coordinator "
+                 "(it goes into its hospitals/ folder), then start again")
+            return 1
+        pause = min(ACTIVATION_BACKOFF_S[min(tries, len(ACTIVATION_BACKOFF_S) - 1)], ACTIVATION_RETRY_S - waited)
+        tries += 1
+        _say(f"the coordinator refused to activate this hospital (Flower error 2004): it may still see this hospital "
+             f"as online after a restart (for up to 60 s after a crash), or it has not admitted this key: send "
+             f"{public_key} to the coordinator. Trying again in {pause:g} s (giving up {ACTIVATION_RETRY_S:.0f} s "
+             "after the first refusal)")
+        time.sleep(pause)
+
+
+def _exit_hint(output: str, public_key: Path) -> str:
+    """What to do after the SuperNode or the executor exited, from what it printed."""
+    if any(marker in output for marker in _CONNECTION_FAILED):
+        return ("it could not connect to the coordinator: check `coordinator` and `ca_cert` in hospital.yaml (the "
+                "address and CA certificate the coordinator gave), that the coordinator is running and that this "
+                f"machine can reach it; if it says the key is unknown, send {public_key} to the coordinator")
+    return "see the lines above"

@@ -89,7 +89,7 @@ def test_supernode_command_lines(tmp_path: Path) -> None:
 
 
 class _Exited:
-    """A child that has already exited with status 305 (the coordinator refused the key)."""
+    """A child that has already exited as a SuperNode that cannot reach the coordinator does."""
 
     pid = 1
 
@@ -98,15 +98,18 @@ class _Exited:
         _Exited.started.append(self)
 
     def poll(self) -> int:
-        return 305
+        return 1  # Flower's exit code 305 is printed; the process status is 1
+
+    def recent_output(self) -> str:
+        return "Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n[Errno 111] Connection refused"
 
     def stop(self, grace: float = 10.0) -> int:
-        return 305
+        return 1
 
     started: list[Any] = []
 
 
-def test_start_warns_when_insecure_and_names_an_unadmitted_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_start_warns_when_insecure_and_says_what_to_check_when_the_supernode_exits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     h = HospitalConfig(name="st-a", data_root=str(tmp_path), state_dir=str(tmp_path / "state"),
                        coordinator="127.0.0.1:9092", insecure=True)
@@ -114,7 +117,7 @@ def test_start_warns_when_insecure_and_names_an_unadmitted_key(tmp_path: Path, m
     monkeypatch.setattr(hospital_start, "Child", _Exited)
     assert hospital_start.start_hospital(tmp_path, grace=0.1) == 1
     out = capsys.readouterr().out
-    assert "WARNING: insecure mode" in out and f"send {tmp_path / 'st-a.pub'} to the coordinator" in out
+    assert "WARNING: insecure mode" in out and "supernode exited with status 1: it could not connect" in out
     supernode, executor = _Exited.started[-2:]
     assert "--insecure" in supernode.argv and executor.argv[0] == "flower-superexec"
     gate = Path(executor.env["PATH"].split(":")[0]) / "flwr-clientapp"
