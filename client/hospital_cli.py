@@ -1,7 +1,7 @@
 """`fedclimb hospital {init,start}`: a hospital IT team's two commands.
 
     fedclimb hospital init DIR --coordinator HOST:PORT --ca CA.crt --data ROOT [--name NAME]
-                               [--state PATH] [--insecure] [--force]
+                               [--state PATH] [--insecure] [--force] [--new-settings]
     fedclimb hospital start DIR [--insecure]
 
 simulation/cli.py adds these with :func:`add_parsers` and calls :func:`main_for`.
@@ -37,7 +37,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argp
     init.add_argument("--insecure", action="store_true",
                       help="no TLS and no node key (closed test networks only)")
     init.add_argument("--force", action="store_true",
-                      help="replace an existing hospital.yaml and node key (the state folder is kept)")
+                      help="make a new node key (the coordinator must admit it again); an existing hospital.yaml "
+                           "is kept as it is, with your edits (the state folder is always kept)")
+    init.add_argument("--new-settings", action="store_true",
+                      help="write a fresh hospital.yaml over an existing one, which is kept as "
+                           "hospital.yaml.previous (copy back what you had changed, e.g. approved_apps)")
 
     start = cmds.add_parser("start", help="check the settings and data, then run the SuperNode in the foreground")
     start.add_argument("dir", help="the hospital folder (holds hospital.yaml)")
@@ -52,12 +56,22 @@ def _init(args: argparse.Namespace) -> int:
         print("fedclimb: error: --ca CA.crt is required (or --insecure for a closed test network)", file=sys.stderr)
         return 2
     r = init_hospital(Path(args.dir), coordinator=args.coordinator, ca=args.ca, data=args.data, name=args.name,
-                      state=args.state, insecure=args.insecure, force=args.force)
+                      state=args.state, insecure=args.insecure, force=args.force, new_settings=args.new_settings)
     print(f"hospital folder {r.config.parent}")
-    print(f"  settings: {r.config} (privacy unit {r.unit}; limits fit the federation presets)")
+    if r.kept_settings:
+        print(f"  settings: {r.config} kept as it was, your edits included (approved_apps, privacy, limits); "
+              "--new-settings writes a fresh one")
+    else:
+        print(f"  settings: {r.config} (privacy unit {r.unit}; limits fit the federation presets)")
+    if r.previous is not None:
+        print(f"  the replaced settings are in {r.previous}: copy back what you had changed (e.g. approved_apps)")
     for line in r.data.lines():
         print(f"  data {line}")
-    print(f"  approved app: {r.digest} (this installation's fedclimb)")
+    if r.approved:
+        print(f"  approved app: {r.digest} (this installation's fedclimb)")
+    else:
+        print(f"  note: this installation's app {r.digest} is not in approved_apps of {r.config}; add it there to "
+              "run this version")
     if r.state_note:
         print(f"  note: {r.state_note}")
     if r.public_key is None:

@@ -9,7 +9,10 @@
 The limits are the largest value each federation preset in configs/ uses (so a
 federation run from the presets is never clamped) and the privacy budget lasts as many
 rounds as the longest preset federation; ``approved_apps`` holds the digest of the
-installed fedclimb's app. Nothing is overwritten without ``force``.
+installed fedclimb's app. Nothing is overwritten without a flag: ``force`` makes a new
+node key (and copies the CA certificate again) but keeps an existing hospital.yaml as it
+is, hand edits included (approved_apps, privacy budget, limits); ``new_settings`` writes
+a fresh hospital.yaml and keeps the old one as ``hospital.yaml.previous``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = ["CA_FILE", "HOSPITAL_FILE", "NODE_KEY_FILE", "InitResult", "derive_li
            "init_hospital", "preset_rounds"]
 
 HOSPITAL_FILE = "hospital.yaml"
+PREVIOUS_SUFFIX = ".previous"
 NODE_KEY_FILE = "node_key"
 CA_FILE = "ca.crt"
 DEFAULT_STATE = "state"
@@ -52,6 +56,12 @@ class InitResult:
     data: DataSummary
     unit: str
     state_note: str = ""
+    # hospital.yaml was kept as it was (force without new_settings).
+    kept_settings: bool = False
+    # Where the replaced hospital.yaml went (new_settings over an existing one).
+    previous: Path | None = None
+    # Whether hospital.yaml approves this installation's app (``digest``).
+    approved: bool = True
 
 
 def _presets(group: str) -> list[str]:
@@ -191,21 +201,49 @@ def _check_inputs(root: Path, name: str, coordinator: str, ca: Path | None, inse
         raise HospitalCheckError(f"{root} exists and is not a folder")
 
 
-def _refuse_existing(root: Path, name: str, force: bool) -> None:
-    existing = [p for p in (root / HOSPITAL_FILE, root / NODE_KEY_FILE, root / f"{name}.pub") if p.exists()]
-    if existing and not force:
+def _refuse_existing(root: Path, name: str, force: bool, new_settings: bool) -> None:
+    key_files = [p for p in (root / NODE_KEY_FILE, root / f"{name}.pub") if p.exists()]
+    existing = ([root / HOSPITAL_FILE] if (root / HOSPITAL_FILE).exists() else []) + key_files
+    if existing and not (force or new_settings):
         raise HospitalCheckError(
-            f"{', '.join(map(str, existing))} exist(s); nothing was changed. `--force` replaces them (a new key "
-            "must be admitted again by the coordinator; the state folder and its ledger are kept)")
+            f"{', '.join(map(str, existing))} exist(s); nothing was changed. `--force` makes a new node key (the "
+            "coordinator must admit the new public key again) and keeps hospital.yaml as it is; `--new-settings` "
+            f"writes a fresh hospital.yaml (the current one is kept as {HOSPITAL_FILE}{PREVIOUS_SUFFIX}). The state "
+            "folder and its ledger are always kept")
+
+
+def _check_kept(kept: HospitalConfig, path: Path, *, name: str, coordinator: str, data: Path, insecure: bool,
+                state: str | None) -> None:
+    """The kept hospital.yaml must say what the command line says; else nothing is written."""
+    differ = []
+    for key, have, want in (("name", kept.name, name), ("coordinator", kept.coordinator, coordinator),
+                            ("insecure", kept.insecure, insecure)):
+        if have != want:
+            differ.append(f"{key} is {have!r} there, {want!r} on the command line")
+    if Path(kept.data_root).resolve() != data.resolve():
+        differ.append(f"data_root is {kept.data_root!r} there, {str(data)!r} on the command line")
+    if state is not None and Path(kept.state_dir).resolve() != (path.parent / state).resolve():
+        differ.append(f"state_dir is {kept.state_dir!r} there, {state!r} on the command line")
+    if differ:
+        raise HospitalCheckError(
+            f"{path} is kept as it is with --force, but " + "; ".join(differ) + ". Nothing was changed: edit "
+            f"{path}, or add --new-settings to write a fresh one (the current one is kept as "
+            f"{path.name}{PREVIOUS_SUFFIX})")
 
 
 def init_hospital(root: Path, *, coordinator: str, ca: Path | None, data: Path, name: str | None = None,
-                  state: str | None = None, insecure: bool = False, force: bool = False) -> InitResult:
+                  state: str | None = None, insecure: bool = False, force: bool = False,
+                  new_settings: bool = False) -> InitResult:
     """Create the hospital folder ``root`` (see the module docstring)."""
     root = Path(root).absolute()
     name = name or root.name
     _check_inputs(root, name, coordinator, ca, insecure)
-    _refuse_existing(root, name, force)
+    _refuse_existing(root, name, force, new_settings)
+    path = root / HOSPITAL_FILE
+    keep = path.exists() and not new_settings
+    if keep:
+        _check_kept(load_checked(path), path, name=name, coordinator=coordinator, data=Path(data).absolute(),
+                    insecure=insecure, state=state)
     base = HospitalConfig(name=name, data_root=str(Path(data).absolute()), state_dir=DEFAULT_STATE)
     probe = replace(base, privacy=replace(PrivacyConfig(), unit="record", planned_rounds=1))
     summary = check_data(probe)
@@ -223,16 +261,22 @@ def init_hospital(root: Path, *, coordinator: str, ca: Path | None, data: Path, 
         if ca.resolve() != (root / CA_FILE).resolve():
             shutil.copyfile(ca, root / CA_FILE)
         public = root / f"{name}.pub"
-        try:
-            new_node_keypair(root / NODE_KEY_FILE, public, comment=f"fedclimb hospital {name}", force=force)
-        except KeyExistsError as exc:
-            raise HospitalCheckError(str(exc)) from None
-    path = root / HOSPITAL_FILE
-    path.write_text(hospital_yaml(h), encoding="utf-8")
+        if force or not ((root / NODE_KEY_FILE).exists() and public.exists()):
+            try:
+                new_node_keypair(root / NODE_KEY_FILE, public, comment=f"fedclimb hospital {name}", force=force)
+            except KeyExistsError as exc:
+                raise HospitalCheckError(str(exc)) from None
+    previous = None
+    if not keep:
+        if path.exists():
+            previous = path.with_name(path.name + PREVIOUS_SUFFIX)
+            shutil.copyfile(path, previous)
+        path.write_text(hospital_yaml(h), encoding="utf-8")
     written = load_checked(path)
     note = ""
     try:
         Path(written.state_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         note = f"state folder {written.state_dir} not created here ({exc.strerror}); it must exist where the hospital runs"
-    return InitResult(path, public, digest, summary, unit, note)
+    return InitResult(path, public, digest, summary, written.privacy.unit, note, kept_settings=keep,
+                      previous=previous, approved=digest in written.approved_apps)

@@ -89,6 +89,66 @@ def test_init_never_overwrites_without_force(initialised: Path, world: dict[str,
     assert "exist" in capsys.readouterr().err and (initialised / "node_key").read_bytes() == key
 
 
+def _hand_edited(world: dict[str, Path], folder: Path) -> tuple[bytes, bytes]:
+    """A fresh folder whose hospital.yaml was edited by hand: (its text, the node key)."""
+    assert _init(world, folder) == 0
+    config = folder / "hospital.yaml"
+    text = config.read_text(encoding="utf-8")
+    edited = text.replace("approved_apps:\n", 'approved_apps:\n  - "sha256:' + "e" * 64 + '"\n', 1)
+    edited = edited.replace("max_eval_records: 0", "max_eval_records: 7")
+    assert edited.count("sha256:") == 2 and "max_eval_records: 7" in edited
+    config.write_text(edited, encoding="utf-8")
+    return edited.encode(), (folder / "node_key").read_bytes()
+
+
+def test_force_makes_a_new_key_and_keeps_hand_edits(world: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "st-f"
+    edited, key = _hand_edited(world, folder)
+    capsys.readouterr()
+
+    assert _init(world, folder, "--force") == 0
+
+    out = capsys.readouterr().out
+    assert (folder / "hospital.yaml").read_bytes() == edited  # approved digests and other edits kept
+    assert "kept as it was, your edits included" in out and "approved app: sha256:" in out
+    assert (folder / "node_key").read_bytes() != key and not (folder / "hospital.yaml.previous").exists()
+    h = load_hospital_config(folder / "hospital.yaml")
+    assert h.approved_apps == ["sha256:" + "e" * 64, installed_app_digest()] and h.max_eval_records == 7
+
+
+def test_force_refuses_a_command_line_the_kept_settings_contradict(world: dict[str, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "st-g"
+    edited, key = _hand_edited(world, folder)
+    capsys.readouterr()
+
+    code = main(["hospital", "init", str(folder), "--coordinator", "other.example:9092", "--ca", str(world["ca"]),
+                 "--data", str(world["data"]), "--force"])
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "coordinator is '127.0.0.1:9092' there, 'other.example:9092' on the command line" in err
+    assert "--new-settings" in err
+    assert (folder / "hospital.yaml").read_bytes() == edited and (folder / "node_key").read_bytes() == key
+
+
+def test_new_settings_writes_a_fresh_file_and_keeps_the_old_one_and_the_key(world: dict[str, Path], tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "st-h"
+    edited, key = _hand_edited(world, folder)
+    capsys.readouterr()
+
+    assert _init(world, folder, "--new-settings") == 0
+
+    out = capsys.readouterr().out
+    assert (folder / "hospital.yaml.previous").read_bytes() == edited
+    assert f"the replaced settings are in {folder / 'hospital.yaml.previous'}" in out
+    h = load_hospital_config(folder / "hospital.yaml")
+    assert h.approved_apps == [installed_app_digest()] and h.max_eval_records == 0
+    assert (folder / "node_key").read_bytes() == key  # no --force: the admitted key stays
+
+
 def test_init_refuses_bad_data_and_writes_nothing(world: dict[str, Path], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "data" / "derm" / "set"
