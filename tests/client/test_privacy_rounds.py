@@ -480,6 +480,44 @@ def test_no_timing_or_other_unreleased_number_is_sent_under_dp(fed: Fed, tmp_pat
     assert plain.metrics[keys.ROLLOUT_SECONDS] == 12.5 and plain.metrics[keys.UPDATE_SECONDS] == 3.25
 
 
+def test_round_one_charges_two_different_releases_once_each(fed: Fed, tmp_path: Path, trained_with: list[Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two ``stats_release`` entries of a hospital's first round are two statistics, not one twice.
+
+    Entry 1 (before ``dpsgd``): the number of units N, released once per training split; q
+    and the DP-SGD divisor of every later round reuse that value. Entry 2 (after ``dpsgd``):
+    the per-domain counts n_d, released once per domain name. Both are charged; since
+    sum(n_d) = N, the accountant composes both, which covers combining them. A second
+    hospital process on the same state (a restart) and a second round release nothing.
+    """
+    releases: list[np.ndarray] = []
+    real = privacy_round.gaussian_release
+
+    def release(values: np.ndarray, **kwargs: Any) -> np.ndarray:
+        releases.append(np.array(values, copy=True))
+        return real(values, **kwargs)
+
+    monkeypatch.setattr(privacy_round, "gaussian_release", release)
+    cfg = _cfg(fed.root, FIXED_SIGMA, "privacy.planned_rounds=3", "privacy.target_epsilon=20")
+    first = _run(fed, cfg, tmp_path, _ins(fed, 1, planned=3))
+    restarted = Runtime()  # a new hospital process: only the state directory carries over
+    second = train_round(restarted, _site(fed, tmp_path), cfg, _ins(fed, 2, planned=3), fed.start)
+    assert first.status == second.status == keys.STATUS_OK
+
+    units = privacy_units(fed.train, "record")
+    assert [v.tolist() for v in releases] == [
+        [float(len(units))], unit_domain_counts([r.domain for r in fed.train], units, fed.names).tolist()]
+    entries = _entries(tmp_path)
+    assert [(e["round"], e["kind"]) for e in entries] == [(1, "stats_release"), (1, "dpsgd"), (1, "stats_release"),
+                                                          (2, "dpsgd")]
+    for e in (entries[0], entries[2]):
+        assert (e["sample_rate"], e["noise_multiplier"], e["steps"]) == (1.0, STATS_SIGMA, 1)
+    n_hat = _released_units(tmp_path)
+    assert first.metrics[keys.SAMPLE_RATE] == second.metrics[keys.SAMPLE_RATE] == min(1.0, BATCH / max(n_hat, 1.0))
+    assert [dp.expected_batch_size for dp in trained_with] == [pytest.approx(BATCH)] * 2  # q * N^, the same N^
+    assert first.metrics[keys.D_COUNT] == second.metrics[keys.D_COUNT]
+
+
 # --------------------------------------------------------------------------- what a server can make a hospital spend
 
 
