@@ -98,6 +98,11 @@ def main() -> None:
                    help="KL to the start model (0 saves a reference forward per step; the run is short)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per hospital (hospitals train one at a time)")
     p.add_argument("--epsilon", type=float, default=8.0)
+    p.add_argument("--features", default="worst concave points,worst perimeter,worst texture,worst area",
+                   help="the breast-cancer features the prompt lists (from-table --features)")
+    p.add_argument("--values", action="store_true",
+                   help="write each feature's value beside its band (default: the band in words only, "
+                        "which keeps prompts short: ~150 tokens with 4 features)")
     p.add_argument("--skip-dp", action="store_true")
     p.add_argument("--skip-nodp", action="store_true")
     args = p.parse_args()
@@ -106,7 +111,8 @@ def main() -> None:
     commands: list[str] = []
     data = out / "data"
     if not (data / "tabular").is_dir():
-        run([*FEDCLIMB, "data", "from-table", str(data), "--builtin", "breast-cancer", "--salt-file", str(out / "salt.hex")],
+        run([*FEDCLIMB, "data", "from-table", str(data), "--builtin", "breast-cancer", "--salt-file", str(out / "salt.hex"),
+             "--features", args.features, *([] if args.values else ["--bands-only"])],
             out / "from-table.log", commands)
     words = model_words(args)
     if not (out / "zero-shot" / "evaluation.json").is_file():
