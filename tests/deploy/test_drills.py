@@ -5,11 +5,14 @@ hospitals, alpha and beta, on the synthetic federation; the tiny preset with one
 step per round keeps a round to seconds. The drills run in file order on the same
 federation, each with its own run folder:
 
-(a) a stranger's key is refused; a 2-round run completes, with a checkpoint per round
-    and both privacy ledgers written;
+(a) a stranger's key is refused (its `hospital start` tries again for two minutes, then
+    gives up naming the key to send); a 2-round run completes, with a checkpoint per round
+    and both privacy ledgers written (round 1: the number of units and the per-domain
+    counts released once each, the DP-SGD round, the evaluation);
 (b) kill -9 of alpha's SuperNode mid-round: Flower's heartbeat (every 30 s, two missed)
     drops it, the server log names alpha, the round completes with beta, the run
-    finishes, and alpha, started again, answers a later round;
+    finishes, and alpha, started again at once (it waits out the heartbeat by itself),
+    answers a later round;
 (c) kill -9 of the SuperLink mid-round: started again, `coordinator run` resumes after
     the last checkpoint, no completed round is lost, and the redone round is not charged
     to a ledger twice (the hospitals re-send the reply they already paid for);
@@ -233,10 +236,13 @@ def test_a_stranger_is_refused_and_a_two_round_run_completes(fed: Federation) ->
     stranger = fed.spawn("stranger", "hospital", "start", str(fed.hospital_dir("stranger")))
     run = fed.run("federation.rounds=2", "federation.evaluate_initial=false")
 
-    assert stranger.wait(timeout=120) == 1
-    assert "Failed to activate SuperNode" in stranger.output()  # Flower's refusal (its exit code 305)
-    assert "No SuperNode found with the given public key" in (fed.coord / "logs" / "superlink.log").read_text()
     assert run.wait(timeout=400) == 0, run.output()
+    assert stranger.wait(timeout=300) == 1  # tried again for ACTIVATION_RETRY_S, then gave up
+    said = stranger.output()
+    assert "Failed to activate SuperNode" in said  # Flower's refusal (error 2004, exit code 305)
+    assert "refused to activate this hospital (Flower error 2004)" in said and "Trying again in" in said
+    assert "giving up after" in said and f"send {fed.hospital_dir('stranger') / 'stranger.pub'}" in said
+    assert "No SuperNode found with the given public key" in (fed.coord / "logs" / "superlink.log").read_text()
 
     out = run.output()
     assert "run-001 complete: 2 round(s)" in out
@@ -246,14 +252,18 @@ def test_a_stranger_is_refused_and_a_two_round_run_completes(fed: Federation) ->
     assert sorted(p.name for p in run_dir.glob("round-*")) == ["round-0001", "round-0002"]
     assert (run_dir / "latest").resolve().name == "round-0002"
     for name in ("alpha", "beta"):
-        trained = [e["round"] for e in ledger(fed.hospital_dir(name)) if e["kind"] == "dpsgd"]
-        assert trained == [1, 2], (name, trained)
+        # Round 1 releases the number of units (q and the DP-SGD divisor) and the per-domain
+        # counts, each once for the training split; later rounds re-send them.
+        assert [(e["round"], e["kind"]) for e in ledger(fed.hospital_dir(name))] == [
+            (1, "stats_release"), (1, "dpsgd"), (1, "stats_release"), (1, "eval_release"),
+            (2, "dpsgd"), (2, "eval_release")], name
     assert "connected: alpha, beta" in (run_dir / "server.log").read_text()
 
 
 def test_a_killed_hospital_is_dropped_by_name_and_rejoins(fed: Federation) -> None:
     beta_before = len(ledger(fed.hospital_dir("beta")))
-    run = fed.run("federation.rounds=3", *NO_EVAL)
+    # Rounds enough to outlast Flower's heartbeat (~60 s) plus the restarted hospital's wait.
+    run = fed.run("federation.rounds=6", *NO_EVAL)
     alpha = fed.hospitals["alpha"]
     wait_for("alpha training round 1", lambda: alpha.child("client.app_gate"), 180, run, alpha)
     supernode = alpha.child("flower-supernode")
@@ -261,22 +271,40 @@ def test_a_killed_hospital_is_dropped_by_name_and_rejoins(fed: Federation) -> No
     os.kill(supernode, signal.SIGKILL)
     killed_at = time.monotonic()
     assert alpha.wait(timeout=60) == 1  # `hospital start` stops its executor and exits
+    again = fed.start_hospital("alpha")  # at once, as a service manager would
 
     server_log = run_folder(fed, run) / "server.log"
-    wait_for("the server to drop alpha", lambda: server_log.is_file() and re.search(
-        r"round 1: dropped the reply of alpha: unreachable", server_log.read_text()), 150, run)
+    back: list[float] = []  # when alpha's new SuperNode was first seen
+
+    def seen_back() -> bool:
+        if not back and again.child("flower-supernode"):
+            back.append(time.monotonic() - killed_at)
+        return bool(back)
+
+    def dropped() -> bool:
+        seen_back()
+        return server_log.is_file() and bool(re.search(r"round 1: dropped the reply of alpha: unreachable",
+                                                        server_log.read_text()))
+
+    wait_for("the server to drop alpha", dropped, 150, run)
     detected_s = time.monotonic() - killed_at
-    fed.start_hospital("alpha")
+    wait_for("alpha's SuperNode again", seen_back, 150, again)
     assert run.wait(timeout=400) == 0, run.output()
 
-    assert _round_line(run, 1).startswith("round 1/3 | hospitals 1/2: beta (alpha: unreachable"), run.output()
+    assert "the last SuperNode of alpha stopped without signing off" in again.output()
+    # It came back only after the coordinator had let the old one go (had it come back
+    # before, round 1 would have waited for the crashed SuperNode's reply until its timeout).
+    assert back[0] >= detected_s - 1.0, (back, detected_s)
+    back_s = back[0]
+    assert _round_line(run, 1).startswith("round 1/6 | hospitals 1/2: beta (alpha: unreachable"), run.output()
     history = events(run_folder(fed, run))
     rejoined = [e["server_round"] for e in history if e["server_round"] > 1 and "alpha" in e["train"]["weights"]]
     assert rejoined, [e["train"] for e in history]
     assert {name for e in history for name in e["train"]["nodes"]} == {"alpha", "beta"}  # never node-<id>
     beta_trained = [e["round"] for e in ledger(fed.hospital_dir("beta"))[beta_before:] if e["kind"] == "dpsgd"]
-    assert beta_trained == [1, 2, 3]
-    print(f"alpha's death was detected {detected_s:.0f} s after kill -9 (Flower heartbeat)")
+    assert beta_trained == [1, 2, 3, 4, 5, 6]
+    print(f"alpha's death was detected {detected_s:.0f} s after kill -9 (Flower heartbeat); restarted at once, "
+          f"its SuperNode connected again after {back_s:.0f} s and answered round(s) {rejoined}")
 
 
 def test_a_killed_superlink_resumes_without_losing_or_recharging_a_round(fed: Federation) -> None:
