@@ -14,7 +14,7 @@ its console (client/round_report.py) just before it is sent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,21 +133,36 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context, note: _Note) -> Message:
     try:
         site, ok = _prepare(msg, context, note)
-        with reserved(site.state_dir, reply_key("train", ok.values, ok.adapter, ok.cfg)) as slot:
-            cached = slot.load()
-            if cached is not None:
-                note.resent = True
-                _resending(site, "train", int(ok.values[keys.SERVER_ROUND]))
-                return Message(cached, reply_to=msg)
+
+        def compute() -> RecordDict | Message:
             outcome = train_round(RUNTIME, site, ok.cfg, instruction_from_config(ok.values), ok.adapter)
             content = RecordDict({keys.METRICS: MetricRecord({**outcome.metrics, **_site_metrics(site, context)})})
             if outcome.adapter is not None:
                 content[keys.ARRAYS] = encode_adapter(outcome.adapter, ok.precision)  # type: ignore[arg-type]
-            slot.store(content)
+            return content
+
+        return _once("train", msg, site, ok, note, compute)
     except InstructionError as exc:
         return _refused(msg, "train", exc)
     except Exception:  # noqa: BLE001 - any failure becomes a status code
         return _failed(msg, "train")
+
+
+def _once(kind: str, msg: Message, site: Site, ok: CheckedInstruction, note: _Note,
+          compute: Callable[[], RecordDict | Message]) -> Message:
+    """The reply to a ``kind`` instruction, computed once: an instruction asked again with the same
+    adapter and values (a resumed round) gets the stored reply, released and paid for already.
+    ``compute`` returns the content to store, or a status Message (not stored)."""
+    with reserved(site.state_dir, reply_key(kind, ok.values, ok.adapter, ok.cfg)) as slot:
+        cached = slot.load()
+        if cached is not None:
+            note.resent = True
+            _resending(site, kind, int(ok.values[keys.SERVER_ROUND]))
+            return Message(cached, reply_to=msg)
+        content = compute()
+        if isinstance(content, Message):
+            return content
+        slot.store(content)
     return Message(content, reply_to=msg)
 
 
@@ -161,21 +176,17 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _evaluate(msg: Message, context: Context, note: _Note) -> Message:
     try:
         site, ok = _prepare(msg, context, note)
-        with reserved(site.state_dir, reply_key("evaluate", ok.values, ok.adapter, ok.cfg)) as slot:
-            cached = slot.load()
-            if cached is not None:
-                note.resent = True
-                _resending(site, "evaluate", int(ok.values[keys.SERVER_ROUND]))
-                return Message(cached, reply_to=msg)
+
+        def compute() -> RecordDict | Message:
             withheld = evaluation_withheld(ok.cfg.privacy)  # sends nothing: not counted against the limits
             if not withheld and not admit_evaluation(site.state_dir, int(context.run_id),
                                                      int(ok.values[keys.SERVER_ROUND]), site.hospital.limits):
                 return _status(msg, keys.STATUS_EVAL_LIMIT)
             outcome = evaluate_round(RUNTIME, site, ok.cfg, instruction_from_config(ok.values), ok.adapter)
-            content = RecordDict({keys.METRICS: MetricRecord({**outcome.metrics, **_site_metrics(site, context)})})
-            slot.store(content)
+            return RecordDict({keys.METRICS: MetricRecord({**outcome.metrics, **_site_metrics(site, context)})})
+
+        return _once("evaluate", msg, site, ok, note, compute)
     except InstructionError as exc:
         return _refused(msg, "evaluate", exc)
     except Exception:  # noqa: BLE001
         return _failed(msg, "evaluate")
-    return Message(content, reply_to=msg)
