@@ -88,7 +88,8 @@ def test_a_refused_activation_is_tried_again_until_the_coordinator_lets_it_in(
 
     def stop_when_running() -> None:
         deadline = time.monotonic() + 30
-        while not (fake / "running").exists() and time.monotonic() < deadline:
+        # Once the third SuperNode is in and its executor started (3 tries x 2 process groups).
+        while not ((fake / "running").exists() and len(started) >= 6) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)  # as a service manager stops it
 
