@@ -19,15 +19,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def setup(preset: str, dp: bool, rank: int, prompts: int, data: str) -> tuple:
+def setup(preset: str, dp: bool, rank: int, prompts: int, data: str, overrides: Sequence[str] = ()) -> tuple:
     """A trainer, a fixed rollout batch and the arguments of one update (DP or plain).
 
     Returns ``(bundle, policy, trainer, records, rollouts, adv, opt, settings)``; one update
-    is ``run_update(trainer, rollouts, adv, opt, settings, len(records))``. Also used by
-    bench/dp_noise.py.
+    is ``run_update(trainer, rollouts, adv, opt, settings, len(records))``. ``overrides``
+    (config words) come last. Also used by bench/dp_noise.py and bench/perf.py.
     """
     import torch
 
@@ -42,11 +43,11 @@ def setup(preset: str, dp: bool, rank: int, prompts: int, data: str) -> tuple:
     cfg = load_config(overrides=[f"model={preset}", "privacy=off", f"lora.r={rank}", f"lora.alpha={2 * rank}",
                                  f"rollout.batch_prompts={prompts}", "rollout.num_rollouts=2",
                                  "rollout.max_new_tokens=16", "train.kl_coef=0", f"train.micro_batch={prompts}",
-                                 "aggregation.mode=fedit"])
+                                 "aggregation.mode=fedit", *overrides])
     bundle = load_base_model(cfg.model)
     policy = Policy(bundle, cfg.lora)
     trainer = LocalTrainer(policy, cfg)
-    records = [r for r in load_records(data, "train") if bundle.multimodal or not r.images][:prompts]
+    records = trainer.usable([r for r in load_records(data, "train") if bundle.multimodal or not r.images])[:prompts]
     rollouts = policy.generate([trainer.encode(r) for r in records], num_rollouts=2, temperature=1.0,
                                max_new_tokens=16, seed=0)
     adv = torch.linspace(-1, 1, rollouts.num_rows)

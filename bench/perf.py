@@ -149,38 +149,14 @@ def machine() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 1. DP / plain
 
 
-def _dp_setup(overrides: list[str], prompts: int, data: str) -> tuple:
-    """One policy and trainer, a fixed rollout batch, and DP settings (bench/dp_overhead.py's set-up
-    with preset overrides). The DP updater's hooks are off outside DP steps, so plain updates of
-    the same trainer are plain."""
-    import torch
+def _dp_setup(preset: str, prompts: int, data: str) -> tuple:
+    """bench/dp_overhead.py's DP set-up (one policy and trainer, a fixed rollout batch, DP settings)
+    for ``preset``, with LoRA r = 16 on all seven projections. The DP updater's hooks are off
+    outside DP steps, so plain updates of the same trainer are plain."""
+    from dp_overhead import setup
 
-    from client.dp_step import DPSettings, DPUpdater
-    from client.trainer import LocalTrainer
-    from common.climb.records import load_records
-    from common.config import load_config
-    from common.modeling.loader import load_base_model
-    from common.modeling.policy import Policy
-    from common.privacy.noise import NoiseSource
-
-    cfg = load_config(overrides=[*overrides, "privacy=off", "lora.r=16", "lora.alpha=32",
-                                 "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
-                                 f"rollout.batch_prompts={prompts}", "rollout.num_rollouts=2",
-                                 "rollout.max_new_tokens=16", "train.kl_coef=0", f"train.micro_batch={prompts}",
-                                 "aggregation.mode=fedit"])
-    bundle = load_base_model(cfg.model)
-    policy = Policy(bundle, cfg.lora)
-    trainer = LocalTrainer(policy, cfg)
-    records = trainer.usable([r for r in load_records(data, "train") if bundle.multimodal or not r.images])[:prompts]
-    rollouts = policy.generate([trainer.encode(r) for r in records], num_rollouts=2, temperature=1.0,
-                               max_new_tokens=16, seed=0)
-    adv = torch.linspace(-1, 1, rollouts.num_rows)
-    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
-    settings = DPSettings(1.0, 0.5, 1.0, "record", NoiseSource.secure())
-    updater = DPUpdater.for_policy(policy)
-    updater._num_units = prompts * 2  # noqa: SLF001 - expected batch = q * N
-    trainer._dp_updater = updater  # noqa: SLF001
-    return bundle, policy, trainer, records, rollouts, adv, opt, settings
+    return setup(preset, True, 16, prompts, data,
+                 overrides=[*PRESETS[preset], "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"])
 
 
 def _profile(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any]]:
@@ -216,7 +192,7 @@ def _dp_memory_child(preset: str, mode: str, prompts: int, updates: int, data: s
     from dp_overhead import run_update
 
     torch.set_num_threads(1)
-    bundle, policy, trainer, records, rollouts, adv, opt, settings = _dp_setup(PRESETS[preset], prompts, data)
+    bundle, policy, trainer, records, rollouts, adv, opt, settings = _dp_setup(preset, prompts, data)
     gc.collect()
     before = _status_kib("VmRSS")
     try:
@@ -237,7 +213,7 @@ def measure_dp(preset: str, prompts: int, pairs: int, mem_updates: int, data: st
 
     torch.set_num_threads(1)
     t_setup = time.perf_counter()
-    bundle, policy, trainer, records, rollouts, adv, opt, settings = _dp_setup(PRESETS[preset], prompts, data)
+    bundle, policy, trainer, records, rollouts, adv, opt, settings = _dp_setup(preset, prompts, data)
     setup_s = time.perf_counter() - t_setup
 
     def timed(dp: bool) -> float:
