@@ -144,7 +144,7 @@ def test_after_a_crash_the_next_start_waits_until_the_coordinator_can_have_notic
     """kill -9 of the SuperNode: the record stays, and a start right after waits out Flower's heartbeat."""
     fake = _fake_bin(tmp_path / "bin", refusals=0)
     monkeypatch.setattr(hospital_start, "_bin_dir", lambda: fake)
-    monkeypatch.setattr(supernode_presence, "OFFLINE_AFTER_S", 1.0)
+    monkeypatch.setattr(supernode_presence, "OFFLINE_AFTER_S", 4.0)  # room for a loaded machine between crash and restart
     monkeypatch.setattr(supernode_presence, "SETTLE_S", 0.5)
     monkeypatch.setattr(supernode_presence, "ALIVE_EVERY_S", 0.5)
     started: list[int] = []
