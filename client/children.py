@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from simulation.processes import die_with_parent
-
 __all__ = ["Child", "StopRequested", "stop_requests_raise"]
 
+_PR_SET_PDEATHSIG = 1
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Flower's empty log lines ("INFO :" and a timestamp with nothing after it): not forwarded.
 _EMPTY = re.compile(r"(INFO|DEBUG)\s*:?|[\d/]+ [\d:]+:(INFO|DEBUG):")
@@ -50,6 +51,20 @@ def stop_requests_raise():  # type: ignore[no-untyped-def]
             signal.signal(sig, handler)
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 class Child:
     """One started process group whose output is forwarded with ``prefix``."""
 
@@ -58,7 +73,7 @@ class Child:
         self.name = name
         self.proc = subprocess.Popen(  # noqa: S603 - argv built by fedclimb, no shell
             list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, errors="replace", start_new_session=True, preexec_fn=die_with_parent(),
+            text=True, bufsize=1, errors="replace", start_new_session=True, preexec_fn=_die_with_parent(),
         )
         self._out, self._log, self._lock = out, log, lock
         # The last lines it printed (why it exited, read by :meth:`recent_output`).
