@@ -2,9 +2,9 @@
 
 Each child starts in a new session (its own process group, which the processes it starts
 in turn inherit: Flower's SuperExec and the ClientApp processes it launches). On Linux a
-child is also asked to receive SIGTERM when `fedclimb` dies, even by SIGKILL. Stopping
-signals exactly those groups: SIGTERM, then SIGKILL after a grace period; nothing is
-ever signalled by name. Their output is forwarded line by line, with a prefix, to this
+child is also asked to receive SIGTERM when `fedclimb` dies, even by SIGKILL
+(:func:`common.stopping.die_with_parent`). Stopping signals exactly those groups: SIGTERM,
+then SIGKILL after a grace period; nothing is ever signalled by name. Their output is forwarded line by line, with a prefix, to this
 process's stdout and to a log file.
 """
 
@@ -12,57 +12,23 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-__all__ = ["Child", "StopRequested", "stop_requests_raise"]
+from common.stopping import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
+__all__ = ["Child"]
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Flower's empty log lines ("INFO :" and a timestamp with nothing after it): not forwarded.
 _EMPTY = re.compile(r"(INFO|DEBUG)\s*:?|[\d/]+ [\d:]+:(INFO|DEBUG):")
-
-
-class StopRequested(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived (SIGINT raises KeyboardInterrupt already)."""
-
-
-def _raise_stop(signum: int, _frame: object) -> None:
-    raise StopRequested(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def stop_requests_raise():  # type: ignore[no-untyped-def]
-    """Inside the block SIGTERM and SIGHUP unwind the main thread like Ctrl-C."""
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 class Child:
@@ -73,7 +39,7 @@ class Child:
         self.name = name
         self.proc = subprocess.Popen(  # noqa: S603 - argv built by fedclimb, no shell
             list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, errors="replace", start_new_session=True, preexec_fn=_die_with_parent(),
+            text=True, bufsize=1, errors="replace", start_new_session=True, preexec_fn=die_with_parent(),
         )
         self._out, self._log, self._lock = out, log, lock
         # The last lines it printed (why it exited, read by :meth:`recent_output`).

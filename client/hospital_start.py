@@ -44,12 +44,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from client.children import Child, StopRequested, stop_requests_raise
+from client.children import Child
 from client.hospital_checks import check_data, check_identity, check_ledger, load_checked
 from client.hospital_setup import HOSPITAL_FILE
 from client.supernode_presence import ALIVE_EVERY_S, OFFLINE_AFTER_S, Presence
 from common.config import HospitalConfig
 from common.fab import installed_app_digest
+from common.stopping import Terminated, raise_if_stop_pending, stop_signals_raise
 
 __all__ = ["INSECURE_WARNING", "start_hospital", "supernode_argv"]
 
@@ -177,7 +178,7 @@ def start_hospital(root: Path, *, insecure: bool = False, grace: float = 10.0) -
         if shutil.which("flwr-clientapp", path=env["PATH"]) != str(gate):
             raise RuntimeError(f"the app gate {gate} is not the flwr-clientapp found on PATH; not starting")
         lock = threading.Lock()
-        with open(state / "logs" / "hospital.log", "a", encoding="utf-8") as log, stop_requests_raise():
+        with open(state / "logs" / "hospital.log", "a", encoding="utf-8") as log, stop_signals_raise():
             mode = "INSECURE" if insecure else "TLS + node key"
 
             def launch() -> None:
@@ -203,8 +204,8 @@ def start_hospital(root: Path, *, insecure: bool = False, grace: float = 10.0) -
             try:
                 _wait_for_the_last_one(h, presence)
                 return _run(launch, stop_all, children, root / f"{h.name}.pub", presence)
-            except (KeyboardInterrupt, StopRequested) as exc:
-                _say(f"stopping ({exc or 'SIGINT'})")
+            except KeyboardInterrupt as exc:  # Ctrl-C, or Terminated (SIGTERM, SIGHUP)
+                _say(f"stopping ({signal.Signals(exc.signum).name if isinstance(exc, Terminated) else 'SIGINT'})")
                 if stop_all().get("supernode", -signal.SIGKILL) != -signal.SIGKILL:
                     presence.restore(None)  # it signed off: a restart need not wait
                 return 0
@@ -223,7 +224,15 @@ def _wait_for_the_last_one(h: HospitalConfig, presence: Presence) -> None:
         _say(f"the last SuperNode of {h.name} stopped without signing off (a crash?) after {last}; the coordinator "
              f"counts it online for up to {OFFLINE_AFTER_S:.0f} s and would refuse it: waiting {pause:.0f} s before "
              "connecting")
-        time.sleep(pause)
+        _sleep(pause)
+
+
+def _sleep(seconds: float) -> None:
+    """``time.sleep`` in short steps, each ending with :func:`raise_if_stop_pending`."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.5))
+        raise_if_stop_pending()
 
 
 def _wait(children: list[Child], presence: Presence) -> tuple[Child, int]:
@@ -233,6 +242,7 @@ def _wait(children: list[Child], presence: Presence) -> tuple[Child, int]:
         if time.monotonic() - marked >= ALIVE_EVERY_S:  # first of all: it may have got online already
             presence.mark()
             marked = time.monotonic()
+        raise_if_stop_pending()
         for child in children:
             code = child.poll()
             if code is not None:
@@ -279,7 +289,7 @@ def _run(launch: Callable[[], None], stop_all: Callable[[], dict[str, int | None
              f"as online after a restart (for up to 60 s after a crash), or it has not admitted this key: send "
              f"{public_key} to the coordinator. Trying again in {pause:g} s (giving up {ACTIVATION_RETRY_S:.0f} s "
              "after the first refusal)")
-        time.sleep(pause)
+        _sleep(pause)
 
 
 def _exit_hint(output: str, public_key: Path) -> str:

@@ -35,7 +35,15 @@ from common.files import write_text_atomic
 from server.coordinator import CONNECTION, CoordinatorDir, CoordinatorSettings, insecure_warning, write_flwr_config
 from server.flwr_control import Control
 from server.registration import Registrar, try_sync
-from simulation.processes import Terminated, die_with_parent, stop_signals_raise, stop_tree, tree, uninterruptible
+from simulation.processes import (
+    Terminated,
+    die_with_parent,
+    raise_if_stop_pending,
+    stop_signals_raise,
+    stop_tree,
+    tree,
+    uninterruptible,
+)
 
 __all__ = ["superlink_command", "serve", "StartError", "flower_env", "flower_bin"]
 
@@ -225,6 +233,7 @@ def serve(d: CoordinatorDir, s: CoordinatorSettings, *, insecure: bool, say: Cal
                     say(f"SuperLink ready; admitted hospitals: {', '.join(sorted(admitted)) or 'none yet'} "
                         f"(drop a hospital's NAME.pub into {d.hospitals} to admit it)")
                     while proc.poll() is None:
+                        raise_if_stop_pending()
                         for pid in tree(proc.pid) - {proc.pid}:
                             seen.setdefault(pid, _start_time(pid))
                         changed = try_sync(registrar)

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulation.processes import die_with_parent, kill_marked, start_guard, stop_signals_raise, stop_tree, uninterruptible
+from simulation.processes import (
+    die_with_parent,
+    kill_marked,
+    raise_if_stop_pending,
+    start_guard,
+    stop_signals_raise,
+    stop_tree,
+    uninterruptible,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +194,7 @@ def launch(spec: SimulationLaunch, *, poll: Callable[[], None] | None = None, po
             proc = _start(cmd, logf, env, cwd=app_dir())
             try:
                 while proc.poll() is None:
+                    raise_if_stop_pending()
                     if poll:
                         poll()
                     time.sleep(poll_s)

@@ -1,12 +1,8 @@
 """Child processes that never outlive `fedclimb`: stop signals, parent-death signal, tree kill.
 
-- :func:`stop_signals_raise`: SIGTERM and SIGHUP unwind the main thread like Ctrl-C
-  (raising :class:`Terminated`, a ``KeyboardInterrupt``), so every ``finally`` that stops
-  children runs whichever of the three signals arrives.
-- :func:`die_with_parent`: a ``preexec_fn`` asking Linux to send the child SIGTERM when
-  this process dies, even by SIGKILL (``PR_SET_PDEATHSIG``), when no ``finally`` can run.
-  That reaches only direct children: Flower's SuperExec starts the simulation process
-  (and it Ray) without passing it on, so :func:`start_guard` also starts a small watcher
+- The stop signals and :func:`die_with_parent` come from :mod:`common.stopping` (shared
+  with `fedclimb hospital start`). The parent-death signal reaches only direct children:
+  Flower's SuperExec starts the simulation process (and it Ray) without passing it on, so :func:`start_guard` also starts a small watcher
   that notes the process groups below this process once a second and, when this process
   dies, kills those groups and every process whose environment holds a marker
   (``FLWR_HOME=<run>/.flwr``, which Flower passes down; Ray's agents rewrite theirs but
@@ -23,85 +19,24 @@ the child's process group and no parent-death signal is set.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 
-__all__ = ["STOP_SIGNALS", "Terminated", "die_with_parent", "kill_marked", "start_guard", "stop_signals_raise",
-           "stop_tree", "tree", "uninterruptible"]
+from common.stopping import (
+    STOP_SIGNALS,
+    Terminated,
+    die_with_parent,
+    raise_if_stop_pending,
+    stop_signals_raise,
+    uninterruptible,
+)
 
-# Signals that stop `fedclimb` cleanly (SIGINT already raises KeyboardInterrupt).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived; unwinds like Ctrl-C so that every cleanup runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def stop_signals_raise() -> Iterator[None]:
-    """Inside the block, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread.
-
-    Outside the main thread (where Python cannot set handlers) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def uninterruptible() -> Iterator[None]:
-    """Ignore Ctrl-C, SIGTERM and SIGHUP while stopping children (a second one must not cut it short)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn``: the child gets SIGTERM when this thread's process dies (Linux).
-
-    The kernel sends it when the *thread* that started the child exits, so start children
-    from the thread that outlives them (the main thread). None on other systems.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+__all__ = ["STOP_SIGNALS", "Terminated", "die_with_parent", "kill_marked", "raise_if_stop_pending", "start_guard",
+           "stop_signals_raise", "stop_tree", "tree", "uninterruptible"]
 
 
 def _table() -> dict[int, tuple[int, int, str]]:

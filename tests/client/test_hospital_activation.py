@@ -195,3 +195,35 @@ def test_the_wait_after_a_crash(tmp_path: Path) -> None:
     assert presence.wait_s() == 0.0
     presence.restore(None)
     assert not (tmp_path / "logs" / "supernode.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigterm_whose_exception_python_dropped_still_stops_it(hospital: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM delivered where Python drops the handler's exception (as in the fork of a child) still stops it."""
+    fake = _fake_bin(tmp_path / "bin", refusals=0)
+    monkeypatch.setattr(hospital_start, "_bin_dir", lambda: fake)
+    started: list[int] = []
+    recorded = _recording(started)
+
+    class SignalsInDel:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs here; its exception is dropped
+                pass
+
+    class LosesTheSignal(recorded):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.name == "clientapp":
+                obj = SignalsInDel()
+                del obj
+
+    monkeypatch.setattr(hospital_start, "Child", LosesTheSignal)
+    t0 = time.monotonic()
+    assert hospital_start.start_hospital(hospital, grace=2.0) == 0
+    assert time.monotonic() - t0 < 30  # not the fake SuperNode's 300 s
+    out = capsys.readouterr().out
+    assert "stopping (SIGTERM)" in out
+    assert len(started) == 2 and all(_gone(pid) for pid in started)
