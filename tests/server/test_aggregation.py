@@ -467,3 +467,31 @@ def test_update_norm_restricted_to_keys() -> None:
     assert update_norm(g, c, keys=[B]) == pytest.approx(2.0)
     # all shared: sqrt(2^2 + 1^2) = sqrt(5)
     assert update_norm(g, c) == pytest.approx(math.sqrt(5.0))
+
+
+@pytest.mark.parametrize("mode", ["fedit", "ffa"])
+def test_layer_norms_match_the_dense_products(mode: str) -> None:
+    """Per-layer ||M|| and ||M - B A|| from thin-factor products equal the dense (out, in) ones."""
+    gen = torch.Generator().manual_seed(7)
+    r, d_in, d_out, hospitals = 4, 11, 9, 3
+    g = {A: torch.randn(r, d_in, generator=gen), B: torch.randn(d_out, r, generator=gen)}
+    clients = [
+        {A: g[A] if mode == "ffa" else torch.randn(r, d_in, generator=gen),
+         B: torch.randn(d_out, r, generator=gen)}
+        for _ in range(hospitals)
+    ]
+    sent = [{B: c[B]} for c in clients] if mode == "ffa" else clients
+    weights = [0.5, 0.3, 0.2]
+    result = aggregate(g, sent, weights, mode=mode, scaling=2.0)
+
+    d = torch.float64
+    # Weights summing to 1 (no FedNova): M = sum_k w_k B_k A_k, the global's own factors weigh 0.
+    dense = sum(w * c[B].to(d) @ c[A].to(d) for w, c in zip(weights, clients, strict=True))
+    merged = result.adapter[B].to(d) @ result.adapter[A].to(d)
+    report = result.layers[PREFIX]
+    assert report.reference_norm == pytest.approx(2.0 * float(dense.norm()), rel=1e-6)
+    assert report.error_norm == pytest.approx(2.0 * float((dense - merged).norm()), rel=1e-5, abs=1e-6)
+    if mode == "ffa":
+        assert report.error_norm == 0.0
+    else:
+        assert report.error_norm > 0.1 * report.reference_norm  # averaging A and B apart is not exact here
