@@ -132,21 +132,31 @@ def describe_row(columns: Sequence[str], row: Sequence[float], cutoffs: Mapping[
 class TableSummary:
     written: dict[str, int] = field(default_factory=dict)
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    left_out: int = 0  # training rows left out by balance_train
 
     def report(self) -> str:
         lines = [f"{split}: {n} records  " + ", ".join(f"{k} {v}" for k, v in sorted(self.labels[split].items()))
                  for split, n in self.written.items()]
+        if self.left_out:
+            lines.append(f"left out: {self.left_out} training rows of the larger labels (--balance-train)")
         return "\n".join(lines)
 
 
 def convert_table(table: Table, out_root: str | os.PathLike[str], *, question: str, salt: bytes,
                   dataset: str = "table", modality: str = "tabular", options: Sequence[str] | None = None,
                   fractions: Sequence[float] = (0.7, 0.1, 0.2), header: str | None = None,
-                  values: bool = True) -> TableSummary:
+                  values: bool = True, balance_train: bool = False) -> TableSummary:
     """Write ``<out>/<modality>/<dataset>/annotation_<split>.jsonl`` (text records, pseudonymous patient ids).
 
     ``values=False`` writes only each feature's band in words (shorter prompts, which a small
-    language model reads more easily than digits)."""
+    language model reads more easily than digits).
+
+    ``balance_train=True`` keeps, in the training split only, as many rows of every label
+    as the rarest label has (the rows of the larger labels with the smallest pseudonyms,
+    a salt-dependent but reproducible choice) and leaves the other rows out of every split:
+    group-normalised RL on a two-class task otherwise drifts to the majority answer. The
+    validation and test splits keep the table's own label mix. Rows left out are never
+    read by training, so they spend no privacy budget."""
     if header is None:
         header = ("Measurements of the patient (" + ("value, and its band" if values else "band")
                   + " among this hospital's training patients):")
@@ -162,6 +172,8 @@ def convert_table(table: Table, out_root: str | os.PathLike[str], *, question: s
         raise ValueError(f"labels {unknown} are not among the options {opts}")
     patients = [pseudonym(salt, pid) for pid in table.patient_ids]
     splits = [assign_split(p, fractions) for p in patients]
+    if balance_train:
+        splits = _balanced(splits, table.labels, patients)
     train = np.asarray([s == "train" for s in splits])
     if not train.any():
         raise ValueError("no row falls in the training split; the bands need training rows")
@@ -173,6 +185,8 @@ def convert_table(table: Table, out_root: str | os.PathLike[str], *, question: s
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     summary = TableSummary()
     for row, label, patient, split in zip(table.values, table.labels, patients, splits, strict=True):
+        if split is None:
+            continue
         text = header + "\n" + describe_row(table.columns, row, cutoffs, values) + "\n" + prompt_question
         record = {"conversations": [{"from": "human", "value": build_prompt(text, opts, 0)},
                                     {"from": "gpt", "value": label}],
@@ -180,11 +194,30 @@ def convert_table(table: Table, out_root: str | os.PathLike[str], *, question: s
         out[split].append(json.dumps(record, ensure_ascii=False) + "\n")
         summary.labels.setdefault(split, {})
         summary.labels[split][label] = summary.labels[split].get(label, 0) + 1
+    left_out = sum(split is None for split in splits)
+    if left_out:
+        summary.left_out = left_out
     for split in SPLITS:
         (folder / f"annotation_{split}.jsonl").write_text("".join(out[split]), encoding="utf-8")
         summary.written[split] = len(out[split])
         summary.labels.setdefault(split, {})
     return summary
+
+
+def _balanced(splits: Sequence[str], labels: Sequence[str], patients: Sequence[str]) -> list[str | None]:
+    """``splits`` with training rows beyond the rarest label's count set to None (left out)."""
+    by_label: dict[str, list[int]] = {}
+    for i, (split, label) in enumerate(zip(splits, labels, strict=True)):
+        if split == "train":
+            by_label.setdefault(label, []).append(i)
+    if len(by_label) < 2:
+        raise ValueError("--balance-train needs at least two labels in the training split")
+    keep = min(len(rows) for rows in by_label.values())
+    out: list[str | None] = list(splits)
+    for rows in by_label.values():
+        for i in sorted(rows, key=lambda j: patients[j])[keep:]:
+            out[i] = None
+    return out
 
 
 def salt_for(salt_file: str | os.PathLike[str], out_root: str | os.PathLike[str]) -> bytes:

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--splits", default="0.7,0.1,0.2", help="train,valid,test fractions by patient")
     ft.add_argument("--bands-only", action="store_true",
                     help="write each feature's band in words without its value (shorter prompts)")
+    ft.add_argument("--balance-train", action="store_true",
+                    help="keep as many training rows of every label as the rarest has (valid/test keep the table's mix)")
 
     pr = sub.add_parser("privacy", help="privacy ledger tools").add_subparsers(dest="privacy_command", required=True)
     rep = pr.add_parser("report", help="verify a hospital's privacy ledger, print it and the remaining budget")
@@ -248,7 +250,7 @@ def _cmd_from_table(args: argparse.Namespace) -> int:
         summary = convert_table(table, Path(args.out), question=question, salt=salt_for(args.salt_file, args.out),
                                 dataset=dataset, modality=args.modality,
                                 options=args.options.split("|") if args.options else None, fractions=fractions,
-                                values=not args.bands_only)
+                                values=not args.bands_only, balance_train=args.balance_train)
     except (ValueError, OSError) as exc:
         raise _UsageError(str(exc)) from None
     print(summary.report())

@@ -106,3 +106,31 @@ def test_bands_only_drops_the_values(tmp_path):
     for ln in lines:
         assert ln.split(": ", 1)[1] in words  # the band only: no number before it
     assert "band among" in record.prompt and "value" not in record.prompt.split("\n")[0]
+
+
+def test_balance_train_evens_the_training_labels_and_keeps_the_test_mix(tmp_path, capsys):
+    plain, balanced = tmp_path / "plain", tmp_path / "balanced"
+    salt = str(tmp_path / "salt")
+    assert main(["data", "from-table", str(plain), "--builtin", "breast-cancer", "--salt-file", salt]) == 0
+    capsys.readouterr()
+    assert main(["data", "from-table", str(balanced), "--builtin", "breast-cancer", "--salt-file", salt,
+                 "--balance-train"]) == 0
+    printed = capsys.readouterr().out
+
+    def labels(root, split):
+        answers = [r.answers[0] for r in load_records(root, split)]
+        return answers.count("Benign"), answers.count("Malignant")
+
+    benign, malignant = labels(plain, "train")
+    assert benign > malignant  # 357 : 212 overall
+    assert labels(balanced, "train") == (malignant, malignant)  # the benign surplus left out, every malignant kept
+    for split in ("valid", "test"):
+        assert labels(balanced, split) == labels(plain, split)
+    assert f"left out: {benign - malignant} training rows" in printed
+    kept = {r.patient_id for r in load_records(balanced, "train")}
+    assert kept <= {r.patient_id for r in load_records(plain, "train")}
+    # Reproducible: the same salt keeps the same rows.
+    again = tmp_path / "again"
+    assert main(["data", "from-table", str(again), "--builtin", "breast-cancer", "--salt-file", salt,
+                 "--balance-train"]) == 0
+    assert {r.patient_id for r in load_records(again, "train")} == kept
