@@ -131,13 +131,15 @@ def main() -> None:
         tag = "nodp" if "no DP" in name else "dp"
         if ("no DP" in name and args.skip_nodp) or ("+ DP" in name and args.skip_dp):
             if (out / f"{tag}-final" / "evaluation.json").is_file():  # run by an earlier invocation
+                earlier = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
                 runs[name] = {"tag": tag, "curve": curve(out / tag),
+                              "settings": earlier.get("runs", {}).get(name, {}).get("settings", earlier.get("settings")),
                               "final": json.loads((out / f"{tag}-final" / "evaluation.json").read_text())}
             continue
         run([*FEDCLIMB, "simulate", "--out", str(out / tag), "--quiet", *fed, *extra], out / f"simulate-{tag}.log", commands)
         run([*FEDCLIMB, "evaluate", "--adapter", str(out / tag), "--data", str(data), "--out", str(out / f"{tag}-final"),
              "--explain", "4"], out / f"evaluate-{tag}.log", commands)
-        runs[name] = {"tag": tag, "curve": curve(out / tag),
+        runs[name] = {"tag": tag, "curve": curve(out / tag), "settings": vars(args),
                       "final": json.loads((out / f"{tag}-final" / "evaluation.json").read_text())}
     overall = zero["domains"]["wdbc"]
     summary = {
@@ -145,7 +147,8 @@ def main() -> None:
         "zero_shot": {"balanced_accuracy": overall["balanced_accuracy"], "confusion": overall["confusion"],
                       "format_rate": overall["format_rate"]},
         "constant": overall["constant"],
-        "runs": {k: {"curve": v["curve"], "final": v["final"]["domains"]["wdbc"]} for k, v in runs.items()},
+        "runs": {k: {"settings": v["settings"], "curve": v["curve"], "final": v["final"]["domains"]["wdbc"]}
+                 for k, v in runs.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / "commands.txt", "a", encoding="utf-8") as f:  # an earlier invocation's commands stay
