@@ -367,7 +367,9 @@ def aggregate(
     scaling : float
         LoRA ``alpha / r``; only scales the norms in ``layers``.
     compute_dtype : torch.dtype
-        Floating dtype of the arithmetic; the result is cast back to the global's dtype.
+        Floating dtype of the products, norms and SVD; the result is cast back to the
+        global's dtype. Element-wise averages accumulate in float32, or in the global
+        tensor's dtype if that is wider (:func:`_merge_dtype`).
     weight_sum_tol : float
         Allowed ``|sum(weights) - 1|``.
     frozen_a_rtol, frozen_a_atol : float
@@ -416,7 +418,7 @@ def aggregate(
     for key, g in global_adapter.items():
         if key not in not_linear:
             parts = [g] + [client[key] for client in client_adapters]
-            new[key] = _linear_combination(parts, coefficients, compute_dtype)
+            new[key] = _linear_combination(parts, coefficients, _merge_dtype(g.dtype))
 
     layers: dict[str, LayerReport] = {}
     error_total_sq = reference_total_sq = 0.0
@@ -614,8 +616,8 @@ def _merge_layer(
     """
     g_a = global_adapter[pair.a_key]
     if mode == "ffa":  # M = (sum_j c_j B_j) A = B_new A exactly: no error to measure
-        b_new, a_new = averaged[pair.b_key], g_a.detach().to(compute_dtype)
-        return b_new, a_new, 0.0, _product_sq(b_new, a_new)
+        b_new, a_new = averaged[pair.b_key], g_a.detach().clone()  # A stays the global's
+        return b_new, a_new, 0.0, _product_sq(b_new.to(compute_dtype), a_new.to(compute_dtype))
     factors = [(global_adapter[pair.b_key], g_a)] + [
         (client[pair.b_key], client[pair.a_key]) for client in client_adapters
     ]
@@ -630,6 +632,17 @@ def _merge_layer(
     b_new, a_new = averaged[pair.b_key], averaged[pair.a_key]
     error_sq, reference_sq = _residual_and_reference_sq(p, q, b_new, a_new)
     return b_new, a_new, error_sq, reference_sq
+
+
+def _merge_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator of an element-wise merge into a tensor of ``dtype``: float32, or ``dtype`` if wider.
+
+    The result is stored in ``dtype``, so a float64 sum of 16- or 32-bit tensors would be
+    rounded back anyway; float32 keeps the merge at memory speed (a float64 accumulator of
+    float32 inputs ran about 6x slower) and its rounding, about K x 6e-8 relative for K
+    hospitals, is below the float32 result's own.
+    """
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _linear_combination(
