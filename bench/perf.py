@@ -695,6 +695,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/perf")
     p.add_argument("--only", default="dp,wire,aggregation,federation,rollout",
                    help="comma-separated subset of the measurements")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other measurements of OUT/perf.json and replace only those run now")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -703,8 +705,13 @@ def main() -> None:
 
     data = bench_data()
     q = args.quick
-    result: dict[str, Any] = {"machine": machine(), "quick": q, "command": " ".join(["python", "bench/perf.py", *sys.argv[1:]]),
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": {}}
+    command = " ".join(["python", "bench/perf.py", *sys.argv[1:]])
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result: dict[str, Any] = {"machine": machine(), "quick": q, "command": command, "started": started, "seconds": {}}
+    if args.update and (out / "perf.json").is_file():
+        result = json.loads((out / "perf.json").read_text())
+        result.setdefault("updates", []).append({"command": command, "started": started, "only": sorted(only),
+                                                 "machine": machine()})
 
     def step(name: str, fn: Callable[[], Any]) -> None:
         if name not in only:

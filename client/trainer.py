@@ -540,6 +540,20 @@ class LocalTrainer:
         bar.close()
         return out
 
+    def option_logprobs(self, records: Sequence[Record], *, progress: bool = False) -> list[list[float]]:
+        """log p(option) of each record's answer options under the current adapter (constrained prompts only).
+
+        At temperature 1, in the record's option order (:meth:`Policy.option_logprobs`).
+        """
+        out: list[list[float]] = []
+        records = list(records)
+        bar = _progress(len(records), progress)
+        for chunk in _chunks(records, self.cfg.rollout.eval_batch_prompts):
+            out += self.policy.option_logprobs([self.encode(r) for r in chunk])
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
     def evaluate(self, records: Sequence[Record], *, seed: int, progress: bool = False) -> EvalResult:
         """Metrics per domain of :meth:`answers` on held-out records."""
         t0 = time.perf_counter()

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from common.metrics import balanced_accuracy, count_classes, macro_f1
 from common.rewards import set_f1
 
-__all__ = ["NONE_LABEL", "label_key", "confusion_matrix", "majority_answer", "Baseline", "constant_baseline"]
+__all__ = ["NONE_LABEL", "label_key", "confusion_matrix", "majority_answer", "Baseline", "constant_baseline",
+           "rank_auc", "option_separation"]
 
 NONE_LABEL = "(none)"
 
@@ -60,3 +61,58 @@ def constant_baseline(truth: Sequence[frozenset[str]], constant: frozenset[str])
     counts = count_classes(truth, predicted)
     accuracy = sum(set_f1(constant, t) for t in truth) / len(truth) if truth else 0.0
     return Baseline(label_key(constant), balanced_accuracy(counts), macro_f1(counts), accuracy)
+
+
+def rank_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """P(a random positive scores above a random negative), ties counting 1/2 (Mann-Whitney).
+
+    None unless both classes are present. O(n log n) by ranks.
+    """
+    if len(scores) != len(positive):
+        raise ValueError(f"{len(scores)} scores but {len(positive)} labels")
+    n_pos = sum(1 for p in positive if p)
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # average ranks (1-based) over ties
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, p in zip(ranks, positive, strict=True) if p)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def option_separation(truth: Sequence[frozenset[str]], options: Sequence[Sequence[frozenset[str]]],
+                      logprobs: Sequence[Sequence[float]]) -> dict[str, object] | None:
+    """How well a model's answer probabilities separate a two-answer question's classes.
+
+    ``options[i]`` are record i's answer options (as label sets) and ``logprobs[i]`` the
+    model's log-probability of each. With ``(a, b)`` the two options in sorted order and
+    the score ``log p(b) - log p(a)``: its AUC for telling truth ``b`` from truth ``a``
+    (symmetric: swapping a and b gives the same AUC) and its mean per true answer.
+    Threshold-free, so it shows learning before the most likely answer changes. None
+    unless every record has the same two options and one of them as its truth.
+    """
+    if not truth or len(truth) != len(options) or len(options) != len(logprobs):
+        return None
+    keys = sorted({label_key(o) for o in options[0]})
+    if len(keys) != 2 or len(options[0]) != 2:
+        return None
+    a, b = keys
+    scores: list[float] = []
+    for t, opts, lps in zip(truth, options, logprobs, strict=True):
+        by_key = {label_key(o): lp for o, lp in zip(opts, lps, strict=True)}
+        if sorted(by_key) != keys or label_key(t) not in by_key:
+            return None
+        scores.append(by_key[b] - by_key[a])
+    truths = [label_key(t) for t in truth]
+    means = {k: sum(s for s, t in zip(scores, truths, strict=True) if t == k) / truths.count(k)
+             for k in keys if k in truths}
+    return {"labels": [a, b], "score": f"log p({b}) - log p({a})", "records": len(scores),
+            "auc": rank_auc(scores, [t == b for t in truths]), "mean_score": means}

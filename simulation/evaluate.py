@@ -19,7 +19,7 @@ from typing import Any
 
 from common.climb.records import Record, load_records
 from common.config import ConfigError, FedClimbConfig, load_config
-from common.evaluation import confusion_matrix, constant_baseline, label_key, majority_answer
+from common.evaluation import confusion_matrix, constant_baseline, label_key, majority_answer, option_separation
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ class DomainReport:
     confusion: dict[str, dict[str, int]]
     constant: dict[str, Any]
     base_model: dict[str, float] | None
+    # Two-answer questions with constrained answers: how the answer probabilities separate
+    # the classes (common.evaluation.option_separation), for this model and the base alone.
+    option_scores: dict[str, Any] | None = None
+    base_option_scores: dict[str, Any] | None = None
 
 
 def _domain_reports(answers: Sequence[Any], base_answers: Sequence[Any] | None,
@@ -102,6 +106,21 @@ def _domain_reports(answers: Sequence[Any], base_answers: Sequence[Any] | None,
     return out
 
 
+def _add_option_scores(reports: dict[str, DomainReport], records: Sequence[Record], logprobs: Sequence[Sequence[float]],
+                       base_logprobs: Sequence[Sequence[float]] | None) -> None:
+    """Each two-answer domain's :func:`option_separation`, for the model and the base alone."""
+    from client.trainer import truth_labels
+    from common.rewards import true_label_set
+
+    for domain, report in reports.items():
+        idx = [i for i, r in enumerate(records) if r.domain == domain]
+        truth = [truth_labels(records[i]) for i in idx]
+        options = [[true_label_set(o, options=records[i].options) for o in records[i].options] for i in idx]
+        report.option_scores = option_separation(truth, options, [logprobs[i] for i in idx])
+        if base_logprobs is not None:
+            report.base_option_scores = option_separation(truth, options, [base_logprobs[i] for i in idx])
+
+
 def _overall(reports: dict[str, DomainReport]) -> dict[str, Any]:
     n = sum(r.records for r in reports.values())
     if not n:
@@ -111,6 +130,14 @@ def _overall(reports: dict[str, DomainReport]) -> dict[str, Any]:
     worst = min(reports.items(), key=lambda kv: (kv[1].balanced_accuracy, kv[0]))
     return {"records": n, **mean, "macro_balanced_accuracy": sum(r.balanced_accuracy for r in reports.values()) / len(reports),
             "worst_domain": worst[0], "worst_balanced_accuracy": worst[1].balanced_accuracy}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _means(scores: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:+.2f}" for k, v in scores.get("mean_score", {}).items())
 
 
 def _markdown(meta: dict[str, Any], reports: dict[str, DomainReport], overall: dict[str, Any],
@@ -134,6 +161,19 @@ def _markdown(meta: dict[str, Any], reports: dict[str, DomainReport], overall: d
                      f"{r.format_rate:.3f} | {r.mean_reward:.3f} |")
     lines += ["", "The constant answer is each domain's most common training answer given to every record; "
               "a model above it has learnt more than the label distribution.", ""]
+    separated = {d: r for d, r in sorted(reports.items()) if r.option_scores}
+    if separated:
+        lines += ["## Answer probabilities (two-answer questions)", "",
+                  "The model's probability of each answer, not only its most likely answer: the AUC of the score "
+                  "for telling the two true answers apart (0.5 = no separation, 1 = perfect) and the mean score per "
+                  "true answer. It moves before the most likely answer changes.", "",
+                  "| domain | score | AUC | mean score per true answer | base model AUC | base model mean score |",
+                  "|---|---|---|---|---|---|"]
+        for d, r in separated.items():
+            s, b = r.option_scores or {}, r.base_option_scores or {}
+            lines.append(f"| {d} | {s['score']} | {_fmt(s.get('auc'))} | {_means(s)} | {_fmt(b.get('auc'))} | "
+                         f"{_means(b) if b else '-'} |")
+        lines.append("")
     for d, r in sorted(reports.items()):
         cols = sorted({c for row in r.confusion.values() for c in row})
         lines += [f"## {d}: confusion (rows truth, columns model answer)", "",
@@ -172,15 +212,20 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
         if seen:
             majority[d] = majority_answer(seen)
     zero = {k: (v * 0 if is_lora_b(k) else v) for k, v in policy.get_adapter().items()}
-    base_answers = None
+    scored = cfg.prompt.constrained  # answer probabilities exist for constrained answers only
+    base_answers = base_logprobs = None
     if folder is not None:
         policy.set_adapter(zero)
         base_answers = trainer.answers(records, seed=seed, progress=progress)
+        base_logprobs = trainer.option_logprobs(records, progress=progress) if scored else None
         policy.set_adapter(read_peft_folder(folder))
     else:
         policy.set_adapter(zero)
     answers = trainer.answers(records, seed=seed, progress=progress)
+    logprobs = trainer.option_logprobs(records, progress=progress) if scored else None
     reports = _domain_reports(answers, base_answers, majority)
+    if logprobs is not None:
+        _add_option_scores(reports, records, logprobs, base_logprobs)
     overall = _overall(reports)
     out.mkdir(parents=True, exist_ok=True)
     explained = explain_answers(trainer, [a for a in answers if a.record in chosen], out / "explanations") if chosen else []

@@ -242,6 +242,36 @@ class Policy:
         cache.batch_repeat_interleave(num_rollouts)
         return cache
 
+    def option_logprobs(self, prompts: Sequence[EncodedPrompt], *, temperature: float = 1.0,
+                        adapter: bool = True) -> list[list[float]]:
+        """log pi(option) of every allowed answer of each constrained prompt, in ``answer_sequences`` order.
+
+        The probability :meth:`generate` samples each whole answer with (the constrained
+        next-token distributions, multiplied along the answer), so the values of one
+        prompt sum to 1 in probability. Threshold-free: they show a model moving towards
+        the right answer before its most likely answer changes. One forward per option.
+        """
+        owners, seqs = [], []
+        for i, p in enumerate(prompts):
+            if not p.answer_sequences:
+                raise ValueError(f"prompt {p.record_id} is not constrained: it has no answer options to score")
+            owners += [i] * len(p.answer_sequences)
+            seqs += p.answer_sequences
+        width = max(len(s) for s in seqs)
+        responses = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width))
+        for row, seq in enumerate(seqs):
+            responses[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1.0
+        rollouts = Rollouts(list(prompts), torch.tensor(owners), responses, mask, [""] * len(seqs))
+        self.peft.eval()
+        with torch.no_grad():
+            totals = self.token_logprobs(rollouts, range(len(seqs)), temperature=temperature, adapter=adapter).sum(1)
+        out: list[list[float]] = [[] for _ in prompts]
+        for owner, value in zip(owners, totals.tolist(), strict=True):
+            out[owner].append(float(value))
+        return out
+
     def sampling_config(self, *, temperature: float, max_new_tokens: int) -> GenerationConfig:
         """The generation config of :meth:`generate`: plain sampling at ``temperature``.
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from common.evaluation import confusion_matrix, constant_baseline, label_key, majority_answer
+from common.evaluation import (
+    confusion_matrix,
+    constant_baseline,
+    label_key,
+    majority_answer,
+    option_separation,
+    rank_auc,
+)
 
 B, M = frozenset({"benign"}), frozenset({"malignant"})
 
@@ -33,3 +40,28 @@ def test_constant_baseline_by_hand():
     assert base.balanced_accuracy == pytest.approx(0.5)
     assert base.macro_f1 == pytest.approx(5 / 13)
     assert base.accuracy == pytest.approx(5 / 8)
+
+
+def test_rank_auc_by_hand():
+    # positives score {2, 0}, negatives {-1, 0}: pairs 2>-1, 2>0, 0>-1 win, 0=0 ties -> 3.5 / 4
+    assert rank_auc([-1.0, 2.0, 0.0, 0.0], [False, True, True, False]) == pytest.approx(0.875)
+    assert rank_auc([1.0, 2.0, 3.0], [False, False, True]) == pytest.approx(1.0)
+    assert rank_auc([1.0, 2.0, 3.0], [True, False, False]) == pytest.approx(0.0)
+    assert rank_auc([5.0, 5.0], [True, False]) == pytest.approx(0.5)
+    assert rank_auc([1.0, 2.0], [True, True]) is None
+
+
+def test_option_separation_by_hand():
+    ben, mal = frozenset({"benign"}), frozenset({"malignant"})
+    truth = [ben, mal, mal, ben]
+    # log p(malignant) - log p(benign) = -1, 2, 0, 0 (options listed in either order)
+    options = [[ben, mal], [mal, ben], [ben, mal], [ben, mal]]
+    logprobs = [[-0.3, -1.3], [-0.1, -2.1], [-0.7, -0.7], [-0.7, -0.7]]
+    out = option_separation(truth, options, logprobs)
+    assert out is not None
+    assert out["labels"] == ["benign", "malignant"] and out["records"] == 4
+    assert out["auc"] == pytest.approx(0.875)
+    assert out["mean_score"] == pytest.approx({"benign": -0.5, "malignant": 1.0})
+    # Not a two-answer question, or a record with other options: nothing to report.
+    assert option_separation([ben], [[ben, mal, frozenset({"other"})]], [[-1.0, -2.0, -3.0]]) is None
+    assert option_separation(truth[:2], [[ben, mal], [ben, frozenset({"x"})]], logprobs[:2]) is None

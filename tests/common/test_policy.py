@@ -510,3 +510,28 @@ def test_text_rollouts_run_each_prompt_once(text):
     longest = max(s[1] for s in shapes)
     assert longest >= 8 and all(rows == len(prompts) for rows, length in shapes if length == longest)
     assert all(length <= 2 for rows, length in shapes if rows == 4 * len(prompts))
+
+
+@pytest.mark.parametrize("which", ["mm", "text"])
+def test_option_logprobs_are_the_sampled_answer_probabilities(request, which):
+    """Each constrained prompt's option probabilities sum to 1, and a sampled answer's summed
+    token log-probs equal its option's value."""
+    setup: Setup = request.getfixturevalue(which)
+    policy = setup.policy
+    prompts = setup.prompts(True)
+    values = policy.option_logprobs(prompts)
+    assert [len(v) for v in values] == [len(p.answer_sequences or []) for p in prompts]
+    for v in values:
+        assert sum(np.exp(v)) == pytest.approx(1.0, abs=1e-4)
+        assert max(v) < 0.0  # no option is certain for a random model
+
+    rollouts = policy.generate(prompts, num_rollouts=3, temperature=1.0, max_new_tokens=8, seed=5)
+    logp = policy.token_logprobs(rollouts, list(range(rollouts.num_rows)), temperature=1.0).detach()
+    for row in range(rollouts.num_rows):
+        owner = int(rollouts.prompt_index[row])
+        tokens = rollouts.responses[row][rollouts.mask[row] > 0].tolist()
+        option = (prompts[owner].answer_sequences or []).index(tokens)
+        assert float(logp[row].sum()) == pytest.approx(values[owner][option], abs=1e-4)
+
+    with pytest.raises(ValueError, match="not constrained"):
+        policy.option_logprobs(setup.prompts(False))

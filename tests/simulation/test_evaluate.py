@@ -56,6 +56,19 @@ def test_evaluate_a_run_directory_writes_metrics_baselines_and_explanations(setu
     md = (out / "evaluation.md").read_text()
     assert f"Worst domain: {worst}" in md and all(p.name in md for p in pngs)
     assert all(p.stat().st_size > 10_000 for p in pngs)
+    # Answer probabilities for the two-answer domains (and only those), for the adapter and the base.
+    two = {d for d in domains if all(len(r.options) == 2 for r in test if r.domain == d)}
+    assert two  # (every synthetic domain asks a two-answer question)
+    for d, rep in domains.items():
+        if d not in two:
+            assert rep["option_scores"] is None
+            continue
+        scores, base = rep["option_scores"], rep["base_option_scores"]
+        assert scores["records"] == base["records"] == rep["records"]
+        assert set(scores["mean_score"]) <= set(scores["labels"]) and len(scores["labels"]) == 2
+        assert scores["auc"] is None or 0.0 <= scores["auc"] <= 1.0
+        assert scores["mean_score"] != base["mean_score"]  # the adapter (B != 0) moves the probabilities
+    assert "## Answer probabilities" in md and all(f"| {d} | log p(" in md for d in two)
 
 
 def test_evaluate_without_adapter_is_the_base_model_alone(setup):
