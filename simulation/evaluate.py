@@ -228,7 +228,9 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
         _add_option_scores(reports, records, logprobs, base_logprobs)
     overall = _overall(reports)
     out.mkdir(parents=True, exist_ok=True)
-    explained = explain_answers(trainer, [a for a in answers if a.record in chosen], out / "explanations") if chosen else []
+    by_id = (lambda values: None if values is None else {r.id: v for r, v in zip(records, values, strict=True)})
+    explained = explain_answers(trainer, [a for a in answers if a.record in chosen], out / "explanations",
+                                logprobs=by_id(logprobs), base_logprobs=by_id(base_logprobs)) if chosen else []
     meta = {"adapter": str(folder) if folder else None, "base_model": bundle.source or bundle.name, "data": str(data),
             "split": split, "seed": seed, "seconds": time.perf_counter() - t0,
             "constant_from": "training split" if majority else "evaluated split"}

@@ -9,9 +9,10 @@ the model's reasoning, its answer against the truth and the reward terms.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class Explanation:
     truth_boxes: Sequence[Sequence[float]] = ()
     predicted_boxes: Sequence[Sequence[float]] = ()  # already in the original image's pixels
     truth_mask: np.ndarray | None = None
+    # (option, probability with the adapter, probability with the base model alone or None):
+    # the whole-answer probabilities of a constrained answer (Policy.option_logprobs).
+    option_probabilities: Sequence[tuple[str, float, float | None]] = ()
 
 
 def reasoning_text(response: str) -> str:
@@ -75,6 +79,15 @@ def _draw_boxes(ax: Any, boxes: Sequence[Sequence[float]], colour: str, label: s
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         ax.add_patch(Rectangle((min(x1, x2), min(y1, y2)), abs(x2 - x1), abs(y2 - y1), fill=False,
                                edgecolor=colour, linewidth=2, label=label if i == 0 else None))
+
+
+def _probability_lines(rows: Sequence[tuple[str, float, float | None]]) -> list[str]:
+    """"Answer probabilities:" and one line per option (with the base model's where known)."""
+    if not rows:
+        return []
+    width = max(len(o) for o, _, _ in rows)
+    return ["", "Answer probabilities:"] + [
+        f"  {o:<{width}}  {p:.3f}" + (f"   (base model {b:.3f})" if b is not None else "") for o, p, b in rows]
 
 
 def render_explanation(ex: Explanation, path: str | Path) -> Path:
@@ -122,6 +135,7 @@ def render_explanation(ex: Explanation, path: str | Path) -> Path:
         f"Model answer: {ex.predicted}",
         f"Truth:        {ex.truth}",
         f"Reward: {reward}",
+        *_probability_lines(ex.option_probabilities),
     ])
     text_ax.text(0.0, 1.0, body, va="top", ha="left", family="monospace", fontsize=8.5, wrap=True)
     text_ax.text(0.0, 0.02, verdict, va="bottom", ha="left", fontsize=16, weight="bold",
@@ -134,11 +148,14 @@ def render_explanation(ex: Explanation, path: str | Path) -> Path:
     return path
 
 
-def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path, *, prefix: str = "") -> list[Path]:
+def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path, *, prefix: str = "",
+                    logprobs: Mapping[str, Sequence[float]] | None = None,
+                    base_logprobs: Mapping[str, Sequence[float]] | None = None) -> list[Path]:
     """One review PNG per scored answer (client.trainer.Answer) in ``folder``, named by record id.
 
     Predicted boxes are moved from the model's image frame back to the original pixels,
-    where the ground-truth boxes and masks are.
+    where the ground-truth boxes and masks are. ``logprobs`` (and ``base_logprobs``), by
+    record id, are each option's log-probability, shown as probabilities.
     """
     from common.climb.inputs import load_visuals
     from common.climb.limits import bounds_for
@@ -164,9 +181,18 @@ def explain_answers(trainer: Any, answers: Sequence[Any], folder: Path, *, prefi
             correct=a.predicted == truth,
             reward={"total": a.score.total, "accuracy": a.score.accuracy, "format": a.score.format, "iou": a.score.iou},
             truth_boxes=list(r.bboxes), predicted_boxes=pred_boxes, truth_mask=trainer.mask_for(r),
+            option_probabilities=_option_rows(r.options, (logprobs or {}).get(r.id), (base_logprobs or {}).get(r.id)),
         )
         paths.append(render_explanation(ex, folder / f"{prefix}{safe_name(r.id)}.png"))
     return paths
+
+
+def _option_rows(options: Sequence[str], logprobs: Sequence[float] | None,
+                 base: Sequence[float] | None) -> list[tuple[str, float, float | None]]:
+    if logprobs is None or len(logprobs) != len(options):
+        return []
+    base_p = [math.exp(v) for v in base] if base is not None and len(base) == len(options) else [None] * len(options)
+    return [(o, math.exp(v), b) for o, v, b in zip(options, logprobs, base_p, strict=True)]
 
 
 def explain_run(run_dir: Path, cfg: Any, roots: Sequence[Path], *, per_domain: int = 2, seed: int = 0) -> list[Path]:
