@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 FEDCLIMB = [sys.executable, "-m", "simulation.cli"]
 
@@ -62,13 +63,61 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
     return out
 
 
-def plot(path: Path, curves: dict[str, list[tuple[int, float]]], zero_shot: float, constant: float) -> None:
+def probability_curve(run_dir: Path, data: Path, threads: int = 1) -> list[dict[str, Any]]:
+    """Per checkpoint (round 0 = the base model): AUC and mean log p(Malignant) - log p(Benign) on the pooled test split.
+
+    Threshold-free, so it shows the adapter moving (or collapsing) while every greedy answer stays the same.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from client.trainer import LocalTrainer, truth_labels
+    from common.climb.records import load_records
+    from common.config import load_config
+    from common.evaluation import option_separation
+    from common.modeling.loader import load_base_model
+    from common.modeling.lora import is_lora_b, read_peft_folder
+    from common.modeling.policy import Policy
+    from common.rewards import true_label_set
+
+    cfg = load_config(run_dir / "config.yaml", [f"model.cpu_threads={threads}"])
+    torch.set_num_threads(threads)
+    policy = Policy(load_base_model(cfg.model), cfg.lora, freeze_a=cfg.aggregation.mode == "ffa")
+    trainer = LocalTrainer(policy, cfg)
+    records = trainer.usable(load_records(data, "test", domain_key=cfg.data.domain_key))
+    truth = [truth_labels(r) for r in records]
+    options = [[true_label_set(o, options=r.options) for o in r.options] for r in records]
+    zero = {k: (v * 0 if is_lora_b(k) else v) for k, v in policy.get_adapter().items()}
+    out = []
+    rounds = [(0, None)] + [(int(d.name.split("-")[1]), d / "adapter") for d in sorted(run_dir.glob("round-*"))
+                            if (d / "adapter" / "adapter_config.json").is_file() and d.name != "round-0000"]
+    for rnd, folder in rounds:
+        policy.set_adapter(zero if folder is None else read_peft_folder(folder))
+        sep = option_separation(truth, options, trainer.option_logprobs(records)) or {}
+        out.append({"round": rnd, "auc": sep.get("auc"), "mean_score": sep.get("mean_score")})
+        print(f"  round {rnd}: AUC {sep.get('auc')}, mean log-odds {sep.get('mean_score')}", flush=True)
+    return out
+
+
+def probabilities(out: Path, tag: str, data: Path, threads: int = 1) -> list[dict[str, Any]]:
+    """:func:`probability_curve` of run ``tag``, cached in ``<tag>-probabilities.json``."""
+    cached = out / f"{tag}-probabilities.json"
+    if not cached.is_file():
+        print(f"answer probabilities per checkpoint of {tag}:", flush=True)
+        cached.write_text(json.dumps(probability_curve(out / tag, data, threads), indent=2) + "\n")
+    return json.loads(cached.read_text())
+
+
+def plot(path: Path, curves: dict[str, list[tuple[int, float]]], zero_shot: float, constant: float,
+         probs: dict[str, list[dict[str, Any]]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2 if probs else 1, figsize=(13 if probs else 7.5, 4.6), constrained_layout=True,
+                             squeeze=False)
+    ax = axes[0][0]
     for (name, pts), style in zip(curves.items(), ("-o", "-s"), strict=False):
         ax.plot([r for r, _ in pts], [v for _, v in pts], style, linewidth=2, label=name)
     ax.axhline(zero_shot, color="grey", linestyle="--", label=f"base model zero-shot ({zero_shot:.3f})")
@@ -78,7 +127,25 @@ def plot(path: Path, curves: dict[str, list[tuple[int, float]]], zero_shot: floa
     ax.set_ylim(0.3, 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("SmolLM2-135M on breast-cancer FNA features, 3 hospitals, federated DRPO")
+    ax.set_title("greedy answers: balanced accuracy")
+    if probs:
+        ax = axes[0][1]
+        for (name, pts), colour in zip(probs.items(), ("tab:blue", "tab:orange"), strict=False):
+            rounds = [p["round"] for p in pts]
+            for label, style in (("malignant", "-o"), ("benign", "--s")):
+                ax.plot(rounds, [(p["mean_score"] or {}).get(label, float("nan")) for p in pts], style, color=colour,
+                        label=f"{name}: true {label}")
+            for p in pts:
+                if p["auc"] is not None:
+                    ax.annotate(f"AUC {p['auc']:.2f}", ((p["round"]), (p["mean_score"] or {}).get("malignant", 0.0)),
+                                textcoords="offset points", xytext=(4, 6), fontsize=7, color=colour)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("round (0 = the base model)")
+        ax.set_ylabel("mean log p(Malignant) - log p(Benign), pooled test split")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("answer probabilities (above 0 = answers Malignant)")
+    fig.suptitle("SmolLM2-135M on breast-cancer FNA features, 3 hospitals, federated DRPO")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -107,6 +174,8 @@ def main() -> None:
                    help="from-table --balance-train: as many benign as malignant training rows (test keeps the "
                         "natural 63/37 mix); without it group-normalised RL drifts to the majority answer")
     p.add_argument("--skip-dp", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: summarise, score and plot the finished runs already in --out")
     p.add_argument("--skip-nodp", action="store_true")
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -129,7 +198,7 @@ def main() -> None:
     for name, extra in (("DRPO + DP (eps %g)" % args.epsilon, [f"privacy.target_epsilon={args.epsilon}"]),
                         ("DRPO, no DP", ["privacy=off"])):
         tag = "nodp" if "no DP" in name else "dp"
-        if ("no DP" in name and args.skip_nodp) or ("+ DP" in name and args.skip_dp):
+        if args.report_only or ("no DP" in name and args.skip_nodp) or ("+ DP" in name and args.skip_dp):
             if (out / f"{tag}-final" / "evaluation.json").is_file():  # run by an earlier invocation
                 earlier = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
                 runs[name] = {"tag": tag, "curve": curve(out / tag),
@@ -151,10 +220,14 @@ def main() -> None:
                  for k, v in runs.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(out / "commands.txt", "a", encoding="utf-8") as f:  # an earlier invocation's commands stay
-        f.write("\n".join(commands) + "\n")
+    if commands:
+        with open(out / "commands.txt", "a", encoding="utf-8") as f:  # an earlier invocation's commands stay
+            f.write("\n".join(commands) + "\n")
+    probs = {k: probabilities(out, v["tag"], data, args.threads) for k, v in runs.items()}
+    summary["probabilities"] = probs
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(out / "real_model.png", {k: v["curve"] for k, v in runs.items()}, overall["balanced_accuracy"],
-         overall["constant"]["balanced_accuracy"])
+         overall["constant"]["balanced_accuracy"], probs)
     print(json.dumps({k: v["final"]["domains"]["wdbc"]["balanced_accuracy"] for k, v in runs.items()}, indent=2))
 
 
