@@ -29,6 +29,14 @@ class _SignalsInDel:
             total += i
 
 
+@pytest.fixture
+def ctrl_c_default():
+    """Ctrl-C with Python's own handler, as in a terminal (a background job starts with it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _lose(sig: int) -> None:
     obj = _SignalsInDel(sig)
     del obj  # the exception raised in __del__ goes to sys.unraisablehook, not here
@@ -46,7 +54,7 @@ def test_a_dropped_stop_signal_is_raised_by_the_next_check(sig: int) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_dropped_ctrl_c_is_raised_as_keyboard_interrupt() -> None:
+def test_a_dropped_ctrl_c_is_raised_as_keyboard_interrupt(ctrl_c_default: None) -> None:
     with stop_signals_raise():
         _lose(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt) as caught:
@@ -56,7 +64,7 @@ def test_a_dropped_ctrl_c_is_raised_as_keyboard_interrupt() -> None:
 
 def test_nothing_pending_raises_nothing_and_leaving_the_block_forgets() -> None:
     raise_if_stop_pending()
-    before = signal.getsignal(signal.SIGTERM)
+    before, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(Terminated):
         with stop_signals_raise():
             os.kill(os.getpid(), signal.SIGTERM)
@@ -64,10 +72,21 @@ def test_nothing_pending_raises_nothing_and_leaving_the_block_forgets() -> None:
                 pass
     raise_if_stop_pending()  # the block's exit cleared the record
     assert signal.getsignal(signal.SIGTERM) is before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before_int
 
 
-def test_outside_the_block_sigint_keeps_its_handler() -> None:
+def test_ctrl_c_is_recorded_only_inside_the_block(ctrl_c_default: None) -> None:
     with stop_signals_raise():
         assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored() -> None:
+    """A job started in the background ignores SIGINT; the block must not turn Ctrl-C back on."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_signals_raise():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
