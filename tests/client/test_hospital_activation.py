@@ -22,6 +22,7 @@ import pytest
 from client import hospital_start, supernode_presence
 from client.supernode_presence import Presence
 from common.config import HospitalConfig
+from conftest import lose_signal
 
 # What flower-supernode prints before exiting with status 1 (flwr_exit with code 305).
 REFUSAL = """ERROR :     Exit Code: 305
@@ -207,18 +208,11 @@ def test_a_sigterm_whose_exception_python_dropped_still_stops_it(hospital: Path,
     started: list[int] = []
     recorded = _recording(started)
 
-    class SignalsInDel:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(10_000):  # the handler runs here; its exception is dropped
-                pass
-
     class LosesTheSignal(recorded):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             if self.name == "clientapp":
-                obj = SignalsInDel()
-                del obj
+                lose_signal(signal.SIGTERM)
 
     monkeypatch.setattr(hospital_start, "Child", LosesTheSignal)
     t0 = time.monotonic()

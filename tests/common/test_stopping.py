@@ -14,19 +14,7 @@ import signal
 import pytest
 
 from common.stopping import Terminated, raise_if_stop_pending, stop_signals_raise
-
-
-class _SignalsInDel:
-    """Sends ``sig`` to this process from ``__del__``, where the handler's exception is dropped."""
-
-    def __init__(self, sig: int) -> None:
-        self.sig = sig
-
-    def __del__(self) -> None:
-        os.kill(os.getpid(), self.sig)
-        total = 0
-        for i in range(10_000):  # the handler runs at one of these bytecode boundaries
-            total += i
+from conftest import lose_signal
 
 
 @pytest.fixture
@@ -37,16 +25,11 @@ def ctrl_c_default():
     signal.signal(signal.SIGINT, previous)
 
 
-def _lose(sig: int) -> None:
-    obj = _SignalsInDel(sig)
-    del obj  # the exception raised in __del__ goes to sys.unraisablehook, not here
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_dropped_stop_signal_is_raised_by_the_next_check(sig: int) -> None:
     with stop_signals_raise():
-        _lose(sig)  # returns normally: the Terminated raised in __del__ was dropped
+        lose_signal(sig)  # returns normally: the Terminated raised in __del__ was dropped
         with pytest.raises(Terminated) as caught:
             raise_if_stop_pending()
         assert caught.value.signum == sig
@@ -56,7 +39,7 @@ def test_a_dropped_stop_signal_is_raised_by_the_next_check(sig: int) -> None:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_dropped_ctrl_c_is_raised_as_keyboard_interrupt(ctrl_c_default: None) -> None:
     with stop_signals_raise():
-        _lose(signal.SIGINT)
+        lose_signal(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt) as caught:
             raise_if_stop_pending()
         assert not isinstance(caught.value, Terminated)
