@@ -75,29 +75,26 @@ def probability_curve(run_dir: Path, data: Path, threads: int = 1) -> list[dict[
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from client.trainer import LocalTrainer, truth_labels
+    from client.trainer import LocalTrainer
     from common.climb.records import load_records
     from common.config import load_config
-    from common.evaluation import option_separation
     from common.modeling.loader import load_base_model
-    from common.modeling.lora import is_lora_b, read_peft_folder
+    from common.modeling.lora import read_peft_folder, with_zero_b
     from common.modeling.policy import Policy
-    from common.rewards import true_label_set
+    from simulation.evaluate import option_separations
 
     cfg = load_config(run_dir / "config.yaml", [f"model.cpu_threads={threads}"])
     torch.set_num_threads(threads)
     policy = Policy(load_base_model(cfg.model), cfg.lora, freeze_a=cfg.aggregation.mode == "ffa")
     trainer = LocalTrainer(policy, cfg)
     records = trainer.usable(load_records(data, "test", domain_key=cfg.data.domain_key))
-    truth = [truth_labels(r) for r in records]
-    options = [[true_label_set(o, options=r.options) for o in r.options] for r in records]
-    zero = {k: (v * 0 if is_lora_b(k) else v) for k, v in policy.get_adapter().items()}
+    zero = with_zero_b(policy.get_adapter())
     out = []
     rounds = [(0, None)] + [(int(d.name.split("-")[1]), d / "adapter") for d in sorted(run_dir.glob("round-*"))
                             if (d / "adapter" / "adapter_config.json").is_file() and d.name != "round-0000"]
     for rnd, folder in rounds:
         policy.set_adapter(zero if folder is None else read_peft_folder(folder))
-        sep = option_separation(truth, options, trainer.option_logprobs(records)) or {}
+        sep = option_separations(records, trainer.option_logprobs(records)).get("wdbc") or {}
         out.append({"round": rnd, "auc": sep.get("auc"), "mean_score": sep.get("mean_score")})
         print(f"  round {rnd}: AUC {sep.get('auc')}, mean log-odds {sep.get('mean_score')}", flush=True)
     return out

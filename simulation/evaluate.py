@@ -106,19 +106,28 @@ def _domain_reports(answers: Sequence[Any], base_answers: Sequence[Any] | None,
     return out
 
 
-def _add_option_scores(reports: dict[str, DomainReport], records: Sequence[Record], logprobs: Sequence[Sequence[float]],
-                       base_logprobs: Sequence[Sequence[float]] | None) -> None:
-    """Each two-answer domain's :func:`option_separation`, for the model and the base alone."""
+def option_separations(records: Sequence[Record], logprobs: Sequence[Sequence[float]]) -> dict[str, dict[str, Any] | None]:
+    """Per domain, :func:`option_separation` of the records' option log-probabilities (in record order)."""
     from client.trainer import truth_labels
     from common.rewards import true_label_set
 
-    for domain, report in reports.items():
+    out = {}
+    for domain in sorted({r.domain for r in records}):
         idx = [i for i, r in enumerate(records) if r.domain == domain]
         truth = [truth_labels(records[i]) for i in idx]
         options = [[true_label_set(o, options=records[i].options) for o in records[i].options] for i in idx]
-        report.option_scores = option_separation(truth, options, [logprobs[i] for i in idx])
-        if base_logprobs is not None:
-            report.base_option_scores = option_separation(truth, options, [base_logprobs[i] for i in idx])
+        out[domain] = option_separation(truth, options, [logprobs[i] for i in idx])
+    return out
+
+
+def _add_option_scores(reports: dict[str, DomainReport], records: Sequence[Record], logprobs: Sequence[Sequence[float]],
+                       base_logprobs: Sequence[Sequence[float]] | None) -> None:
+    """Each two-answer domain's :func:`option_separation`, for the model and the base alone."""
+    mine = option_separations(records, logprobs)
+    base = option_separations(records, base_logprobs) if base_logprobs is not None else {}
+    for domain, report in reports.items():
+        report.option_scores = mine.get(domain)
+        report.base_option_scores = base.get(domain)
 
 
 def _overall(reports: dict[str, DomainReport]) -> dict[str, Any]:
@@ -191,7 +200,7 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     """Evaluate and write ``evaluation.json`` / ``evaluation.md`` (+ explanation PNGs) under ``out``."""
     from client.trainer import LocalTrainer, truth_labels
     from common.modeling.loader import load_base_model
-    from common.modeling.lora import is_lora_b, read_peft_folder
+    from common.modeling.lora import read_peft_folder, with_zero_b
     from common.modeling.policy import Policy
     from simulation.explain import explain_answers
     from simulation.export import adapter_folder
@@ -211,7 +220,7 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
         seen = [truth_labels(r) for r in train if r.domain == d]
         if seen:
             majority[d] = majority_answer(seen)
-    zero = {k: (v * 0 if is_lora_b(k) else v) for k, v in policy.get_adapter().items()}
+    zero = with_zero_b(policy.get_adapter())
     scored = cfg.prompt.constrained  # answer probabilities exist for constrained answers only
     base_answers = base_logprobs = None
     if folder is not None:

@@ -22,6 +22,7 @@ import torch
 from common.config import LoraSettings
 
 __all__ = [
+    "with_zero_b",
     "target_regex",
     "peft_lora_config",
     "attach_lora",
@@ -46,6 +47,11 @@ def is_lora_a(name: str) -> bool:
 
 def is_lora_b(name: str) -> bool:
     return name.endswith(_B)
+
+
+def with_zero_b(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every lora_B zero: the adapter under which the model is its base model."""
+    return {k: (v * 0 if is_lora_b(k) else v) for k, v in state.items()}
 
 
 def target_regex(targets: list[str]) -> str:

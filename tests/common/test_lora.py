@@ -298,3 +298,15 @@ def test_meta_device_shapes_equal_the_attached_model(cfg, peft_model):
     for name, shape in shapes.items():
         expected = (8, shape[1]) if is_lora_a(name) else (shape[0], 8)
         assert r8[name] == expected, name
+
+
+def test_with_zero_b_zeroes_only_lora_b():
+    import torch
+
+    from common.modeling.lora import with_zero_b
+
+    state = {"x.lora_A.weight": torch.ones(2, 3), "x.lora_B.weight": torch.ones(3, 2)}
+    zero = with_zero_b(state)
+    assert torch.equal(zero["x.lora_A.weight"], state["x.lora_A.weight"])
+    assert torch.equal(zero["x.lora_B.weight"], torch.zeros(3, 2))
+    assert torch.equal(state["x.lora_B.weight"], torch.ones(3, 2))  # the input is left as it was
