@@ -194,9 +194,7 @@ def convert_table(table: Table, out_root: str | os.PathLike[str], *, question: s
         out[split].append(json.dumps(record, ensure_ascii=False) + "\n")
         summary.labels.setdefault(split, {})
         summary.labels[split][label] = summary.labels[split].get(label, 0) + 1
-    left_out = sum(split is None for split in splits)
-    if left_out:
-        summary.left_out = left_out
+    summary.left_out = sum(split is None for split in splits)
     for split in SPLITS:
         (folder / f"annotation_{split}.jsonl").write_text("".join(out[split]), encoding="utf-8")
         summary.written[split] = len(out[split])
