@@ -4,6 +4,7 @@
     fedclimb train-local --data ROOT --steps N        one hospital's local DRPO, no Flower
     fedclimb data validate ROOT [--json]              check a CLIMB root, media included
     fedclimb data synth OUT                           write the synthetic federation
+    fedclimb data synth OUT --graded 40,25,15,8,2     write the learning benchmark's graded-rarity pool
     fedclimb data from-dicom DICOM_DIR OUT ...        a hospital's DICOM folder -> CLIMB
     fedclimb data from-table OUT --csv F|--builtin    a table (one row per patient) -> CLIMB text records
     fedclimb privacy report --state DIR               a hospital's privacy ledger, verified
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compare", action="store_true",
                    help="compare local-only, FedAvg+GRPO, domain-aware+DRPO and centralised DRPO")
     s.add_argument("--seeds", type=int, default=1, help="with --compare: number of seeds (default 1)")
+    s.add_argument("--arms", help="with --compare: comma-separated arms (default local-only,fedavg-grpo,"
+                   "domain-drpo,centralised-drpo; also fedavg-grpo+ffa, fedavg-grpo+domain, fedavg-grpo+drpo, "
+                   "centralised-grpo)")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
 
     t = sub.add_parser("train-local", help="train one hospital's adapter locally (no federation)")
@@ -79,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--scale", type=float, default=1.0)
     sy.add_argument("--overwrite", action="store_true")
+    sy.add_argument("--graded", metavar="SHARES",
+                    help="instead: one CLIMB root of five lab-panel domains with these training shares "
+                         "(e.g. 40,25,15,8,2), the learning benchmark's pool (split it with simulation.partition)")
+    sy.add_argument("--train-records", type=int, default=1000, help="with --graded: training records in all")
+    sy.add_argument("--test-records", type=int, default=40, help="with --graded: test records per domain (balanced)")
     fd = d.add_parser("from-dicom", help="convert a DICOM folder + labels CSV into CLIMB records (no PHI)")
     fd.add_argument("dicom_dir")
     fd.add_argument("out")
@@ -195,6 +204,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from simulation.synth import generate_federation
 
+    if args.graded:
+        return _synth_graded(args)
     try:
         summary = generate_federation(Path(args.out), hospitals=args.hospitals, seed=args.seed, scale=args.scale,
                                       overwrite=args.overwrite)
@@ -203,6 +214,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     for root in summary.hospital_roots:
         print(f"{root}: " + ", ".join(
             f"{split} {sum(c.values())}" for split, c in summary.counts[root.name].items()))
+    return 0
+
+
+def _synth_graded(args: argparse.Namespace) -> int:
+    from simulation.synth_graded import generate_graded, parse_shares
+
+    try:
+        counts = generate_graded(Path(args.out), shares=parse_shares(args.graded), train_records=args.train_records,
+                                 eval_records=args.test_records, seed=args.seed, overwrite=args.overwrite)
+    except (ValueError, OSError) as exc:
+        raise _UsageError(str(exc)) from None
+    total = sum(c["train"] for c in counts.values())
+    for domain, c in counts.items():
+        print(f"{domain}: train {c['train']} ({100 * c['train'] / total:.1f}%), valid {c['valid']}, test {c['test']}")
+    print(f"{args.out}: one CLIMB root; simulate it with simulation.data_root={args.out} "
+          "simulation.partition=dirichlet (or federation=benchmark)")
     return 0
 
 
@@ -289,10 +316,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         cfg = config_for_cli(args.config, args.overrides, hospitals=args.hospitals, data=args.data, seed=args.seed)
     except ConfigError as exc:
         raise _UsageError(str(exc)) from None
+    if args.arms and not args.compare:
+        raise _UsageError("--arms needs --compare")
     if args.compare:
-        from simulation.compare import run_compare
+        from simulation.compare import ARMS, DEFAULT_ARMS, run_compare
 
-        return run_compare(cfg, Path(args.out), seeds=args.seeds, quiet=args.quiet)
+        arms = tuple(a for a in (args.arms or "").split(",") if a) or DEFAULT_ARMS
+        unknown = [a for a in arms if a not in ARMS]
+        if unknown:
+            raise _UsageError(f"--arms: unknown arm {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        return run_compare(cfg, Path(args.out), seeds=args.seeds, quiet=args.quiet, arms=arms)
     mode = "quiet" if args.quiet else "jsonl" if args.jsonl else "progress"
     result = run_simulation(cfg, Path(args.out), mode=mode, verbose=args.verbose)  # type: ignore[arg-type]
     failure = result.failure()  # did not finish, or no round aggregated

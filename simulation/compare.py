@@ -1,9 +1,11 @@
-"""`fedclimb simulate --compare`: four ways to train, same data, model, seeds and budget.
+"""`fedclimb simulate --compare`: ways to train, same data, model, seeds and budget.
 
 - local-only: each hospital trains alone (its own adapter, its own test split);
-- FedAvg + GRPO: A/B averaged separately (fedit), examples weights, GRPO advantages;
-- domain-aware + DRPO: the default federation (exact ffa aggregation, domain weights, DRPO);
-- centralised DRPO: all hospitals' records pooled in one place (no federation).
+- fedavg-grpo: A/B averaged separately (fedit), examples weights, GRPO advantages;
+- fedavg-grpo+ffa, fedavg-grpo+domain, fedavg-grpo+drpo: FedAvg + GRPO with exactly one
+  of fedclimb's three changes (exact ffa aggregation, domain weights, DRPO advantages);
+- domain-drpo: all three, the default federation;
+- centralised-grpo, centralised-drpo: all hospitals' records pooled in one place.
 
 Every arm runs rounds x steps local steps per hospital (centralised: rounds x steps x
 hospitals on the pool) with the same privacy settings. The federated arms run the real
@@ -19,11 +21,12 @@ import logging
 import math
 import os
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from client.rounds import Instruction, evaluate_round, train_round
+from client.rounds import Instruction, train_round
 from client.runtime import Runtime
 from client.site import Site, effective_config
 from common.climb.records import LINKED_ROOTS_FILE, linked_roots
@@ -32,35 +35,37 @@ from simulation.simulate import prepare_run, run_inprocess
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARMS", "run_compare", "summarise", "write_comparison"]
+__all__ = ["ARMS", "ARM_SETTINGS", "DEFAULT_ARMS", "arm_config", "macro", "mean_ci", "run_arm", "run_compare",
+           "summarise", "worst", "write_comparison"]
 
-ARMS = ("local-only", "fedavg-grpo", "domain-drpo", "centralised-drpo")
+# (aggregation.mode, aggregation.weighting, advantage.estimator) of every arm; local-only
+# keeps the configuration's own settings (one hospital: nothing is aggregated).
+ARM_SETTINGS: dict[str, tuple[str, str, str] | None] = {
+    "local-only": None,
+    "fedavg-grpo": ("fedit", "examples", "grpo"),
+    "fedavg-grpo+ffa": ("ffa", "examples", "grpo"),
+    "fedavg-grpo+domain": ("fedit", "domain", "grpo"),
+    "fedavg-grpo+drpo": ("fedit", "examples", "drpo"),
+    "domain-drpo": ("ffa", "domain", "drpo"),
+    "centralised-grpo": ("ffa", "domain", "grpo"),
+    "centralised-drpo": ("ffa", "domain", "drpo"),
+}
+ARMS = tuple(ARM_SETTINGS)
+# What --compare runs unless told otherwise: the four arms of the question it answers.
+DEFAULT_ARMS = ("local-only", "fedavg-grpo", "domain-drpo", "centralised-drpo")
+FEDERATED = ("fedavg-grpo", "fedavg-grpo+ffa", "fedavg-grpo+domain", "fedavg-grpo+drpo", "domain-drpo")
 
 
-def _arm_config(cfg: FedClimbConfig, arm: str, seed: int) -> FedClimbConfig:
+def arm_config(cfg: FedClimbConfig, arm: str, seed: int) -> FedClimbConfig:
+    """``cfg`` with ``arm``'s aggregation, weighting and estimator, and ``seed``."""
+    if arm not in ARM_SETTINGS:
+        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     c = copy.deepcopy(cfg)
     c.seed = seed
-    if arm == "fedavg-grpo":
-        c.aggregation.mode, c.aggregation.weighting, c.advantage.estimator = "fedit", "examples", "grpo"
-    elif arm in ("domain-drpo", "centralised-drpo"):
-        c.aggregation.mode, c.aggregation.weighting, c.advantage.estimator = "ffa", "domain", "drpo"
+    settings = ARM_SETTINGS[arm]
+    if settings is not None:
+        c.aggregation.mode, c.aggregation.weighting, c.advantage.estimator = settings
     return c
-
-
-def _combine(per_site: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Records-weighted per-domain metrics over sites (each a DomainEval mapping)."""
-    out: dict[str, dict[str, float]] = {}
-    domains = sorted({d for site in per_site for d in site})
-    for d in domains:
-        rows = [site[d] for site in per_site if d in site and site[d].records > 0]
-        n = sum(r.records for r in rows)
-        out[d] = {
-            "records": float(n),
-            "balanced_accuracy": sum(r.records * r.balanced_accuracy for r in rows) / n,
-            "macro_f1": sum(r.records * r.macro_f1 for r in rows) / n,
-            "mean_reward": sum(r.records * r.mean_reward for r in rows) / n,
-        }
-    return out
 
 
 def _sites(run_dir: Path, sim_root: Path, n: int) -> list[Site]:
@@ -68,13 +73,14 @@ def _sites(run_dir: Path, sim_root: Path, n: int) -> list[Site]:
             for i in range(n)]
 
 
-def _local_rounds(runtime: Runtime, site: Site, cfg: FedClimbConfig, rounds: int) -> dict[str, Any]:
-    """Train one site alone for ``rounds`` rounds; evaluate its own adapter."""
+def _local_rounds(runtime: Runtime, site: Site, cfg: FedClimbConfig, rounds: int) -> list[dict[str, Any]]:
+    """Train one site alone for ``rounds`` rounds; its adapter after each round."""
     from common.modeling.lora import init_adapter
     from common.modeling.shapes import adapter_shapes_for
 
     cfg = effective_config(cfg, site, {})
     adapter = init_adapter(adapter_shapes_for(cfg.model, cfg.lora), seed=cfg.lora.init_seed, b_std=cfg.lora.init_b_std)
+    adapters = []
     for r in range(1, rounds + 1):
         ins = Instruction(server_round=r, seed=cfg.seed, planned_rounds=rounds, domain_names=list(cfg.federation.domains))
         outcome = train_round(runtime, site, cfg, ins, adapter)
@@ -84,8 +90,41 @@ def _local_rounds(runtime: Runtime, site: Site, cfg: FedClimbConfig, rounds: int
         full = dict(adapter)
         full.update(outcome.adapter)
         adapter = full
-    ev = evaluate_round(runtime, site, cfg, Instruction(server_round=rounds, seed=cfg.seed), adapter)
-    return ev.per_domain
+        adapters.append(adapter)
+    return adapters
+
+
+class Scorer:
+    """Scores adapters on one fixed set of test records: every hospital's test split.
+
+    Every arm is measured on the same records, by one model in this process, so arms
+    differ only in the adapter. Greedy answers, as ``fedclimb evaluate``.
+    """
+
+    def __init__(self, cfg: FedClimbConfig, roots: Sequence[Path]) -> None:
+        from client.trainer import LocalTrainer
+        from common.climb.records import load_records
+        from common.modeling.loader import load_base_model
+        from common.modeling.policy import Policy
+
+        self.cfg = cfg
+        self.policy = Policy(load_base_model(cfg.model), cfg.lora)
+        self.trainer = LocalTrainer(self.policy, cfg)
+        self.records = [r for root in roots for r in self.trainer.usable(
+            load_records(root, cfg.data.eval_split, domain_key=cfg.data.domain_key))]
+        if not self.records:
+            raise ValueError(f"no usable {cfg.data.eval_split} records under {', '.join(map(str, roots))}")
+
+    def score(self, adapter: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+        """Per-domain metrics of ``adapter`` (``_FIELDS``) on the test records."""
+        self.policy.set_adapter(dict(adapter))
+        result = self.trainer.evaluate(self.records, seed=self.cfg.seed)
+        return {d: {k: float(getattr(e, k)) for k in _FIELDS} for d, e in sorted(result.domains.items())}
+
+    def score_mean(self, adapters: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+        """Per-domain metrics averaged over ``adapters`` (each hospital's own, for local-only)."""
+        scores = [self.score(a) for a in adapters]
+        return {d: {k: float(np.mean([sc[d][k] for sc in scores])) for k in _FIELDS} for d in scores[0]}
 
 
 def _media_entries(folder: Path) -> list[Path]:
@@ -147,37 +186,121 @@ def _pooled_site(run_dir: Path, sites: list[Site], cfg: FedClimbConfig) -> Site:
     return Site("pooled", hospital, True)
 
 
-def _run_arm(cfg: FedClimbConfig, arm: str, run_dir: Path) -> dict[str, dict[str, float]]:
-    if arm in ("fedavg-grpo", "domain-drpo"):
+def run_arm(cfg: FedClimbConfig, arm: str, run_dir: Path) -> dict[str, Any]:
+    """Train ``arm`` with ``cfg`` (from :func:`arm_config`) in ``run_dir`` and score it.
+
+    Returns ``{"final": per-domain metrics, "curve": [per-domain metrics after each round]}``,
+    per-domain metrics being ``{domain: {records, balanced_accuracy, macro_f1, mean_reward}}``
+    on every hospital's test records (:class:`Scorer`). Local-only scores each hospital's
+    own adapter on them and averages over hospitals. The federated arms run the ServerApp
+    loop and ClientApp in-process with the hospitals' own evaluation off; their global
+    adapter is read back from each round's checkpoint.
+    """
+    from common.modeling.lora import read_peft_folder
+    from server.checkpoint import round_dir
+
+    if arm in FEDERATED:
+        cfg = copy.deepcopy(cfg)
+        cfg.federation.evaluate = cfg.federation.evaluate_initial = False
         result = run_inprocess(cfg, run_dir)
-        return result.history[-1]["evaluate"]["domains"]
+        run_dir, run_cfg = result.run_dir, result.cfg
+        scorer = Scorer(run_cfg, [Path(p) for p in _roots(run_dir)])
+        curve = []
+        for r in range(1, run_cfg.federation.rounds + 1):
+            folder = round_dir(run_dir, r) / "adapter"
+            if not folder.is_dir():
+                break
+            curve.append(scorer.score(read_peft_folder(folder)))
+        return {"final": curve[-1] if curve else {}, "curve": curve}
     run = prepare_run(cfg, run_dir)
     sites = _sites(run.run_dir, run.sim_root, len(run.roots))
     runtime = Runtime()
     rounds = run.cfg.federation.rounds
+    scorer = Scorer(run.cfg, run.roots)
     if arm == "local-only":
-        return _combine([_local_rounds(runtime, s, run.cfg, rounds) for s in sites])
-    pooled = _pooled_site(run.run_dir, sites, run.cfg)
-    central = copy.deepcopy(run.cfg)
-    central.train.steps = run.cfg.train.steps * len(sites)
-    return _combine([_local_rounds(runtime, pooled, central, rounds)])
+        per_site = [_local_rounds(runtime, s, run.cfg, rounds) for s in sites]
+        last = min(map(len, per_site))
+        curve = [scorer.score_mean([a[r] for a in per_site]) for r in range(last)]
+    else:
+        pooled = _pooled_site(run.run_dir, sites, run.cfg)
+        central = copy.deepcopy(run.cfg)
+        central.train.steps = run.cfg.train.steps * len(sites)
+        curve = [scorer.score(a) for a in _local_rounds(runtime, pooled, central, rounds)]
+    return {"final": curve[-1] if curve else {}, "curve": curve}
 
 
-def summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str, dict[str, Any]]:
-    """Mean and std over seeds of per-domain and worst-domain balanced accuracy."""
+def _roots(run_dir: Path) -> list[str]:
+    """The hospitals' data roots of a prepared run, in hospital order."""
+    from common.config import load_hospital_config
+
+    folders = sorted((run_dir / "hospitals").glob("hospital-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [load_hospital_config(f / "hospital.yaml").data_root for f in folders]
+
+
+_FIELDS = ("records", "balanced_accuracy", "macro_f1", "mean_reward")
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean, sample std and the Student-t confidence interval of the mean.
+
+    One value gives an interval of zero width at the value (nothing to estimate it from).
+    """
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    if n == 0:
+        raise ValueError("mean_ci needs at least one value")
+    mean = float(v.mean())
+    std = float(v.std(ddof=1)) if n > 1 else 0.0
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * std / np.sqrt(n)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": float(n)}
+
+
+def macro(domains: Mapping[str, Mapping[str, float]]) -> float:
+    """Unweighted mean balanced accuracy over domains (every domain counts the same)."""
+    return float(np.mean([m["balanced_accuracy"] for m in domains.values()]))
+
+
+def worst(domains: Mapping[str, Mapping[str, float]]) -> float:
+    """Balanced accuracy of the worst domain."""
+    return float(min(m["balanced_accuracy"] for m in domains.values()))
+
+
+def summarise(results: dict[str, list[dict[str, dict[str, float]]]], *, reference: str = "fedavg-grpo"
+              ) -> dict[str, dict[str, Any]]:
+    """Per arm over seeds: per-domain, macro and worst-domain balanced accuracy and reward.
+
+    Each is ``mean_ci`` of the per-seed values. With ``reference`` among the arms,
+    ``paired`` holds the mean and interval of the per-seed difference arm - reference
+    (macro and worst), seed i of one arm paired with seed i of the other.
+    """
     out: dict[str, dict[str, Any]] = {}
     for arm, runs in results.items():
         domains = sorted({d for r in runs for d in r})
         per_domain = {d: [r[d]["balanced_accuracy"] for r in runs if d in r] for d in domains}
-        worst = [min(r[d]["balanced_accuracy"] for d in r) for r in runs]
         reward = [np.average([r[d]["mean_reward"] for d in r], weights=[r[d]["records"] for d in r]) for r in runs]
         out[arm] = {
-            "per_domain": {d: (float(np.mean(v)), float(np.std(v))) for d, v in per_domain.items()},
-            "worst": (float(np.mean(worst)), float(np.std(worst))),
-            "reward": (float(np.mean(reward)), float(np.std(reward))),
+            "per_domain": {d: mean_ci(v) for d, v in per_domain.items()},
+            "macro": mean_ci([macro(r) for r in runs]),
+            "worst": mean_ci([worst(r) for r in runs]),
+            "reward": mean_ci(reward),
             "seeds": len(runs),
         }
+    ref = results.get(reference)
+    if ref:
+        for arm, runs in results.items():
+            if arm == reference or len(runs) != len(ref):
+                continue
+            out[arm]["paired"] = {
+                f"{name}_minus_{reference}": mean_ci([f(a) - f(b) for a, b in zip(runs, ref, strict=True)])
+                for name, f in (("macro", macro), ("worst", worst))
+            }
     return out
+
+
+def _cell(ci: Mapping[str, float]) -> str:
+    return f"{ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if ci["n"] > 1 else f"{ci['mean']:.3f}"
 
 
 def write_comparison(out: Path, summary: dict[str, dict[str, Any]], cfg: FedClimbConfig) -> None:
@@ -193,16 +316,16 @@ def write_comparison(out: Path, summary: dict[str, dict[str, Any]], cfg: FedClim
         "",
         f"{cfg.simulation.hospitals} hospitals, {cfg.federation.rounds} rounds x {cfg.train.steps} local steps, "
         f"DP {'on (target epsilon ' + str(cfg.privacy.target_epsilon) + ')' if cfg.privacy.enabled else 'off'}, "
-        f"{next(iter(summary.values()))['seeds']} seed(s). Test balanced accuracy, mean +- std over seeds.",
+        f"{next(iter(summary.values()))['seeds']} seed(s). Test balanced accuracy, mean over seeds "
+        "[95% confidence interval].",
         "",
-        "| arm | " + " | ".join(domains) + " | worst domain | mean reward |",
-        "|---|" + "---|" * (len(domains) + 2),
+        "| arm | " + " | ".join(domains) + " | macro | worst domain | mean reward |",
+        "|---|" + "---|" * (len(domains) + 3),
     ]
     for arm, s in summary.items():
-        cells = [f"{s['per_domain'][d][0]:.3f} +- {s['per_domain'][d][1]:.3f}" if d in s["per_domain"] else "-"
-                 for d in domains]
+        cells = [_cell(s["per_domain"][d]) if d in s["per_domain"] else "-" for d in domains]
         lines.append(f"| {arm} | " + " | ".join(cells)
-                     + f" | **{s['worst'][0]:.3f} +- {s['worst'][1]:.3f}** | {s['reward'][0]:.3f} +- {s['reward'][1]:.3f} |")
+                     + f" | {_cell(s['macro'])} | **{_cell(s['worst'])}** | {_cell(s['reward'])} |")
     lines += ["", "![comparison](comparison.png)", ""]
     (out / "comparison.md").write_text("\n".join(lines), encoding="utf-8")
 
@@ -210,39 +333,45 @@ def write_comparison(out: Path, summary: dict[str, dict[str, Any]], cfg: FedClim
     width = 0.8 / len(summary)
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(groups), 4.8), constrained_layout=True)
     for i, (arm, s) in enumerate(summary.items()):
-        means = [s["per_domain"].get(d, (math.nan, 0))[0] for d in domains] + [s["worst"][0]]
-        stds = [s["per_domain"].get(d, (0, 0))[1] for d in domains] + [s["worst"][1]]
+        cis = [s["per_domain"].get(d) for d in domains] + [s["worst"]]
+        means = [c["mean"] if c else math.nan for c in cis]
+        errors = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] if c else [0, 0] for c in cis]).T
         xs = np.arange(len(groups)) + (i - (len(summary) - 1) / 2) * width
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=arm)
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=arm)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(np.arange(len(groups)), groups, rotation=15)
     ax.set_ylabel("test balanced accuracy")
     ax.set_ylim(0, 1.18)  # headroom: the legend sits above the bars
-    ax.set_title("Local-only vs FedAvg+GRPO vs domain-aware+DRPO vs centralised DRPO")
-    ax.legend(fontsize=8, ncols=len(ARMS), loc="upper center")
+    ax.set_title(" vs ".join(summary))
+    ax.legend(fontsize=8, ncols=min(4, len(summary)), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(out / "comparison.png", dpi=110)
     plt.close(fig)
 
 
-def run_compare(cfg: FedClimbConfig, out: Path, *, seeds: int = 1, quiet: bool = False) -> int:
+def run_compare(cfg: FedClimbConfig, out: Path, *, seeds: int = 1, quiet: bool = False,
+                arms: Sequence[str] = DEFAULT_ARMS) -> int:
     """Run every arm for every seed and write the comparison into ``out``."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, dict[str, float]]]] = {arm: [] for arm in ARMS}
+    for arm in arms:
+        if arm not in ARM_SETTINGS:
+            raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    results: dict[str, list[dict[str, dict[str, float]]]] = {arm: [] for arm in arms}
+    curves: dict[str, list[list[dict[str, dict[str, float]]]]] = {arm: [] for arm in arms}
     for s in range(seeds):
-        for arm in ARMS:
-            arm_cfg = _arm_config(cfg, arm, cfg.seed + s)
+        for arm in arms:
+            arm_cfg = arm_config(cfg, arm, cfg.seed + s)
             if not quiet:
                 print(f"seed {cfg.seed + s}: {arm} ...", flush=True)
-            domains = _run_arm(arm_cfg, arm, out / arm / f"seed-{cfg.seed + s}")
-            results[arm].append(domains)
+            outcome = run_arm(arm_cfg, arm, out / arm / f"seed-{cfg.seed + s}")
+            results[arm].append(outcome["final"])
+            curves[arm].append(outcome["curve"])
             if not quiet:
-                worst = min(v["balanced_accuracy"] for v in domains.values())
-                print(f"  worst-domain balanced accuracy {worst:.3f}", flush=True)
+                print(f"  worst-domain balanced accuracy {worst(outcome['final']):.3f}", flush=True)
     summary = summarise(results)
-    (out / "comparison.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
+    (out / "comparison.json").write_text(json.dumps({"summary": summary, "runs": results, "curves": curves,
+                                                     "seeds": [cfg.seed + s for s in range(seeds)]}, indent=2))
     write_comparison(out, summary, cfg)
     print(out / "comparison.md" if quiet else (out / "comparison.md").read_text())
     return 0
-

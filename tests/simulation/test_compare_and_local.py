@@ -11,25 +11,66 @@ from client.site import Site
 from common.climb.validate import validate_root
 from common.config import HospitalConfig, load_config
 from simulation.cli import main
-from simulation.compare import ARMS, _pooled_site, run_compare, summarise
+from simulation.compare import DEFAULT_ARMS, _pooled_site, arm_config, mean_ci, run_arm, run_compare, summarise
 from simulation.partition import partition_root
 from simulation.synth import generate_federation
 
 
-def test_summarise_means_and_stds_by_hand() -> None:
+def test_mean_ci_by_hand() -> None:
+    # [1, 2, 3]: mean 2, sample std 1, t(0.975, 2 df) = 4.302653 -> half-width 4.302653 / sqrt(3) = 2.484138
+    ci = mean_ci([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0 and ci["std"] == pytest.approx(1.0) and ci["n"] == 3
+    assert (ci["low"], ci["high"]) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6)
+    # 90%: t(0.95, 2 df) = 2.919986 -> 1.685854
+    assert mean_ci([1.0, 2.0, 3.0], 0.9)["high"] == pytest.approx(2 + 1.685854, abs=1e-6)
+    one = mean_ci([0.7])
+    assert one["low"] == one["high"] == one["mean"] == 0.7 and one["std"] == 0.0
+    with pytest.raises(ValueError):
+        mean_ci([])
+
+
+def test_summarise_by_hand_with_paired_differences() -> None:
+    def run(x: float, y: float, rx: float = 0.5, ry: float = 0.5) -> dict:
+        return {"x": {"balanced_accuracy": x, "mean_reward": rx, "records": 10.0},
+                "y": {"balanced_accuracy": y, "mean_reward": ry, "records": 30.0}}
+
     runs = {
-        "a": [
-            {"x": {"balanced_accuracy": 0.6, "mean_reward": 0.5, "records": 10.0},
-             "y": {"balanced_accuracy": 0.8, "mean_reward": 0.7, "records": 30.0}},
-            {"x": {"balanced_accuracy": 0.8, "mean_reward": 0.6, "records": 10.0},
-             "y": {"balanced_accuracy": 0.6, "mean_reward": 0.9, "records": 30.0}},
-        ]
+        "fedavg-grpo": [run(0.6, 0.8, 0.5, 0.7), run(0.8, 0.6, 0.6, 0.9)],
+        "a": [run(0.7, 0.9), run(0.9, 0.5)],
     }
-    s = summarise(runs)["a"]
-    assert s["per_domain"]["x"] == pytest.approx((0.7, 0.1))  # mean (0.6, 0.8), population std 0.1
-    assert s["worst"] == pytest.approx((0.6, 0.0))  # worst per run: 0.6 and 0.6
+    summary = summarise(runs)
+    ref = summary["fedavg-grpo"]
+    assert ref["per_domain"]["x"]["mean"] == pytest.approx(0.7)
+    assert ref["per_domain"]["x"]["std"] == pytest.approx(0.1414214, abs=1e-6)  # sample std of 0.6, 0.8
+    assert ref["worst"]["mean"] == pytest.approx(0.6) and ref["worst"]["std"] == pytest.approx(0.0)
+    assert ref["macro"]["mean"] == pytest.approx(0.7)  # (0.6 + 0.8) / 2 in both runs
     # records-weighted reward per run: (5 + 21) / 40 = 0.65 and (6 + 27) / 40 = 0.825
-    assert s["reward"][0] == pytest.approx((0.65 + 0.825) / 2)
+    assert ref["reward"]["mean"] == pytest.approx((0.65 + 0.825) / 2)
+    assert "paired" not in ref
+    # arm a: worst 0.7 and 0.5 against 0.6 and 0.6 -> differences +0.1, -0.1; macro 0.8, 0.7 vs 0.7, 0.7
+    paired = summary["a"]["paired"]
+    assert paired["worst_minus_fedavg-grpo"]["mean"] == pytest.approx(0.0)
+    assert paired["worst_minus_fedavg-grpo"]["std"] == pytest.approx(0.1414214, abs=1e-6)
+    assert paired["macro_minus_fedavg-grpo"]["mean"] == pytest.approx(0.05)
+    # t(0.975, 1 df) = 12.706205: half-width 12.706205 * 0.0707107 / sqrt(2) = 0.635310
+    assert paired["macro_minus_fedavg-grpo"]["high"] == pytest.approx(0.05 + 0.635310, abs=1e-5)
+
+
+def test_arm_config_changes_exactly_one_thing_per_single_change_arm() -> None:
+    cfg = load_config()
+    base = arm_config(cfg, "fedavg-grpo", 7)
+    assert (base.aggregation.mode, base.aggregation.weighting, base.advantage.estimator) == ("fedit", "examples", "grpo")
+    assert base.seed == 7
+    for arm, field in (("fedavg-grpo+ffa", "mode"), ("fedavg-grpo+domain", "weighting"), ("fedavg-grpo+drpo", "estimator")):
+        c = arm_config(cfg, arm, 7)
+        got = {"mode": c.aggregation.mode, "weighting": c.aggregation.weighting, "estimator": c.advantage.estimator}
+        ref = {"mode": "fedit", "weighting": "examples", "estimator": "grpo"}
+        assert [k for k in got if got[k] != ref[k]] == [field], arm
+    full = arm_config(cfg, "domain-drpo", 7)
+    assert (full.aggregation.mode, full.aggregation.weighting, full.advantage.estimator) == ("ffa", "domain", "drpo")
+    assert arm_config(cfg, "centralised-grpo", 7).advantage.estimator == "grpo"
+    with pytest.raises(ValueError, match="unknown arm"):
+        arm_config(cfg, "fedprox", 7)
 
 
 def test_pooled_data_holds_every_hospitals_records_and_media(tmp_path: Path) -> None:
@@ -67,16 +108,38 @@ def test_compare_runs_all_four_arms(tmp_path: Path, capsys: pytest.CaptureFixtur
     ])
     assert run_compare(cfg, tmp_path / "cmp", seeds=1, quiet=True) == 0
     data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert set(data["summary"]) == set(ARMS)
-    for arm in ARMS:
+    assert set(data["summary"]) == set(DEFAULT_ARMS)
+    domains = {"synth_cxr", "synth_derm", "synth_ecg", "synth_fundus", "synth_labs"}
+    for arm in DEFAULT_ARMS:
         s = data["summary"][arm]
-        assert 0.0 <= s["worst"][0] <= 1.0 and s["seeds"] == 1
-        assert set(s["per_domain"]) <= {"synth_cxr", "synth_derm", "synth_ecg", "synth_fundus", "synth_labs"}
-    # centralised pools every hospital's data: it sees every domain, fundus (one hospital) included
-    assert "synth_fundus" in data["summary"]["centralised-drpo"]["per_domain"]
+        assert 0.0 <= s["worst"]["mean"] <= s["macro"]["mean"] <= 1.0 and s["seeds"] == 1
+        # every arm is scored on the same records: every hospital's test split, every domain
+        assert set(s["per_domain"]) == domains
+        assert len(data["curves"][arm][0]) == 1  # one round
+    records = {d: m["records"] for d, m in data["runs"]["local-only"][0].items()}
+    assert records == {d: m["records"] for d, m in data["runs"]["centralised-drpo"][0].items()}
+    assert "paired" in data["summary"]["domain-drpo"] and "paired" not in data["summary"]["fedavg-grpo"]
     text = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert all(arm in text for arm in ARMS)
+    assert all(arm in text for arm in DEFAULT_ARMS)
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["fedavg-grpo+ffa", "local-only", "centralised-grpo"])
+def test_run_arm_scores_every_round_on_the_pooled_test_records(tmp_path: Path, arm: str) -> None:
+    from simulation.synth_graded import generate_graded
+
+    counts = generate_graded(tmp_path / "pool", train_records=60, eval_records=4, seed=0)
+    cfg = load_config(overrides=[
+        "federation=benchmark", f"simulation.data_root={tmp_path / 'pool'}", "simulation.hospitals=2",
+        "federation.rounds=2", "train.steps=1", "rollout.batch_prompts=4", "rollout.num_rollouts=2",
+        f"model.cache_dir={tmp_path / 'cache'}",
+    ])
+    out = run_arm(arm_config(cfg, arm, 0), arm, tmp_path / "run")
+    assert len(out["curve"]) == 2 and out["final"] == out["curve"][-1]
+    for scores in out["curve"]:
+        assert {d: m["records"] for d, m in scores.items()} == {d: float(c["test"]) for d, c in counts.items()}
+        assert all(0.0 <= m["balanced_accuracy"] <= 1.0 for m in scores.values())
 
 
 def test_train_local_prints_a_per_domain_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
