@@ -79,6 +79,25 @@ def test_heterogeneous_history_matches_fresh_accountant(accountant):
     )
 
 
+def test_rdp_epsilon_equals_opacus_bit_for_bit_with_cached_curves():
+    """The cached per-step curves give Opacus's number exactly, also when asked again."""
+    history = [(1.1, 0.02, 40), (3.0, 1.0, 1), (0.9, 0.05, 10), (7.5, 0.3, 3)]
+    merged = compress_history(history)
+    expected = fresh_epsilon(merged, "rdp")
+    assert epsilon_for(history, delta=DELTA) == expected  # first call fills the cache
+    assert epsilon_for(history, delta=DELTA) == expected  # second call reads it
+    assert epsilon_for(history[:2], delta=DELTA) == fresh_epsilon(compress_history(history[:2]), "rdp")
+
+
+def test_cached_rdp_curves_cannot_be_changed_by_a_caller():
+    from common.privacy.accounting import _rdp_per_step
+
+    curve = _rdp_per_step(1.3, 0.04)
+    with pytest.raises(ValueError):
+        curve[0] = 0.0
+    assert np.array_equal(curve, compute_rdp(q=0.04, noise_multiplier=1.3, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
 def test_compress_history_merges_equal_mechanisms_and_drops_zero_steps():
     """Equal (sigma, q) pairs are merged wherever they occur; zero-step entries vanish."""
     history = [(1.0, 0.01, 5), (2.0, 1.0, 1), (1.0, 0.01, 7), (3.0, 0.5, 0), (2.0, 1.0, 1)]
