@@ -609,9 +609,21 @@ def seal(state_dir: str | os.PathLike[str]) -> str:
 
 def _privacy_state(directory: Path) -> tuple[list[str], list[str]]:
     """(privacy state, other visible files) in a state directory that has no ledger."""
-    names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+    names = sorted(p.name for p in directory.iterdir() if not p.name.startswith(".") and not _only_locks(p))
     state = [n for n in names if n in PRIVACY_STATE_NAMES]
     return state, [n for n in names if n not in state]
+
+
+def _only_locks(path: Path) -> bool:
+    """A folder that holds lock files and nothing else: no trace of past work.
+
+    The client reserves its reply cache slot (``replies/<key>.lock``) before the first
+    round opens the ledger, so a brand-new hospital's state directory looks like this.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return all(child.is_file() and not child.is_symlink() and child.suffix == ".lock" and child.stat().st_size == 0
+               for child in path.iterdir())
 
 
 def _force_requested() -> bool:

@@ -227,6 +227,27 @@ def test_new_ledger_beside_only_a_lock_file_does_not_warn(tmp_path, caplog):
     assert (tmp_path / LEDGER_FILENAME).exists()
 
 
+def test_new_ledger_beside_a_reply_slot_reservation_does_not_warn(tmp_path, caplog):
+    """Round 1 reserves its reply slot (replies/<key>.lock) before the ledger opens: no false alarm."""
+    (tmp_path / "replies").mkdir()
+    (tmp_path / "replies" / "abc.lock").write_text("")
+    with caplog.at_level(logging.WARNING, logger="common.privacy.ledger"):
+        open_ledger(tmp_path)
+    assert "restore the ledger" not in caplog.text
+
+
+@pytest.mark.parametrize("content", ["a stored reply", "a lock file that is not empty"])
+def test_new_ledger_beside_a_stored_reply_still_warns(tmp_path, caplog, content):
+    """A reply folder with anything but empty locks is a trace of past rounds."""
+    (tmp_path / "replies").mkdir()
+    (tmp_path / "replies" / "abc.lock").write_text("" if content == "a stored reply" else "x")
+    if content == "a stored reply":
+        (tmp_path / "replies" / "abc").mkdir()
+    with caplog.at_level(logging.WARNING, logger="common.privacy.ledger"):
+        open_ledger(tmp_path)
+    assert "restore the ledger from a backup" in caplog.text
+
+
 def test_stray_temporary_files_are_removed_on_open(tmp_path):
     """A write killed before its rename leaves a temporary file; the next open deletes it."""
     record_some(open_ledger(tmp_path))
