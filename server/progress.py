@@ -48,7 +48,11 @@ def format_round(event: dict[str, Any], rounds: int) -> str:
     metrics = [(label, overall(domains, name)) for label, name in
                (("bal-acc", "balanced_accuracy"), ("acc", "accuracy"), ("reward", "mean_reward"))]
     shown = [f"{label} {value:.3f}" for label, value in metrics if value is not None]
-    parts.append("test " + " ".join(shown) if shown else "test: no evaluation")
+    # Balanced accuracy comes from exact releases only: without it, every number shown is a
+    # DP-noised sum over a few test records (privacy.eval_release: dp), not a measurement.
+    noised = bool(shown) and overall(domains, "balanced_accuracy") is None
+    head = "test (DP-noised, see docs/privacy.md) " if noised else "test "
+    parts.append(head + " ".join(shown) if shown else "test: no evaluation")
     eps = [f"{n} {m[keys.EPSILON]:.2f}" for n, m in sorted(nodes.items()) if keys.EPSILON in m]
     if eps:
         parts.append("eps " + ", ".join(eps))

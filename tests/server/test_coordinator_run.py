@@ -371,6 +371,15 @@ def test_progress_names_left_out_hospitals_with_the_reason() -> None:
     assert "hospitals 0/2 (alpha: x; beta: y) - not aggregated" in line
 
 
+def test_progress_says_when_the_test_numbers_are_dp_noised() -> None:
+    exact = {"d": {"records": 40.0, "balanced_accuracy": 0.75, "accuracy": 0.8, "mean_reward": 0.7}}
+    noisy = {"d": {"records": 38.2, "accuracy": 0.896, "mean_reward": 0.0}}  # eval_release: dp
+    line = format_round({**_event(2), "evaluate": {"domains": exact}}, rounds=2)
+    assert "| test bal-acc 0.750 acc 0.800 reward 0.700 |" in line
+    line = format_round({**_event(2), "evaluate": {"domains": noisy}}, rounds=2)
+    assert "| test (DP-noised, see docs/privacy.md) acc 0.896 reward 0.000 |" in line
+
+
 def test_config_words_round_trip_every_value(tmp_path: Path) -> None:
     cfg = load_config(None, ["federation.domains=[a, 'b c']", "train.lr=1e-5", "server.node_names={x.y: 7}",
                              "prompt.system='say \"hi\"'", "model=smollm2-135m"])
