@@ -518,13 +518,23 @@ class LocalTrainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
+    def _in_eval_batches(self, records: Sequence[Record], progress: bool,
+                         fn: Callable[[int, list[Record]], list[Any]]) -> list[Any]:
+        """``fn(i, batch)`` over batches of ``rollout.eval_batch_prompts`` records, results in order."""
+        out: list[Any] = []
+        records = list(records)
+        bar = _progress(len(records), progress)
+        for i, chunk in enumerate(_chunks(records, self.cfg.rollout.eval_batch_prompts)):
+            out += fn(i, chunk)
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
     def answers(self, records: Sequence[Record], *, seed: int, progress: bool = False) -> list[Answer]:
         """Greedy (or eval-temperature) answers on held-out records, one per record, scored."""
         cfg = self.cfg
-        out: list[Answer] = []
-        records = list(records)
-        bar = _progress(len(records), progress)
-        for i, chunk in enumerate(_chunks(records, cfg.rollout.eval_batch_prompts)):
+
+        def batch(i: int, chunk: list[Record]) -> list[Answer]:
             rollouts = self.policy.generate(
                 [self.encode(r) for r in chunk],
                 num_rollouts=1,
@@ -532,27 +542,19 @@ class LocalTrainer:
                 max_new_tokens=cfg.rollout.max_new_tokens,
                 seed=derive_seed(seed, "eval", i),
             )
-            for r, text in zip(chunk, rollouts.texts, strict=True):
-                score = self.score(r, text)
-                # The labels the accuracy reward read: evaluation and reward agree.
-                out.append(Answer(r, text, score.predicted or frozenset(), score))
-            bar.update(len(chunk))
-        bar.close()
-        return out
+            scores = [(r, text, self.score(r, text)) for r, text in zip(chunk, rollouts.texts, strict=True)]
+            # The labels the accuracy reward read: evaluation and reward agree.
+            return [Answer(r, text, score.predicted or frozenset(), score) for r, text, score in scores]
+
+        return self._in_eval_batches(records, progress, batch)
 
     def option_logprobs(self, records: Sequence[Record], *, progress: bool = False) -> list[list[float]]:
         """log p(option) of each record's answer options under the current adapter (constrained prompts only).
 
         At temperature 1, in the record's option order (:meth:`Policy.option_logprobs`).
         """
-        out: list[list[float]] = []
-        records = list(records)
-        bar = _progress(len(records), progress)
-        for chunk in _chunks(records, self.cfg.rollout.eval_batch_prompts):
-            out += self.policy.option_logprobs([self.encode(r) for r in chunk])
-            bar.update(len(chunk))
-        bar.close()
-        return out
+        return self._in_eval_batches(records, progress,
+                                     lambda _i, chunk: self.policy.option_logprobs([self.encode(r) for r in chunk]))
 
     def evaluate(self, records: Sequence[Record], *, seed: int, progress: bool = False) -> EvalResult:
         """Metrics per domain of :meth:`answers` on held-out records."""
