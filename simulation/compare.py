@@ -20,16 +20,17 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from client.rounds import Instruction, train_round
+from client.rounds import Instruction, evaluate_round, train_round
 from client.runtime import Runtime
 from client.site import Site, effective_config
-from common.climb.records import LINKED_ROOTS_FILE, linked_roots
+from common.climb.records import LINKED_ROOTS_FILE, linked_roots, load_records
 from common.config import FedClimbConfig, load_hospital_config
 from simulation.simulate import prepare_run, run_inprocess
 
@@ -80,9 +81,18 @@ def _local_rounds(runtime: Runtime, site: Site, cfg: FedClimbConfig, rounds: int
 
     cfg = effective_config(cfg, site, {})
     adapter = init_adapter(adapter_shapes_for(cfg.model, cfg.lora), seed=cfg.lora.init_seed, b_std=cfg.lora.init_b_std)
+    counts = Counter(r.domain for r in load_records(Path(site.hospital.data_root), cfg.data.train_split,
+                                                    domain_key=cfg.data.domain_key))
     adapters = []
     for r in range(1, rounds + 1):
-        ins = Instruction(server_round=r, seed=cfg.seed, planned_rounds=rounds, domain_names=list(cfg.federation.domains))
+        # The statistics a server would broadcast (docs/drpo.md "In the federation"): N_d,
+        # the site's training records per domain, and mu_d, the current adapter's mean
+        # held-out reward, so DRPO's temperatures mean the same here as in a federation.
+        held_out = evaluate_round(runtime, site, cfg, Instruction(server_round=r - 1, seed=cfg.seed), adapter)
+        stats = {d: (float(counts[d]), float(e.mean_reward)) for d, e in held_out.per_domain.items()
+                 if counts.get(d) and e.records > 0}
+        ins = Instruction(server_round=r, seed=cfg.seed, planned_rounds=rounds, domain_names=list(cfg.federation.domains),
+                          domain_stats=stats)
         outcome = train_round(runtime, site, cfg, ins, adapter)
         if outcome.adapter is None:
             log.warning("%s stopped after round %d: %s", site.name, r - 1, outcome.message)
@@ -193,15 +203,16 @@ def run_arm(cfg: FedClimbConfig, arm: str, run_dir: Path) -> dict[str, Any]:
     per-domain metrics being ``{domain: {records, balanced_accuracy, macro_f1, mean_reward}}``
     on every hospital's test records (:class:`Scorer`). Local-only scores each hospital's
     own adapter on them and averages over hospitals. The federated arms run the ServerApp
-    loop and ClientApp in-process with the hospitals' own evaluation off; their global
-    adapter is read back from each round's checkpoint.
+    loop and ClientApp in-process; their global adapter is read back from each round's
+    checkpoint. Local-only and centralised get, before every round, the domain statistics
+    a server would broadcast, computed from their own data (``_local_rounds``).
     """
     from common.modeling.lora import read_peft_folder
     from server.checkpoint import round_dir
 
     if arm in FEDERATED:
-        cfg = copy.deepcopy(cfg)
-        cfg.federation.evaluate = cfg.federation.evaluate_initial = False
+        # The hospitals' own held-out evaluation stays on: it gives the server mu_d, which
+        # DRPO's temperatures and the domain weights need (without it every T_d is 1).
         result = run_inprocess(cfg, run_dir)
         run_dir, run_cfg = result.run_dir, result.cfg
         scorer = Scorer(run_cfg, [Path(p) for p in _roots(run_dir)])
