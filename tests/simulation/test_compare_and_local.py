@@ -73,6 +73,41 @@ def test_arm_config_changes_exactly_one_thing_per_single_change_arm() -> None:
         arm_config(cfg, "fedprox", 7)
 
 
+def test_local_rounds_hand_drpo_the_statistics_a_server_would_broadcast(tmp_path: Path, monkeypatch) -> None:
+    """N_d = the site's training records per domain, mu_d = the current adapter's held-out mean reward."""
+    import torch
+
+    import simulation.compare as compare
+    from client.rounds import EvalOutcome, TrainOutcome
+    from client.trainer import DomainEval
+    from simulation.synth_graded import generate_graded
+
+    counts = generate_graded(tmp_path / "pool", train_records=60, eval_records=4, seed=0)
+    seen: list = []
+
+    def fake_train(runtime, site, cfg, ins, adapter):
+        seen.append(ins)
+        return TrainOutcome(0, {k: v + 1 for k, v in adapter.items()}, {})
+
+    def fake_eval(runtime, site, cfg, ins, adapter):
+        step = float(next(iter(adapter.values())).flatten()[0])  # grows by 1 per round
+        return EvalOutcome(0, {}, per_domain={d: DomainEval(4, 0.5, 0.5, 0.0, 1.0, step / 10, 0.5) for d in counts})
+
+    monkeypatch.setattr(compare, "train_round", fake_train)
+    monkeypatch.setattr(compare, "evaluate_round", fake_eval)
+    site = Site("pooled", HospitalConfig(name="pooled", data_root=str(tmp_path / "pool"), state_dir=str(tmp_path)), True)
+    cfg = load_config(overrides=["privacy=off"])
+    adapters = compare._local_rounds(None, site, cfg, 2)
+    assert len(adapters) == 2 and [ins.server_round for ins in seen] == [1, 2]
+    start = float(next(iter(adapters[0].values())).flatten()[0]) - 1
+    for r, ins in enumerate(seen):
+        assert set(ins.domain_stats) == set(counts)
+        for d, (n, mu) in ins.domain_stats.items():
+            assert n == counts[d]["train"]
+            assert mu == pytest.approx((start + r) / 10, abs=1e-6)  # the adapter the round starts from
+    assert isinstance(adapters[-1][next(iter(adapters[-1]))], torch.Tensor)
+
+
 def test_pooled_data_holds_every_hospitals_records_and_media(tmp_path: Path) -> None:
     """Every hospital has its own media folders (signals/, images/): all of them reach the pool."""
     fed = generate_federation(tmp_path / "fed", hospitals=3, seed=0, scale=0.25)
