@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-records", type=int, default=1000)
     p.add_argument("--keep-runs", action="store_true", help="keep every run directory (checkpoints)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the cached runs")
-    p.add_argument("--docs", help="also copy learning.md, the figures and comparison.json here")
+    p.add_argument("--docs", help="also copy the figures, comparison.json and learning.md (as tables.md) into DOCS/learning/")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. federation.rounds=4")
     args = p.parse_args(argv)
     args.arms = [a for a in args.arms.split(",") if a]
@@ -364,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs:
         docs = Path(args.docs)
         (docs / "learning").mkdir(parents=True, exist_ok=True)
-        for name in ("comparison.json", "learning.png", "learning_rare_curve.png", "learning_epsilon.png"):
+        for name in ("comparison.json", "learning.md", "learning.png", "learning_rare_curve.png",
+                     "learning_epsilon.png"):
             if (out / name).is_file():
-                shutil.copy(out / name, docs / "learning" / name)
+                shutil.copy(out / name, docs / "learning" / ("tables.md" if name == "learning.md" else name))
         print(f"figures and comparison.json copied to {docs / 'learning'}")
     return 0
 
