@@ -57,6 +57,8 @@ def test_report_pairs_seeds_and_checks_both_targets(out: Path) -> None:
     assert any("dp8: worst-domain" in x and "**not met**" in x for x in lines)
     # macro: (0.9 + 0.733) / 2 = 0.8167 vs centralised (0.95 + 0.9) / 2 = 0.925 -> 0.88 < 0.90
     assert any("dp8: macro" in x and "= 0.88 " in x and "**not met**" in x for x in lines)
+    # centralised worst domain 0.9 in every seed: the precondition holds
+    assert any("dp8: precondition" in x and "**holds**" in x for x in lines)
     sweep = report["sweep"]
     assert list(sweep) == ["3", "8", "inf"]  # no DP sorts last
     assert sweep["3"]["worst"] == [0.6, 0.6, 0.6] and sweep["8"]["worst"] == pytest.approx([0.7, 0.7, 0.8])
