@@ -609,7 +609,8 @@ def seal(state_dir: str | os.PathLike[str]) -> str:
 
 def _privacy_state(directory: Path) -> tuple[list[str], list[str]]:
     """(privacy state, other visible files) in a state directory that has no ledger."""
-    names = sorted(p.name for p in directory.iterdir() if not p.name.startswith(".") and not _only_locks(p))
+    names = sorted(p.name for p in directory.iterdir()
+                   if not p.name.startswith(".") and (p.name in PRIVACY_STATE_NAMES or not _only_locks(p)))
     state = [n for n in names if n in PRIVACY_STATE_NAMES]
     return state, [n for n in names if n not in state]
 
@@ -622,8 +623,9 @@ def _only_locks(path: Path) -> bool:
     """
     if path.is_symlink() or not path.is_dir():
         return False
-    return all(child.is_file() and not child.is_symlink() and child.suffix == ".lock" and child.stat().st_size == 0
-               for child in path.iterdir())
+    children = list(path.iterdir())
+    return bool(children) and all(child.is_file() and not child.is_symlink() and child.suffix == ".lock"
+                                  and child.stat().st_size == 0 for child in children)
 
 
 def _force_requested() -> bool:
