@@ -131,11 +131,6 @@ def sweep_points(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return dict(sorted(points.items(), key=lambda kv: kv[1]["epsilon"]))
 
 
-def rarest(pool: Path) -> str:
-    manifest = json.loads((pool / "graded.json").read_text(encoding="utf-8"))
-    return min(manifest["counts"], key=lambda d: manifest["counts"][d]["train"])
-
-
 def write_report(out: Path, results: dict[str, Any], manifest: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from simulation.compare import mean_ci
 

@@ -215,7 +215,8 @@ def run_arm(cfg: FedClimbConfig, arm: str, run_dir: Path) -> dict[str, Any]:
         # DRPO's temperatures and the domain weights need (without it every T_d is 1).
         result = run_inprocess(cfg, run_dir)
         run_dir, run_cfg = result.run_dir, result.cfg
-        scorer = Scorer(run_cfg, [Path(p) for p in _roots(run_dir)])
+        sites = _sites(run_dir, run_dir / "hospitals", run_cfg.simulation.hospitals)
+        scorer = Scorer(run_cfg, [Path(s.hospital.data_root) for s in sites])
         curve = []
         for r in range(1, run_cfg.federation.rounds + 1):
             folder = round_dir(run_dir, r) / "adapter"
@@ -238,14 +239,6 @@ def run_arm(cfg: FedClimbConfig, arm: str, run_dir: Path) -> dict[str, Any]:
         central.train.steps = run.cfg.train.steps * len(sites)
         curve = [scorer.score(a) for a in _local_rounds(runtime, pooled, central, rounds)]
     return {"final": curve[-1] if curve else {}, "curve": curve}
-
-
-def _roots(run_dir: Path) -> list[str]:
-    """The hospitals' data roots of a prepared run, in hospital order."""
-    from common.config import load_hospital_config
-
-    folders = sorted((run_dir / "hospitals").glob("hospital-*"), key=lambda p: int(p.name.split("-")[1]))
-    return [load_hospital_config(f / "hospital.yaml").data_root for f in folders]
 
 
 _FIELDS = ("records", "balanced_accuracy", "macro_f1", "mean_reward")
