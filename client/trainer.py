@@ -133,14 +133,20 @@ def privacy_units(records: Sequence[Record], unit: str) -> list[list[int]]:
     return [groups[k] for k in sorted(groups)]
 
 
+def _cache_key(record: Record) -> tuple[str, str]:
+    """What the prompt and mask caches are keyed by: a record id names a place in its root
+    (``file:line``), so two roots (every simulated hospital, a pooled scorer) repeat ids."""
+    return record.root, record.id
+
+
 class LocalTrainer:
     """Runs local DRPO steps and evaluation for one hospital on one policy."""
 
     def __init__(self, policy: Policy, cfg: FedClimbConfig) -> None:
         self.policy = policy
         self.cfg = cfg
-        self._prompts: OrderedDict[str, EncodedPrompt] = OrderedDict()
-        self._masks: dict[str, np.ndarray] = {}
+        self._prompts: OrderedDict[tuple[str, str], EncodedPrompt] = OrderedDict()
+        self._masks: dict[tuple[str, str], np.ndarray] = {}
         self.weights = RewardWeights(accuracy=cfg.reward.accuracy, iou=cfg.reward.iou, format=cfg.reward.format)
         self._dp_updater: DPUpdater | None = None
         self._start: tuple[tuple[str, int, float], dict[str, torch.Tensor]] | None = None
@@ -149,14 +155,15 @@ class LocalTrainer:
 
     def encode(self, record: Record) -> EncodedPrompt:
         """The record's encoded prompt (decoded media cached, least recently used first out)."""
-        hit = self._prompts.get(record.id)
+        key = _cache_key(record)
+        hit = self._prompts.get(key)
         if hit is not None:
-            self._prompts.move_to_end(record.id)
+            self._prompts.move_to_end(key)
             return hit
         visuals = load_visuals(record, video_frames=self.cfg.data.video_frames, ecg_px_per_mm=self.cfg.data.ecg_px_per_mm,
                                bounds=bounds_for(self.cfg.data))
         hit = encode_prompt(self.policy.bundle, record, visuals, self.cfg.prompt)
-        self._prompts[record.id] = hit
+        self._prompts[key] = hit
         while len(self._prompts) > self.cfg.data.prompt_cache:
             self._prompts.popitem(last=False)
         return hit
@@ -177,7 +184,7 @@ class LocalTrainer:
                 log.warning("leaving out %s: %s", r.id, exc)
                 continue
             if tokens > data.max_prompt_tokens:
-                self._prompts.pop(r.id, None)
+                self._prompts.pop(_cache_key(r), None)
                 log.warning("leaving out %s: prompt of %d tokens is longer than data.max_prompt_tokens=%d",
                             r.id, tokens, data.max_prompt_tokens)
                 continue
@@ -187,10 +194,11 @@ class LocalTrainer:
     def mask_for(self, record: Record) -> np.ndarray | None:
         if record.segmentation is None:
             return None
-        hit = self._masks.get(record.id)
+        key = _cache_key(record)
+        hit = self._masks.get(key)
         if hit is None:  # the bounded loader `data validate` and load-time checks use
             hit = load_mask(record.media_path(record.segmentation), bounds=bounds_for(self.cfg.data, record.roots))
-            self._masks[record.id] = hit
+            self._masks[key] = hit
         return hit
 
     def score(self, record: Record, text: str) -> RewardBreakdown:

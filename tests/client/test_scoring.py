@@ -72,3 +72,30 @@ def test_a_correct_compound_answer_scores_one_in_training_and_in_evaluation(tmp_
     assert result.accuracy == 1.0
     assert result.balanced_accuracy == 1.0 and result.macro_f1 == 1.0
     assert result.predictions == {akiec.casefold(): 1}
+
+
+def test_records_of_two_roots_with_the_same_id_keep_their_own_prompts(tmp_path: Path) -> None:
+    """A record id is ``file:line`` inside its root, so every simulated hospital repeats
+    the others' ids. One trainer scoring several roots (the --compare scorer, the report's
+    explanations) must encode each record from its own root, not from a cached namesake."""
+    torch.set_num_threads(1)
+    roots = []
+    for name, value in (("a", "Glucose: 250 mg/dL (H)"), ("b", "Glucose: 80 mg/dL")):
+        folder = tmp_path / name / "lab" / "panel"
+        folder.mkdir(parents=True)
+        answer = "Diabetes" if "(H)" in value else "No diabetes"
+        record = {"conversations": [{"from": "human", "value": f"{value}\nDiabetes? Answer with one phrase from the following:\nNo diabetes\nDiabetes"},
+                                    {"from": "gpt", "value": answer}]}
+        (folder / "annotation_test.jsonl").write_text(json.dumps(record) + "\n")
+        roots.append(tmp_path / name)
+    cfg = load_config(overrides=["privacy=off", f"model.cache_dir={tmp_path / 'cache'}"])
+    policy = Policy(load_base_model(cfg.model), cfg.lora)
+    trainer = LocalTrainer(policy, cfg)
+    a, b = (load_records(root, "test")[0] for root in roots)
+    assert a.id == b.id and a.root != b.root
+    first, second = trainer.encode(a), trainer.encode(b)
+    assert first.input_ids.tolist() != second.input_ids.tolist()
+    # each encodes exactly as a fresh trainer that never saw the other root
+    fresh = LocalTrainer(policy, cfg)
+    assert fresh.encode(b).input_ids.tolist() == second.input_ids.tolist()
+    assert trainer.encode(a).input_ids.tolist() == first.input_ids.tolist()
