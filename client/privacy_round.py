@@ -51,6 +51,7 @@ __all__ = [
     "check_patient_units",
     "dp_settings",
     "noise_source",
+    "open_ledger",
     "evaluate_release",
     "evaluation_withheld",
     "plan_privacy",
@@ -235,7 +236,8 @@ def dp_settings(tp: TrainPrivacy, cfg: FedClimbConfig, seed: int) -> DPSettings:
                       expected_batch_size=plan.expected_batch_size)
 
 
-def _open_ledger(site: Site, cfg: FedClimbConfig) -> PrivacyLedger:
+def open_ledger(site: Site, cfg: FedClimbConfig) -> PrivacyLedger:
+    """The hospital's privacy ledger, verified (created in a fresh state directory)."""
     p = cfg.privacy
     return PrivacyLedger.open(site.state_dir, delta=p.delta, target_epsilon=p.target_epsilon, accountant=p.accountant)
 
@@ -265,7 +267,7 @@ def begin_train(
     require_planned_rounds(p)
     if p.unit == "patient":
         check_patient_units(train, evaluation)
-    ledger = _open_ledger(site, cfg)
+    ledger = open_ledger(site, cfg)
     units = privacy_units(train, p.unit)
     released = load_released(site.state_dir, fingerprint([r.id for r in train], p.unit))
     rng = noise_source(cfg, seed, "stats")
@@ -389,7 +391,7 @@ def evaluate_release(
         check_patient_units(train, evaluation)
     if not domain_names:  # nothing to align the sums with: release nothing, spend nothing
         return keys.STATUS_OK, {keys.STATUS: keys.STATUS_OK, keys.NUM_EXAMPLES: 0}
-    ledger = _open_ledger(site, cfg)
+    ledger = open_ledger(site, cfg)
     planned = planned_evaluations(p)
     if _count(ledger, "eval_release") >= planned:
         refused = _exhausted(ledger, cfg, f"the {planned} planned evaluation(s) have run; raise "

@@ -196,6 +196,7 @@ def evaluate_round(
     """
     p = cfg.privacy
     if privacy_round.evaluation_withheld(p):
+        _ledger_before_evaluation(site, cfg)
         return EvalOutcome(keys.STATUS_OK, {keys.STATUS: keys.STATUS_OK, keys.NUM_EXAMPLES: 0})
     data = runtime.hospital_data(site, cfg)
     policy = runtime.policy(cfg)
@@ -212,6 +213,8 @@ def evaluate_round(
         return EvalOutcome(status, released)
     if p.enabled and p.unit == "patient":
         privacy_round.check_patient_units(data.train, data.evaluation)
+    if p.enabled:
+        _ledger_before_evaluation(site, cfg)
     records = data.evaluation
     if not records:
         return EvalOutcome(keys.STATUS_NO_DATA, {keys.STATUS: keys.STATUS_NO_DATA, keys.NUM_EXAMPLES: 0})
@@ -229,6 +232,14 @@ def evaluate_round(
         columns[keys.E_ACCURACY].append(e.accuracy if e else 0.0)
     metrics: dict[str, Any] = {keys.STATUS: keys.STATUS_OK, keys.NUM_EXAMPLES: len(records), **columns}
     return EvalOutcome(keys.STATUS_OK, metrics, per_domain=result.domains)
+
+
+def _ledger_before_evaluation(site: Site, cfg: FedClimbConfig) -> None:
+    """Open (in a fresh state directory: create) a DP hospital's ledger before an evaluation
+    it does not charge to it, as `hospital start` does: the audit log and evaluation count
+    this evaluation leaves are then never taken for the traces of a lost ledger."""
+    with _exclusive(site.state_dir):
+        privacy_round.open_ledger(site, cfg)
 
 
 def instruction_from_config(values: Mapping[str, Any]) -> Instruction:

@@ -677,3 +677,21 @@ def test_unit_weighted_eval_sums_by_hand(fed: Fed) -> None:
     np.testing.assert_allclose(reward, units)
     np.testing.assert_allclose(fmt, units)
     assert units.sum() == pytest.approx(3.0)  # one per patient
+
+
+@pytest.mark.parametrize("release", ["exact", "none"])
+def test_an_evaluation_before_the_first_round_is_no_trace_of_a_lost_ledger(
+        fed: Fed, tmp_path: Path, release: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A DP hospital's first instruction may be an evaluation released exactly (or withheld).
+    It leaves the audit log and the evaluation count behind (the ClientApp writes them);
+    the first training round must not then warn that files exist without a ledger."""
+    cfg = _cfg(fed.root, f"privacy.eval_release={release}", FIXED_SIGMA)
+    site = _site(fed, tmp_path)
+    assert rounds.evaluate_round(fed.runtime, site, cfg, _ins(fed, 0), fed.start).status == keys.STATUS_OK
+    assert (tmp_path / LEDGER).is_file() and _entries(tmp_path) == []  # created, nothing charged
+    (tmp_path / "audit.jsonl").write_text('{"kind": "evaluate", "round": 0}\n', encoding="utf-8")
+    (tmp_path / "evaluations.json").write_text('{"total": 1}', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        assert _run(fed, cfg, tmp_path, _ins(fed)).status == keys.STATUS_OK
+    assert not [r for r in caplog.records if "no privacy_ledger.json" in r.getMessage()]
+    assert "dpsgd" in {e["kind"] for e in _entries(tmp_path)}
