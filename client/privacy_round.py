@@ -389,9 +389,11 @@ def evaluate_release(
     require_planned_rounds(p)
     if p.unit == "patient":
         check_patient_units(train, evaluation)
+    # Opened (created when fresh) before anything returns, as for every DP evaluation
+    # (client/rounds.py): what this evaluation leaves is never taken for a lost ledger's traces.
+    ledger = open_ledger(site, cfg)
     if not domain_names:  # nothing to align the sums with: release nothing, spend nothing
         return keys.STATUS_OK, {keys.STATUS: keys.STATUS_OK, keys.NUM_EXAMPLES: 0}
-    ledger = open_ledger(site, cfg)
     planned = planned_evaluations(p)
     if _count(ledger, "eval_release") >= planned:
         refused = _exhausted(ledger, cfg, f"the {planned} planned evaluation(s) have run; raise "

@@ -32,6 +32,7 @@ from client.runtime import Runtime
 from client.site import Site, effective_config
 from common.climb.records import LINKED_ROOTS_FILE, linked_roots, load_records
 from common.config import FedClimbConfig, load_hospital_config
+from simulation.explain import hospital_roots
 from simulation.simulate import prepare_run, run_inprocess
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def arm_config(cfg: FedClimbConfig, arm: str, seed: int) -> FedClimbConfig:
     return c
 
 
-def _sites(run_dir: Path, sim_root: Path, n: int) -> list[Site]:
+def _sites(sim_root: Path, n: int) -> list[Site]:
     return [Site(f"hospital-{i}", load_hospital_config(sim_root / f"hospital-{i}" / "hospital.yaml"), True)
             for i in range(n)]
 
@@ -215,8 +216,7 @@ def run_arm(cfg: FedClimbConfig, arm: str, run_dir: Path) -> dict[str, Any]:
         # DRPO's temperatures and the domain weights need (without it every T_d is 1).
         result = run_inprocess(cfg, run_dir)
         run_dir, run_cfg = result.run_dir, result.cfg
-        sites = _sites(run_dir, run_dir / "hospitals", run_cfg.simulation.hospitals)
-        scorer = Scorer(run_cfg, [Path(s.hospital.data_root) for s in sites])
+        scorer = Scorer(run_cfg, hospital_roots(run_dir))
         curve = []
         for r in range(1, run_cfg.federation.rounds + 1):
             folder = round_dir(run_dir, r) / "adapter"
@@ -225,7 +225,7 @@ def run_arm(cfg: FedClimbConfig, arm: str, run_dir: Path) -> dict[str, Any]:
             curve.append(scorer.score(read_peft_folder(folder)))
         return {"final": curve[-1] if curve else {}, "curve": curve}
     run = prepare_run(cfg, run_dir)
-    sites = _sites(run.run_dir, run.sim_root, len(run.roots))
+    sites = _sites(run.sim_root, len(run.roots))
     runtime = Runtime()
     rounds = run.cfg.federation.rounds
     scorer = Scorer(run.cfg, run.roots)

@@ -695,3 +695,12 @@ def test_an_evaluation_before_the_first_round_is_no_trace_of_a_lost_ledger(
         assert _run(fed, cfg, tmp_path, _ins(fed)).status == keys.STATUS_OK
     assert not [r for r in caplog.records if "no privacy_ledger.json" in r.getMessage()]
     assert "dpsgd" in {e["kind"] for e in _entries(tmp_path)}
+
+
+def test_a_dp_evaluation_with_no_domains_still_opens_the_ledger(fed: Fed, tmp_path: Path) -> None:
+    """Nothing to release (no domain names) spends nothing, but the ledger exists after it,
+    as after every other DP evaluation."""
+    cfg = _cfg(fed.root, "privacy.eval_release=dp")
+    out = rounds.evaluate_round(fed.runtime, _site(fed, tmp_path), cfg, _ins(fed, 0, names=[]), fed.start)
+    assert out.status == keys.STATUS_OK and out.metrics[keys.NUM_EXAMPLES] == 0
+    assert (tmp_path / LEDGER).is_file() and _entries(tmp_path) == []
