@@ -27,7 +27,7 @@ from client.instruction import CheckedInstruction, InstructionError, check_instr
 from client.privacy_round import evaluation_withheld
 from client.reply_cache import reply_key, reserved
 from client.round_report import asked_values, print_round_line, round_line
-from client.rounds import evaluate_round, instruction_from_config, train_round
+from client.rounds import evaluate_round, instruction_from_config, ledger_before_evaluation, train_round
 from client.runtime import RUNTIME
 from client.site import NODE_PARTITION, Site, resolve_site
 from common import keys
@@ -179,6 +179,7 @@ def _evaluate(msg: Message, context: Context, note: _Note) -> Message:
 
         def compute() -> RecordDict | Message:
             withheld = evaluation_withheld(ok.cfg.privacy)  # sends nothing: not counted against the limits
+            ledger_before_evaluation(site, ok.cfg)  # before the count below is written
             if not withheld and not admit_evaluation(site.state_dir, int(context.run_id),
                                                      int(ok.values[keys.SERVER_ROUND]), site.hospital.limits):
                 return _status(msg, keys.STATUS_EVAL_LIMIT)

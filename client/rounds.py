@@ -196,7 +196,7 @@ def evaluate_round(
     """
     p = cfg.privacy
     if privacy_round.evaluation_withheld(p):
-        _ledger_before_evaluation(site, cfg)
+        ledger_before_evaluation(site, cfg)
         return EvalOutcome(keys.STATUS_OK, {keys.STATUS: keys.STATUS_OK, keys.NUM_EXAMPLES: 0})
     data = runtime.hospital_data(site, cfg)
     policy = runtime.policy(cfg)
@@ -213,8 +213,7 @@ def evaluate_round(
         return EvalOutcome(status, released)
     if p.enabled and p.unit == "patient":
         privacy_round.check_patient_units(data.train, data.evaluation)
-    if p.enabled:
-        _ledger_before_evaluation(site, cfg)
+    ledger_before_evaluation(site, cfg)
     records = data.evaluation
     if not records:
         return EvalOutcome(keys.STATUS_NO_DATA, {keys.STATUS: keys.STATUS_NO_DATA, keys.NUM_EXAMPLES: 0})
@@ -234,10 +233,13 @@ def evaluate_round(
     return EvalOutcome(keys.STATUS_OK, metrics, per_domain=result.domains)
 
 
-def _ledger_before_evaluation(site: Site, cfg: FedClimbConfig) -> None:
+def ledger_before_evaluation(site: Site, cfg: FedClimbConfig) -> None:
     """Open (in a fresh state directory: create) a DP hospital's ledger before an evaluation
     it does not charge to it, as `hospital start` does: the audit log and evaluation count
-    this evaluation leaves are then never taken for the traces of a lost ledger."""
+    this evaluation leaves are then never taken for the traces of a lost ledger.
+    Nothing happens without DP. The ClientApp calls it before it counts the evaluation."""
+    if not cfg.privacy.enabled:
+        return
     with _exclusive(site.state_dir):
         privacy_round.open_ledger(site, cfg)
 

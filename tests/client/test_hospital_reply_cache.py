@@ -60,7 +60,8 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     site = resolve_site(node_config, run_config)
     shapes = adapter_shapes(RUNTIME.policy(effective_config(config_from_run_config(run_config), site, {})).peft)
     enter_task()
-    return {"state": base / "state", "run_config": run_config, "node_config": node_config, "shapes": shapes}
+    return {"state": base / "state", "run_config": run_config, "node_config": node_config, "shapes": shapes,
+            "config": config}
 
 
 def _call(h: dict[str, Any], content: RecordDict, kind: str = "train", run_id: int = 1) -> Message:
@@ -158,6 +159,26 @@ def test_a_redo_waits_for_the_computation_in_progress_then_resends(tmp_path: Pat
         t.join(timeout=30)
     assert seen and seen[0] is not None
     assert dict(seen[0].metric_records[keys.METRICS]) == {keys.STATUS: 0, "x": 1.5}
+
+
+@pytest.mark.parametrize("release", ["exact", "none"])
+def test_a_first_evaluation_opens_the_ledger_before_it_is_counted(
+        hospital: dict[str, Any], tmp_path: Path, release: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A DP hospital whose first instruction is an evaluation: the ClientApp counts it in
+    evaluations.json, and the ledger must exist before that file does, or the ledger's
+    integrity check warns that privacy state exists without a ledger."""
+    state = tmp_path / "state"
+    config = tmp_path / "hospital.yaml"
+    text = hospital["config"].read_text(encoding="utf-8")
+    config.write_text(text.replace(f"state_dir: {hospital['state']}", f"state_dir: {state}")
+                      .replace("eval_release: dp", f"eval_release: {release}"), encoding="utf-8")
+    fresh = {**hospital, "node_config": {"hospital-config": str(config)}}
+    with caplog.at_level("WARNING"):
+        reply = _call(fresh, _content(hospital["shapes"], adapter_seed=11), "evaluate")
+    assert reply.content.metric_records[keys.METRICS][keys.STATUS] == keys.STATUS_OK
+    assert (state / "privacy_ledger.json").is_file() and _entries(state) == []  # created, nothing charged
+    assert (state / "evaluations.json").is_file() == (release == "exact")  # withheld ones are not counted
+    assert not [r for r in caplog.records if "privacy_ledger.json" in r.getMessage()]
 
 
 def test_stored_replies_round_trip_and_only_the_last_few_are_kept(tmp_path: Path) -> None:
