@@ -347,13 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    from simulation.synth_graded import generate_graded, parse_shares
+    from simulation.synth_graded import GENERATOR, generate_graded, parse_shares
 
     shares = parse_shares(args.graded)
     for seed in range(args.seed, args.seed + max(args.seeds, args.sweep_seeds)):
         pool = out / "pools" / f"seed-{seed}"
         if not (pool / "graded.json").is_file():
             generate_graded(pool, shares=shares, train_records=args.train_records, seed=seed, overwrite=True)
+        held = json.loads((pool / "graded.json").read_text(encoding="utf-8"))
+        if (held.get("generator"), held.get("shares"), held.get("train_records")) != (
+                GENERATOR, list(shares), args.train_records):
+            # Its cached job results were measured on that other pool: never mix them in.
+            p.error(f"{pool} was written by {held.get('generator')} with shares {held.get('shares')} and "
+                    f"{held.get('train_records')} training records, not by {GENERATOR} with "
+                    f"{list(shares)} and {args.train_records}; choose a new --out")
     if not args.report_only:
         todo = [j for j in plan(args, out) if not Path(j["result"]).is_file()]
         print(f"{len(todo)} runs to do ({args.workers} at a time); cached results under {out / 'jobs'}", flush=True)

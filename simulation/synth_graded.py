@@ -37,11 +37,11 @@ import numpy as np
 from simulation.synth_labs import Analyte
 from simulation.synth_spec import OPTIONS_LEAD, SPLITS
 
-__all__ = ["PANELS", "Panel", "GRADED_MANIFEST", "DEFAULT_SHARES", "generate_graded", "parse_shares",
+__all__ = ["PANELS", "Panel", "GRADED_MANIFEST", "GENERATOR", "DEFAULT_SHARES", "generate_graded", "parse_shares",
            "train_counts"]
 
 GRADED_MANIFEST = "graded.json"
-GENERATOR = "fedclimb-graded/1"
+GENERATOR = "fedclimb-graded/2"
 DEFAULT_SHARES = (40.0, 25.0, 15.0, 8.0, 2.0)
 MODALITY = "lab"
 REPORT_HEADER = "Laboratory report of a patient:"
@@ -65,13 +65,19 @@ TSH = Analyte("TSH", "mIU/L", 0.4, 4.0, 2)
 SODIUM = Analyte("Sodium", "mmol/L", 135.0, 145.0, 0)
 
 # Share order: DEFAULT_SHARES[i] goes to PANELS[i], so the last panel is the rarest.
+# Every negative answer is "<analyte> in range", every positive one names the condition.
+# With option-constrained decoding the first token of an answer decides it, so no two of
+# the ten answers start with the same token of the tiny model's tokenizer (a test checks):
+# a domain's answer tokens are its own, and one domain's training cannot move another's
+# answer. (Shared first tokens, e.g. "Normal sodium" / "Normal kidney function", made the
+# rarest domain follow the common ones' answers.)
 PANELS: tuple[Panel, ...] = (
-    Panel("panel_diabetes", "Does the patient have diabetes mellitus?", ("No diabetes", "Diabetes"), GLUCOSE, "H"),
+    Panel("panel_diabetes", "Does the patient have diabetes mellitus?", ("Glucose in range", "Diabetes"), GLUCOSE, "H"),
     Panel("panel_kidney", "Does the patient have impaired kidney function?",
-          ("Normal kidney function", "Kidney impairment"), CREATININE, "H"),
-    Panel("panel_anaemia", "Does the patient have anaemia?", ("No anaemia", "Anaemia"), HAEMOGLOBIN, "L"),
-    Panel("panel_thyroid", "Does the patient have hypothyroidism?", ("Euthyroid", "Hypothyroidism"), TSH, "H"),
-    Panel("panel_sodium", "Does the patient have hyponatraemia?", ("Normal sodium", "Hyponatraemia"), SODIUM, "L"),
+          ("Creatinine in range", "Kidney impairment"), CREATININE, "H"),
+    Panel("panel_anaemia", "Does the patient have anaemia?", ("Haemoglobin in range", "Anaemia"), HAEMOGLOBIN, "L"),
+    Panel("panel_thyroid", "Does the patient have hypothyroidism?", ("TSH in range", "Hypothyroidism"), TSH, "H"),
+    Panel("panel_sodium", "Does the patient have hyponatraemia?", ("Sodium in range", "Low sodium"), SODIUM, "L"),
 )
 ANALYTES: tuple[Analyte, ...] = tuple(p.analyte for p in PANELS)
 

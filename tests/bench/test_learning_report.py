@@ -81,3 +81,19 @@ def test_plan_runs_each_seed_whole_before_the_next_and_skips_sweep_duplicates(tm
     ]
     assert learning.job_overrides("eps1") == ["privacy.target_epsilon=1.0"]
     assert learning.job_overrides("nodp") == ["privacy=off"]
+
+
+def test_a_pool_from_another_generator_is_refused_not_mixed_in(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Cached runs were measured on the pool beside them: an --out whose pool another
+    generator version (or other shares) wrote must be refused, naming what differs."""
+    from simulation.synth_graded import GENERATOR
+
+    pool = tmp_path / "pools" / "seed-0"
+    pool.mkdir(parents=True)
+    old = {"generator": "fedclimb-graded/1", "shares": [40.0, 25.0, 15.0, 8.0, 2.0], "train_records": 1000}
+    (pool / "graded.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit):
+        learning.main(["--out", str(tmp_path), "--seeds", "1", "--sweep-seeds", "0", "--report-only"])
+    err = capsys.readouterr().err
+    assert "fedclimb-graded/1" in err and GENERATOR in err and "new --out" in err

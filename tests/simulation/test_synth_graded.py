@@ -57,6 +57,22 @@ def test_every_record_is_answered_by_its_own_analyte(tmp_path: Path) -> None:
     assert all(c["test"] == 10 and c["valid"] == 5 for c in counts.values())
 
 
+def test_no_two_answers_share_their_deciding_token() -> None:
+    """Under constrained decoding an answer's first token decides it. If two domains' answers
+    began with the same token, training one domain would move the other's answers (the
+    first graded pool did this: "Normal sodium" and "Normal kidney function")."""
+    from common.config import load_config
+    from common.modeling.tokenizer import train_tiny_tokenizer
+
+    cfg = load_config(overrides=["federation=benchmark"])
+    assert cfg.prompt.constrained and cfg.model.source == "tiny"  # the benchmark's decoding and model
+    tok = train_tiny_tokenizer(cfg.model.tiny.vocab_size)
+    answers = [o for p in PANELS for o in p.options]
+    first = {o: tok(o, add_special_tokens=False).input_ids[0] for o in answers}
+    assert len(set(first.values())) == len(answers) == 2 * len(PANELS), {
+        o: tok.decode([t]) for o, t in first.items()}
+
+
 def test_the_other_analytes_are_abnormal_at_the_set_rate() -> None:
     rng = np.random.default_rng(0)
     panel = PANELS[0]
