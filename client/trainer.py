@@ -34,7 +34,7 @@ from common.climb.limits import bounds_for
 from common.climb.records import Record
 from common.climb.validate import usable_records
 from common.config import FedClimbConfig
-from common.metrics import balanced_accuracy, count_classes, macro_f1
+from common.metrics import balanced_accuracy, class_recalls, count_classes, macro_f1
 from common.modeling.lora import adapter_shapes, init_adapter, read_peft_folder
 from common.modeling.policy import Policy, Rollouts
 from common.modeling.prompts import EncodedPrompt, encode_prompt
@@ -114,6 +114,7 @@ class DomainEval:
     mean_reward: float
     accuracy: float
     predictions: dict[str, int] = field(default_factory=dict)
+    recalls: dict[str, float] = field(default_factory=dict)  # per true class
 
 
 @dataclass
@@ -609,6 +610,7 @@ def summarise(answers: Sequence[Answer]) -> dict[str, DomainEval]:
             mean_reward=float(np.mean([a.score.total for a in items])),
             accuracy=float(np.mean([a.score.accuracy for a in items])),
             predictions=histogram,
+            recalls=class_recalls(counts),
         )
     return out
 

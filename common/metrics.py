@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ClassCounts", "count_classes", "balanced_accuracy", "macro_f1"]
+__all__ = ["ClassCounts", "count_classes", "class_recalls", "balanced_accuracy", "macro_f1"]
 
 
 @dataclass
@@ -50,6 +50,14 @@ def count_classes(truth: Sequence[Iterable[str]], predicted: Sequence[Iterable[s
 def _recall(c: ClassCounts, k: str) -> float:
     support = c.tp.get(k, 0.0) + c.fn.get(k, 0.0)
     return c.tp.get(k, 0.0) / support if support > 0 else 0.0
+
+
+def class_recalls(c: ClassCounts) -> dict[str, float]:
+    """Recall of every class present in the truth, by class (balanced accuracy is their mean).
+
+    Shows what a balanced accuracy of 0.5 hides: a model that answers one class for every
+    record has recall 1 on it and 0 on the other."""
+    return {k: _recall(c, k) for k in sorted(c.classes()) if c.tp.get(k, 0.0) + c.fn.get(k, 0.0) > 0}
 
 
 def balanced_accuracy(c: ClassCounts) -> float:

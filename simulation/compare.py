@@ -126,16 +126,22 @@ class Scorer:
         if not self.records:
             raise ValueError(f"no usable {cfg.data.eval_split} records under {', '.join(map(str, roots))}")
 
-    def score(self, adapter: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    def score(self, adapter: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Per-domain metrics of ``adapter`` (``_FIELDS``) on the test records."""
         self.policy.set_adapter(dict(adapter))
         result = self.trainer.evaluate(self.records, seed=self.cfg.seed)
-        return {d: {k: float(getattr(e, k)) for k in _FIELDS} for d, e in sorted(result.domains.items())}
+        return {d: {**{k: float(getattr(e, k)) for k in _FIELDS}, RECALL: dict(e.recalls)}
+                for d, e in sorted(result.domains.items())}
 
-    def score_mean(self, adapters: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    def score_mean(self, adapters: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         """Per-domain metrics averaged over ``adapters`` (each hospital's own, for local-only)."""
         scores = [self.score(a) for a in adapters]
-        return {d: {k: float(np.mean([sc[d][k] for sc in scores])) for k in _FIELDS} for d in scores[0]}
+        out: dict[str, dict[str, Any]] = {}
+        for d in scores[0]:
+            out[d] = {k: float(np.mean([sc[d][k] for sc in scores])) for k in _FIELDS}
+            labels = sorted({c for sc in scores for c in sc[d][RECALL]})
+            out[d][RECALL] = {c: float(np.mean([sc[d][RECALL].get(c, 0.0) for sc in scores])) for c in labels}
+        return out
 
 
 def _media_entries(folder: Path) -> list[Path]:
@@ -242,6 +248,7 @@ def run_arm(cfg: FedClimbConfig, arm: str, run_dir: Path) -> dict[str, Any]:
 
 
 _FIELDS = ("records", "balanced_accuracy", "macro_f1", "mean_reward")
+RECALL = "recall"  # {true class: recall}: which class a domain's answers fall to
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:

@@ -18,7 +18,9 @@ DOMAINS = ("common", "rare")
 
 
 def _scores(common: float, rare: float) -> dict:
-    return {d: {"records": 40.0, "balanced_accuracy": v, "macro_f1": v, "mean_reward": v}
+    # recall of each class: the positives' recall is 2v - 1 when the negatives' is 1 (mean v)
+    return {d: {"records": 40.0, "balanced_accuracy": v, "macro_f1": v, "mean_reward": v,
+                "recall": {"neg": 1.0, "pos": 2 * v - 1}}
             for d, v in zip(DOMAINS, (common, rare), strict=True)}
 
 
@@ -66,6 +68,8 @@ def test_report_pairs_seeds_and_checks_both_targets(out: Path) -> None:
         assert (out / name).stat().st_size > 500, name
     text = (out / "learning.md").read_text()
     assert "| domain-drpo |" in text and "## Epsilon sweep" in text
+    # rare recall of the positives, mean over seeds: fedavg 2*(0.5, 0.6, 0.5) - 1 -> 0.07; ours -> 0.47
+    assert "| fedavg-grpo | 1.00 | 0.07 |" in text and "| domain-drpo | 1.00 | 0.47 |" in text
     saved = json.loads((out / "comparison.json").read_text())
     assert [r["seed"] for r in saved["settings"]["nodp"]["runs"]["domain-drpo"]] == [0, 1, 2]
 

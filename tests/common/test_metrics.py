@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.metrics import balanced_accuracy, count_classes, macro_f1
+from common.metrics import balanced_accuracy, class_recalls, count_classes, macro_f1
 
 
 def test_single_label_binary():
@@ -15,6 +15,7 @@ def test_single_label_binary():
     assert c.fp == {"B": 1.0}
     assert c.classes() == ["A", "B"]
     # Recalls 2/3 and 1 -> 5/6 (plain accuracy would be 3/4).
+    assert class_recalls(c) == pytest.approx({"A": 2 / 3, "B": 1.0})
     assert balanced_accuracy(c) == pytest.approx(5 / 6)
     # F1: A 2*2/(4+1+0) = 0.8, B 2*1/(2+0+1) = 2/3 -> 0.7333333.
     assert macro_f1(c) == pytest.approx((0.8 + 2 / 3) / 2)
@@ -26,6 +27,7 @@ def test_prediction_outside_the_options_is_a_miss_not_a_class():
     assert c.fp == {"Maybe": 1.0}
     assert c.classes() == ["A", "B"]
     # Recalls 0 and 1; F1 0 and 1. Averaging "Maybe" in would give 1/3.
+    assert class_recalls(c) == {"A": 0.0, "B": 1.0}  # "Maybe" is no class of the truth
     assert balanced_accuracy(c) == pytest.approx(0.5)
     assert macro_f1(c) == pytest.approx(0.5)
 

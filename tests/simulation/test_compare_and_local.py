@@ -162,7 +162,7 @@ def test_compare_runs_all_four_arms(tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.slow
 @pytest.mark.parametrize("arm", ["fedavg-grpo+ffa", "local-only", "centralised-grpo"])
 def test_run_arm_scores_every_round_on_the_pooled_test_records(tmp_path: Path, arm: str) -> None:
-    from simulation.synth_graded import generate_graded
+    from simulation.synth_graded import PANELS, generate_graded
 
     counts = generate_graded(tmp_path / "pool", train_records=60, eval_records=4, seed=0)
     cfg = load_config(overrides=[
@@ -175,6 +175,10 @@ def test_run_arm_scores_every_round_on_the_pooled_test_records(tmp_path: Path, a
     for scores in out["curve"]:
         assert {d: m["records"] for d, m in scores.items()} == {d: float(c["test"]) for d, c in counts.items()}
         assert all(0.0 <= m["balanced_accuracy"] <= 1.0 for m in scores.values())
+        for panel in PANELS:  # balanced accuracy is the mean recall of the domain's two classes
+            recall = scores[panel.key]["recall"]
+            assert set(recall) == {o.lower() for o in panel.options}  # labels are read case-blind
+            assert sum(recall.values()) / 2 == pytest.approx(scores[panel.key]["balanced_accuracy"])
 
 
 def test_train_local_prints_a_per_domain_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
