@@ -79,15 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-media", action="store_true", help="do not decode media (structure only)")
     sy = d.add_parser("synth", help="write the synthetic federation")
     sy.add_argument("out")
-    sy.add_argument("--hospitals", type=int, default=3)
+    sy.add_argument("--hospitals", type=int, help="hospitals of the synthetic federation (default 3)")
     sy.add_argument("--seed", type=int, default=0)
-    sy.add_argument("--scale", type=float, default=1.0)
+    sy.add_argument("--scale", type=float, help="records per hospital, relative (default 1.0)")
     sy.add_argument("--overwrite", action="store_true")
     sy.add_argument("--graded", metavar="SHARES",
                     help="instead: one CLIMB root of five lab-panel domains with these training shares "
                          "(e.g. 40,25,15,8,2), the learning benchmark's pool (split it with simulation.partition)")
-    sy.add_argument("--train-records", type=int, default=1000, help="with --graded: training records in all")
-    sy.add_argument("--test-records", type=int, default=40, help="with --graded: test records per domain (balanced)")
+    sy.add_argument("--train-records", type=int, help="with --graded: training records in all (default 1000)")
+    sy.add_argument("--test-records", type=int, help="with --graded: test records per domain, balanced (default 40)")
     fd = d.add_parser("from-dicom", help="convert a DICOM folder + labels CSV into CLIMB records (no PHI)")
     fd.add_argument("dicom_dir")
     fd.add_argument("out")
@@ -204,10 +204,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from simulation.synth import generate_federation
 
+    # Options of the other kind of pool are refused, not silently ignored.
+    wrong = (("--hospitals", args.hospitals), ("--scale", args.scale)) if args.graded else (
+        ("--train-records", args.train_records), ("--test-records", args.test_records))
+    named = [flag for flag, value in wrong if value is not None]
+    if named:
+        raise _UsageError(f"{', '.join(named)} " + (
+            "does not apply to --graded, which writes one root (split it over hospitals with "
+            "simulation.partition=dirichlet simulation.hospitals=N)" if args.graded else "needs --graded"))
     if args.graded:
         return _synth_graded(args)
     try:
-        summary = generate_federation(Path(args.out), hospitals=args.hospitals, seed=args.seed, scale=args.scale,
+        summary = generate_federation(Path(args.out), hospitals=3 if args.hospitals is None else args.hospitals,
+                                      seed=args.seed, scale=1.0 if args.scale is None else args.scale,
                                       overwrite=args.overwrite)
     except (ValueError, OSError) as exc:
         raise _UsageError(str(exc)) from None
@@ -221,8 +230,10 @@ def _synth_graded(args: argparse.Namespace) -> int:
     from simulation.synth_graded import generate_graded, parse_shares
 
     try:
-        counts = generate_graded(Path(args.out), shares=parse_shares(args.graded), train_records=args.train_records,
-                                 eval_records=args.test_records, seed=args.seed, overwrite=args.overwrite)
+        counts = generate_graded(Path(args.out), shares=parse_shares(args.graded),
+                                 train_records=1000 if args.train_records is None else args.train_records,
+                                 eval_records=40 if args.test_records is None else args.test_records,
+                                 seed=args.seed, overwrite=args.overwrite)
     except (ValueError, OSError) as exc:
         raise _UsageError(str(exc)) from None
     total = sum(c["train"] for c in counts.values())

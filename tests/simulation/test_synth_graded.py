@@ -108,3 +108,16 @@ def test_cli_writes_the_pool_and_names_bad_shares(tmp_path: Path, capsys: pytest
     assert manifest["shares"] == [40, 25, 15, 8, 2] and manifest["counts"]["panel_diabetes"]["test"] == 6
     assert main(["data", "synth", str(tmp_path / "other"), "--graded", "1,2"]) == 2
     assert "panel_diabetes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--graded", "40,25,15,8,2", "--hospitals", "4"], "--hospitals"),
+    (["--graded", "40,25,15,8,2", "--scale", "2"], "--scale"),
+    (["--train-records", "100"], "--train-records"),
+])
+def test_cli_refuses_options_of_the_other_kind_of_pool(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        argv: list[str], named: str) -> None:
+    """--graded writes one root (no hospitals); the synthetic federation has no record totals.
+    An option the chosen pool ignores is refused by name, and nothing is written."""
+    assert main(["data", "synth", str(tmp_path / "pool"), *argv]) == 2
+    assert named in capsys.readouterr().err and not (tmp_path / "pool").exists()
