@@ -19,7 +19,11 @@ from common import keys
 from common.config import FedClimbConfig
 from common.privacy.ledger import LedgerError, PrivacyLedger
 
-__all__ = ["asked_values", "clamps", "epsilon_text", "print_round_line", "round_line"]
+__all__ = ["EVALUATION_KEYS", "asked_values", "clamps", "epsilon_text", "print_round_line", "round_line"]
+
+#: The limited values an evaluation reads (greedy answers of at most this many tokens);
+#: its line shows only these, not the training settings it never uses.
+EVALUATION_KEYS = ("rollout.max_new_tokens",)
 
 
 def asked_values(run_cfg: FedClimbConfig, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -36,7 +40,7 @@ def clamps(asked: Mapping[str, Any], site: Site) -> list[str]:
     """``key asked->limit`` for each asked value above the hospital's limit."""
     lim = site.hospital.limits
     return [f"{dotted} {asked[dotted]:g}->{getattr(lim, field):g}" for dotted, field in LIMITED_KEYS
-            if asked[dotted] > getattr(lim, field)]
+            if dotted in asked and asked[dotted] > getattr(lim, field)]
 
 
 def epsilon_text(site: Site) -> str:
@@ -57,6 +61,8 @@ def round_line(site: Site, kind: str, server_round: int | None, asked: Mapping[s
                sent_bytes: int, status: str, *, resent: bool = False) -> str:
     """One console line for a reply."""
     parts = [f"fedclimb hospital {site.name}: round {server_round if server_round is not None else '?'} {kind}"]
+    if asked is not None and kind == "evaluate":
+        asked = {d: v for d, v in asked.items() if d in EVALUATION_KEYS}
     if asked is not None:
         parts[0] += ": asked " + " ".join(f"{d.split('.')[1]}={v:g}" for d, v in asked.items())
         clamped = clamps(asked, site)

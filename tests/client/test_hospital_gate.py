@@ -136,3 +136,7 @@ def test_round_line_reports_clamps(tmp_path: Path) -> None:
     line = round_line(Site("st-a", h, simulated=False), "train", 3, asked, 1234, "ok")
     assert "lr=0.5" in line and f"train.lr 0.5->{h.limits.max_lr:g}" in line
     assert "DP off" in line and "sent 1,234 bytes" in line and line.endswith("status ok")
+    # an evaluation reads no training setting: its line names only what it uses
+    evaluation = round_line(Site("st-a", h, simulated=False), "evaluate", 3, asked, 0, "ok")
+    assert "lr=" not in evaluation and "steps=" not in evaluation and "clamped nothing" in evaluation
+    assert f"max_new_tokens={load_config().rollout.max_new_tokens}" in evaluation
