@@ -129,6 +129,9 @@ class FedClimbStrategy(Strategy):
         # The instructions of the current configure_* call: the SuperLink's own error
         # replies (hospital unreachable) come from the SuperLink, not from the hospital.
         self._sent: list[Message] = []
+        # dst node and message id -> hospital, built once per round at the first reply
+        # (message ids are set when the grid pushes the instructions, after configure_*).
+        self._sent_index: tuple[set[int], dict[str, int]] | None = None
 
     # ----------------------------------------------------------------- state
 
@@ -234,7 +237,7 @@ class FedClimbStrategy(Strategy):
             # 12 h would silently cut a longer round_timeout_s short).
             out.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd),
                                ttl=float(self.cfg.federation.round_timeout_s)))
-        self._sent = list(out)
+        self._sent, self._sent_index = list(out), None
         if self.current is not None:
             self.current.bytes_sent += arrays.count_bytes() * len(nodes)
         return out
@@ -260,11 +263,20 @@ class FedClimbStrategy(Strategy):
         comes from the SuperLink's id; it answers the instruction sent to the hospital.
         """
         src = int(msg.metadata.src_node_id)
-        sent_to = {int(m.metadata.dst_node_id): m for m in self._sent}
+        sent_to, by_id = self._sent_lookup(rebuild=False)
         if src in sent_to:
             return src
-        by_id = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent if m.metadata.message_id}
-        return by_id.get(msg.metadata.reply_to_message_id, src)
+        reply_to = msg.metadata.reply_to_message_id
+        if reply_to not in by_id:  # ids the index was built before (set when the grid pushed)
+            sent_to, by_id = self._sent_lookup(rebuild=True)
+        return by_id.get(reply_to, src)
+
+    def _sent_lookup(self, *, rebuild: bool) -> tuple[set[int], dict[str, int]]:
+        if self._sent_index is None or rebuild:
+            self._sent_index = ({int(m.metadata.dst_node_id) for m in self._sent},
+                                {m.metadata.message_id: int(m.metadata.dst_node_id)
+                                 for m in self._sent if m.metadata.message_id})
+        return self._sent_index
 
     def _missing(self, server_round: int, repliers: set[int], kind: str) -> list[str]:
         """Hospitals that were sent an instruction and never answered (logged by name)."""
