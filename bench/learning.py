@@ -185,7 +185,7 @@ def targets(report: dict[str, Any]) -> list[str]:
         if CENTRAL in summ:
             ratio = summ[DEFAULT]["macro"]["mean"] / summ[CENTRAL]["macro"]["mean"]
             lines.append(f"- {setting}: macro balanced accuracy {DEFAULT} / {CENTRAL} = "
-                         f"{summ[DEFAULT]['macro']['mean']:.3f} / {summ[CENTRAL]['macro']['mean']:.3f} = {ratio:.2f} "
+                         f"{summ[DEFAULT]['macro']['mean']:.3f} / {summ[CENTRAL]['macro']['mean']:.3f} = {ratio:.3f} "
                          f"-> target (>= 0.90) **{'met' if ratio >= 0.9 else 'not met'}**.")
     return lines
 

@@ -66,6 +66,10 @@ def test_arm_config_changes_exactly_one_thing_per_single_change_arm() -> None:
         got = {"mode": c.aggregation.mode, "weighting": c.aggregation.weighting, "estimator": c.advantage.estimator}
         ref = {"mode": "fedit", "weighting": "examples", "estimator": "grpo"}
         assert [k for k in got if got[k] != ref[k]] == [field], arm
+    # the default less exact aggregation: fedit, with the other two changes
+    minus_ffa = arm_config(cfg, "fedavg-grpo+domain+drpo", 7)
+    assert (minus_ffa.aggregation.mode, minus_ffa.aggregation.weighting, minus_ffa.advantage.estimator) == (
+        "fedit", "domain", "drpo")
     full = arm_config(cfg, "domain-drpo", 7)
     assert (full.aggregation.mode, full.aggregation.weighting, full.advantage.estimator) == ("ffa", "domain", "drpo")
     assert arm_config(cfg, "centralised-grpo", 7).advantage.estimator == "grpo"
