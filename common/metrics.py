@@ -57,13 +57,13 @@ def class_recalls(c: ClassCounts) -> dict[str, float]:
 
     Shows what a balanced accuracy of 0.5 hides: a model that answers one class for every
     record has recall 1 on it and 0 on the other."""
-    return {k: _recall(c, k) for k in sorted(c.classes()) if c.tp.get(k, 0.0) + c.fn.get(k, 0.0) > 0}
+    return {k: _recall(c, k) for k in c.classes() if c.tp.get(k, 0.0) + c.fn.get(k, 0.0) > 0}
 
 
 def balanced_accuracy(c: ClassCounts) -> float:
     """Mean recall over classes present in the truth (0.0 when there are none)."""
-    classes = [k for k in c.classes() if c.tp.get(k, 0.0) + c.fn.get(k, 0.0) > 0]
-    return sum(_recall(c, k) for k in classes) / len(classes) if classes else 0.0
+    recalls = class_recalls(c)
+    return sum(recalls.values()) / len(recalls) if recalls else 0.0
 
 
 def macro_f1(c: ClassCounts) -> float:
