@@ -25,6 +25,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from simulation.processes import Terminated
 
@@ -204,20 +205,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from simulation.synth import generate_federation
 
-    # Options of the other kind of pool are refused, not silently ignored.
-    wrong = (("--hospitals", args.hospitals), ("--scale", args.scale)) if args.graded else (
-        ("--train-records", args.train_records), ("--test-records", args.test_records))
-    named = [flag for flag, value in wrong if value is not None]
+    # Options of the other kind of pool are refused, not silently ignored; the ones given
+    # are passed on, the others keep the generator's defaults.
+    federation = _given(hospitals=args.hospitals, scale=args.scale)
+    graded = _given(train_records=args.train_records, eval_records=args.test_records)
+    flags = {"hospitals": "--hospitals", "scale": "--scale", "train_records": "--train-records",
+             "eval_records": "--test-records"}
+    named = [flags[key] for key in (federation if args.graded else graded)]
     if named:
         raise _UsageError(f"{', '.join(named)} " + (
             "does not apply to --graded, which writes one root (split it over hospitals with "
             "simulation.partition=dirichlet simulation.hospitals=N)" if args.graded else "needs --graded"))
     if args.graded:
-        return _synth_graded(args)
+        return _synth_graded(args, graded)
     try:
-        summary = generate_federation(Path(args.out), hospitals=3 if args.hospitals is None else args.hospitals,
-                                      seed=args.seed, scale=1.0 if args.scale is None else args.scale,
-                                      overwrite=args.overwrite)
+        summary = generate_federation(Path(args.out), seed=args.seed, overwrite=args.overwrite, **federation)
     except (ValueError, OSError) as exc:
         raise _UsageError(str(exc)) from None
     for root in summary.hospital_roots:
@@ -226,14 +228,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synth_graded(args: argparse.Namespace) -> int:
+def _given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments the user set (argparse leaves the others None)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _synth_graded(args: argparse.Namespace, sizes: dict[str, int]) -> int:
     from simulation.synth_graded import generate_graded, parse_shares
 
     try:
-        counts = generate_graded(Path(args.out), shares=parse_shares(args.graded),
-                                 train_records=1000 if args.train_records is None else args.train_records,
-                                 eval_records=40 if args.test_records is None else args.test_records,
-                                 seed=args.seed, overwrite=args.overwrite)
+        counts = generate_graded(Path(args.out), shares=parse_shares(args.graded), seed=args.seed,
+                                 overwrite=args.overwrite, **sizes)
     except (ValueError, OSError) as exc:
         raise _UsageError(str(exc)) from None
     total = sum(c["train"] for c in counts.values())
