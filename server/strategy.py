@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,9 +129,6 @@ class FedClimbStrategy(Strategy):
         # The instructions of the current configure_* call: the SuperLink's own error
         # replies (hospital unreachable) come from the SuperLink, not from the hospital.
         self._sent: list[Message] = []
-        # dst node and message id -> hospital, built once per round at the first reply
-        # (message ids are set when the grid pushes the instructions, after configure_*).
-        self._sent_index: tuple[set[int], dict[str, int]] | None = None
 
     # ----------------------------------------------------------------- state
 
@@ -237,7 +234,7 @@ class FedClimbStrategy(Strategy):
             # 12 h would silently cut a longer round_timeout_s short).
             out.append(Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd),
                                ttl=float(self.cfg.federation.round_timeout_s)))
-        self._sent, self._sent_index = list(out), None
+        self._sent = list(out)
         if self.current is not None:
             self.current.bytes_sent += arrays.count_bytes() * len(nodes)
         return out
@@ -256,27 +253,21 @@ class FedClimbStrategy(Strategy):
 
     # ----------------------------------------------------------------- aggregation
 
-    def _sender(self, msg: Message) -> int:
-        """The hospital a reply answers for.
+    def _senders(self, replies: Sequence[Message]) -> list[int]:
+        """The hospital each reply answers for.
 
         An error reply the SuperLink makes itself (the hospital stopped sending heartbeats)
         comes from the SuperLink's id; it answers the instruction sent to the hospital.
+        The instructions' ids are read here, once per batch of replies: the grid sets them
+        when it pushes the instructions, after configure_* returned them.
         """
-        src = int(msg.metadata.src_node_id)
-        sent_to, by_id = self._sent_lookup(rebuild=False)
-        if src in sent_to:
-            return src
-        reply_to = msg.metadata.reply_to_message_id
-        if reply_to not in by_id:  # ids the index was built before (set when the grid pushed)
-            sent_to, by_id = self._sent_lookup(rebuild=True)
-        return by_id.get(reply_to, src)
-
-    def _sent_lookup(self, *, rebuild: bool) -> tuple[set[int], dict[str, int]]:
-        if self._sent_index is None or rebuild:
-            self._sent_index = ({int(m.metadata.dst_node_id) for m in self._sent},
-                                {m.metadata.message_id: int(m.metadata.dst_node_id)
-                                 for m in self._sent if m.metadata.message_id})
-        return self._sent_index
+        sent_to = {int(m.metadata.dst_node_id) for m in self._sent}
+        by_id = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent if m.metadata.message_id}
+        out = []
+        for msg in replies:
+            src = int(msg.metadata.src_node_id)
+            out.append(src if src in sent_to else by_id.get(msg.metadata.reply_to_message_id, src))
+        return out
 
     def _missing(self, server_round: int, repliers: set[int], kind: str) -> list[str]:
         """Hospitals that were sent an instruction and never answered (logged by name)."""
@@ -344,9 +335,10 @@ class FedClimbStrategy(Strategy):
         # Replies arrive in completion order; aggregate in a fixed order (simulated
         # hospital index, else node id) so that a run is reproducible bit for bit.
         checked = []
-        for msg in replies:
+        replies = list(replies)
+        for msg, sender in zip(replies, self._senders(replies), strict=True):
             self._received(msg)
-            checked.append((self._sender(msg), *self._check(msg)))
+            checked.append((sender, *self._check(msg)))
         checked.sort(key=lambda c: (_partition(c[3]), c[0]))
         report["missing"] = self._missing(server_round, {c[0] for c in checked}, "training")
         for node, status, arrays, metrics, reason in checked:
@@ -455,10 +447,11 @@ class FedClimbStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         per_node: dict[str, dict[str, Any]] = {}
         replies = list(replies)
-        self._missing(server_round, {self._sender(m) for m in replies}, "evaluation")
-        for msg in replies:
+        senders = self._senders(replies)
+        self._missing(server_round, set(senders), "evaluation")
+        for msg, sender in zip(replies, senders, strict=True):
             if msg.has_error():
-                log.warning("round %d: no evaluation from %s: %s", server_round, self.label(self._sender(msg)),
+                log.warning("round %d: no evaluation from %s: %s", server_round, self.label(sender),
                             msg.error.reason)
                 continue
             content = msg.content
