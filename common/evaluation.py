@@ -12,11 +12,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.metrics import balanced_accuracy, count_classes, macro_f1
+from common.metrics import balanced_accuracy, class_recalls, count_classes, macro_f1
 from common.rewards import set_f1
 
 __all__ = ["NONE_LABEL", "label_key", "confusion_matrix", "majority_answer", "Baseline", "constant_baseline",
-           "rank_auc", "option_separation"]
+           "rank_auc", "option_separation", "option_offsets", "calibrated_answers", "calibrated_scores"]
 
 NONE_LABEL = "(none)"
 
@@ -116,3 +116,49 @@ def option_separation(truth: Sequence[frozenset[str]], options: Sequence[Sequenc
              for k in keys if k in truths}
     return {"labels": [a, b], "score": f"log p({b}) - log p({a})", "records": len(scores),
             "auc": rank_auc(scores, [t == b for t in truths]), "mean_score": means}
+
+
+def option_offsets(options: Sequence[Sequence[frozenset[str]]], logprobs: Sequence[Sequence[float]]) -> dict[str, float]:
+    """The model's prior over the answer options: the mean log-probability of each option over a set of records.
+
+    Keyed by :func:`label_key`; an option is averaged over the records that offer it.
+    Subtracting it from a record's log-probabilities (:func:`calibrated_answers`) removes
+    the preference the model has whatever the record says, and keeps what it learnt from
+    the record. Computed on a split other than the one evaluated (``--calibrate``).
+    """
+    if len(options) != len(logprobs):
+        raise ValueError(f"{len(options)} option lists but {len(logprobs)} log-probability lists")
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for opts, lps in zip(options, logprobs, strict=True):
+        if len(opts) != len(lps):
+            raise ValueError(f"a record has {len(opts)} options but {len(lps)} log-probabilities")
+        for o, lp in zip(opts, lps, strict=True):
+            k = label_key(o)
+            sums[k] = sums.get(k, 0.0) + lp
+            counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sorted(sums)}
+
+
+def calibrated_answers(options: Sequence[Sequence[frozenset[str]]], logprobs: Sequence[Sequence[float]],
+                       offsets: dict[str, float]) -> list[frozenset[str]]:
+    """Each record's option with the highest ``log p(option) - offsets[option]`` (the first on a tie).
+
+    An option without an offset keeps its log-probability (offset 0).
+    """
+    if len(options) != len(logprobs):
+        raise ValueError(f"{len(options)} option lists but {len(logprobs)} log-probability lists")
+    out = []
+    for opts, lps in zip(options, logprobs, strict=True):
+        if not opts or len(opts) != len(lps):
+            raise ValueError(f"a record has {len(opts)} options but {len(lps)} log-probabilities")
+        scores = [lp - offsets.get(label_key(o), 0.0) for o, lp in zip(opts, lps, strict=True)]
+        out.append(opts[max(range(len(opts)), key=lambda i: (scores[i], -i))])
+    return out
+
+
+def calibrated_scores(truth: Sequence[frozenset[str]], predicted: Sequence[frozenset[str]]) -> dict[str, object]:
+    """Balanced accuracy, per-class recall, macro-F1 and the confusion matrix of calibrated answers."""
+    counts = count_classes(truth, predicted)
+    return {"balanced_accuracy": balanced_accuracy(counts), "recalls": class_recalls(counts),
+            "macro_f1": macro_f1(counts), "confusion": confusion_matrix(truth, predicted)}

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", help="the base model id or folder (default: the run's or --config's model)")
     ev.add_argument("--data", required=True, help="a CLIMB root")
     ev.add_argument("--split", default="test", help="the split to evaluate (default test)")
+    ev.add_argument("--calibrate", metavar="SPLIT",
+                    help="also report calibrated answers: each option's mean log-probability on SPLIT (e.g. valid) "
+                         "is subtracted before the most likely option is taken (constrained answers only)")
     ev.add_argument("--out", help="where evaluation.json, evaluation.md and explanations/ go (default RUN_DIR/evaluation or ./evaluation)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     ev.add_argument("--explain", type=int, default=0, metavar="N", help="write a review PNG for N records spread over the domains")

@@ -3,7 +3,8 @@
 Beside the model's metrics it reports what it must beat: the constant answer (each
 domain's most common training answer) and, when an adapter is given, the base model
 without it. Writes ``evaluation.json`` and ``evaluation.md``; ``--explain N`` adds one
-review PNG per record (simulation/explain.py).
+review PNG per record (simulation/explain.py). ``--calibrate SPLIT`` adds the answers read
+from the answer probabilities with the model's prior over the options removed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from typing import Any
 
 from common.climb.records import Record, load_records
 from common.config import ConfigError, FedClimbConfig, load_config
-from common.evaluation import confusion_matrix, constant_baseline, label_key, majority_answer, option_separation
+from common.evaluation import (
+    calibrated_answers,
+    calibrated_scores,
+    confusion_matrix,
+    constant_baseline,
+    label_key,
+    majority_answer,
+    option_offsets,
+    option_separation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,10 @@ class DomainReport:
     # the classes (common.evaluation.option_separation), for this model and the base alone.
     option_scores: dict[str, Any] | None = None
     base_option_scores: dict[str, Any] | None = None
+    # ``--calibrate SPLIT``: the answers with the model's prior over the options (its mean
+    # log-probability of each on SPLIT) removed (common.evaluation.calibrated_answers).
+    calibrated: dict[str, Any] | None = None
+    base_calibrated: dict[str, Any] | None = None
 
 
 def _domain_reports(answers: Sequence[Any], base_answers: Sequence[Any] | None,
@@ -130,6 +144,33 @@ def _add_option_scores(reports: dict[str, DomainReport], records: Sequence[Recor
         report.base_option_scores = base.get(domain)
 
 
+def calibrations(records: Sequence[Record], logprobs: Sequence[Sequence[float]], prior_records: Sequence[Record],
+                 prior_logprobs: Sequence[Sequence[float]]) -> dict[str, dict[str, Any] | None]:
+    """Per domain, the calibrated answers' scores and the option offsets they used.
+
+    The offsets of a domain come from ``prior_records`` of that domain (another split); a
+    domain with none there gets None.
+    """
+    from client.trainer import truth_labels
+    from common.rewards import true_label_set
+
+    def options(r: Record) -> list[frozenset[str]]:
+        return [true_label_set(o, options=r.options) for o in r.options]
+
+    out: dict[str, dict[str, Any] | None] = {}
+    for domain in sorted({r.domain for r in records}):
+        prior = [i for i, r in enumerate(prior_records) if r.domain == domain]
+        if not prior:
+            out[domain] = None
+            continue
+        offsets = option_offsets([options(prior_records[i]) for i in prior], [prior_logprobs[i] for i in prior])
+        idx = [i for i, r in enumerate(records) if r.domain == domain]
+        answers = calibrated_answers([options(records[i]) for i in idx], [logprobs[i] for i in idx], offsets)
+        out[domain] = {"offsets": offsets, "prior_records": len(prior),
+                       **calibrated_scores([truth_labels(records[i]) for i in idx], answers)}
+    return out
+
+
 def _overall(reports: dict[str, DomainReport]) -> dict[str, Any]:
     n = sum(r.records for r in reports.values())
     if not n:
@@ -147,6 +188,10 @@ def _fmt(value: float | None) -> str:
 
 def _means(scores: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:+.2f}" for k, v in scores.get("mean_score", {}).items())
+
+
+def _recalls(scores: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in scores.get("recalls", {}).items())
 
 
 def _markdown(meta: dict[str, Any], reports: dict[str, DomainReport], overall: dict[str, Any],
@@ -183,6 +228,21 @@ def _markdown(meta: dict[str, Any], reports: dict[str, DomainReport], overall: d
             lines.append(f"| {d} | {s['score']} | {_fmt(s.get('auc'))} | {_means(s)} | {_fmt(b.get('auc'))} | "
                          f"{_means(b) if b else '-'} |")
         lines.append("")
+    calibrated = {d: r for d, r in sorted(reports.items()) if r.calibrated}
+    if calibrated:
+        lines += [f"## Calibrated answers (option priors from split `{meta['calibrate']}`)", "",
+                  "Each record's answer is the option with the highest log-probability after subtracting the "
+                  "model's mean log-probability of that option over the calibration split: the preference it has "
+                  "whatever the record says is removed, what it learnt from the record stays. The answers above "
+                  "are the model's own; these are a reading of its probabilities.", "",
+                  "| domain | balanced acc. | recall per true answer | base model balanced acc. | "
+                  "base model recall | constant answer |", "|---|---|---|---|---|---|"]
+        for d, r in calibrated.items():
+            c, b = r.calibrated or {}, r.base_calibrated or {}
+            lines.append(f"| {d} | **{c['balanced_accuracy']:.3f}** | {_recalls(c)} | "
+                         f"{_fmt(b.get('balanced_accuracy'))} | {_recalls(b) if b else '-'} | "
+                         f"{r.constant['balanced_accuracy']:.3f} |")
+        lines.append("")
     for d, r in sorted(reports.items()):
         cols = sorted({c for row in r.confusion.values() for c in row})
         lines += [f"## {d}: confusion (rows truth, columns model answer)", "",
@@ -196,8 +256,13 @@ def _markdown(meta: dict[str, Any], reports: dict[str, DomainReport], overall: d
 
 
 def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, split: str, out: Path, seed: int = 0,
-                   explain: int = 0, record_ids: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
-    """Evaluate and write ``evaluation.json`` / ``evaluation.md`` (+ explanation PNGs) under ``out``."""
+                   explain: int = 0, record_ids: Sequence[str] = (), progress: bool = True,
+                   calibrate: str | None = None) -> dict[str, Any]:
+    """Evaluate and write ``evaluation.json`` / ``evaluation.md`` (+ explanation PNGs) under ``out``.
+
+    ``calibrate`` names another split whose records set the option priors of the
+    calibrated answers (constrained answers only).
+    """
     from client.trainer import LocalTrainer, truth_labels
     from common.modeling.loader import load_base_model
     from common.modeling.lora import read_peft_folder, with_zero_b
@@ -206,6 +271,11 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     from simulation.export import adapter_folder
 
     t0 = time.perf_counter()
+    if calibrate is not None and not cfg.prompt.constrained:
+        raise ValueError("--calibrate reads the answer probabilities, which need constrained answers: "
+                         "set prompt.constrained=true")
+    if calibrate is not None and calibrate == split:
+        raise ValueError(f"--calibrate {calibrate} is the split being evaluated; name another one (e.g. valid)")
     folder = adapter_folder(adapter) if adapter is not None else None
     bundle = load_base_model(cfg.model)
     policy = Policy(bundle, cfg.lora, freeze_a=cfg.aggregation.mode == "ffa")
@@ -220,13 +290,19 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
         seen = [truth_labels(r) for r in train if r.domain == d]
         if seen:
             majority[d] = majority_answer(seen)
+    prior_records: list[Record] = []
+    if calibrate is not None:
+        prior_records = trainer.usable(load_records(data, calibrate, domain_key=cfg.data.domain_key))
+        if not prior_records:
+            raise ValueError(f"--calibrate {calibrate}: no usable records in that split under {data}")
     zero = with_zero_b(policy.get_adapter())
     scored = cfg.prompt.constrained  # answer probabilities exist for constrained answers only
-    base_answers = base_logprobs = None
+    base_answers = base_logprobs = base_prior = None
     if folder is not None:
         policy.set_adapter(zero)
         base_answers = trainer.answers(records, seed=seed, progress=progress)
         base_logprobs = trainer.option_logprobs(records, progress=progress) if scored else None
+        base_prior = trainer.option_logprobs(prior_records, progress=progress) if prior_records else None
         policy.set_adapter(read_peft_folder(folder))
     else:
         policy.set_adapter(zero)
@@ -235,13 +311,18 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     reports = _domain_reports(answers, base_answers, majority)
     if logprobs is not None:
         _add_option_scores(reports, records, logprobs, base_logprobs)
+    if logprobs is not None and prior_records:
+        mine = calibrations(records, logprobs, prior_records, trainer.option_logprobs(prior_records, progress=progress))
+        base = calibrations(records, base_logprobs, prior_records, base_prior) if base_logprobs and base_prior else {}
+        for domain, report in reports.items():
+            report.calibrated, report.base_calibrated = mine.get(domain), base.get(domain)
     overall = _overall(reports)
     out.mkdir(parents=True, exist_ok=True)
     by_id = (lambda values: None if values is None else {r.id: v for r, v in zip(records, values, strict=True)})
     explained = explain_answers(trainer, [a for a in answers if a.record in chosen], out / "explanations",
                                 logprobs=by_id(logprobs), base_logprobs=by_id(base_logprobs)) if chosen else []
     meta = {"adapter": str(folder) if folder else None, "base_model": bundle.source or bundle.name, "data": str(data),
-            "split": split, "seed": seed, "seconds": time.perf_counter() - t0,
+            "split": split, "calibrate": calibrate, "seed": seed, "seconds": time.perf_counter() - t0,
             "constant_from": "training split" if majority else "evaluated split"}
     result = {"meta": meta, "overall": overall, "domains": {d: asdict(r) for d, r in sorted(reports.items())},
               "explanations": [str(Path(p).relative_to(out)) for p in explained],
@@ -268,7 +349,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     ids = [s for s in (args.records or "").split(",") if s]
     try:
         result = run_evaluation(cfg, adapter=Path(args.adapter) if args.adapter else None, data=data, split=args.split,
-                                out=out, seed=args.seed, explain=args.explain, record_ids=ids, progress=not args.json)
+                                out=out, seed=args.seed, explain=args.explain, record_ids=ids, progress=not args.json,
+                                calibrate=args.calibrate)
     except (FileNotFoundError, ValueError) as exc:
         print(f"fedclimb: error: {exc}")
         return 2

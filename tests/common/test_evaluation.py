@@ -9,6 +9,9 @@ from common.evaluation import (
     constant_baseline,
     label_key,
     majority_answer,
+    calibrated_answers,
+    calibrated_scores,
+    option_offsets,
     option_separation,
     rank_auc,
 )
@@ -65,3 +68,29 @@ def test_option_separation_by_hand():
     # Not a two-answer question, or a record with other options: nothing to report.
     assert option_separation([ben], [[ben, mal, frozenset({"other"})]], [[-1.0, -2.0, -3.0]]) is None
     assert option_separation(truth[:2], [[ben, mal], [ben, frozenset({"x"})]], logprobs[:2]) is None
+
+
+def test_option_offsets_are_the_mean_log_probability_of_each_option():
+    # benign: (-0.2 - 0.4 - 0.3) / 3 = -0.3; malignant: (-1.8 - 1.2 - 1.5) / 3 = -1.5
+    options = [[B, M], [M, B], [B, M]]
+    logprobs = [[-0.2, -1.8], [-1.2, -0.4], [-0.3, -1.5]]
+    assert option_offsets(options, logprobs) == pytest.approx({"benign": -0.3, "malignant": -1.5})
+    with pytest.raises(ValueError, match="2 options but 1"):
+        option_offsets([[B, M]], [[-0.1]])
+
+
+def test_calibrated_answers_remove_the_prior_and_keep_the_ranking():
+    offsets = {"benign": -0.3, "malignant": -1.5}  # the model prefers benign by 1.2 nats on average
+    options = [[B, M], [B, M], [M, B]]
+    # Uncalibrated every record is benign. Calibrated scores (benign, malignant):
+    # record 0: -0.2+0.3=0.1 vs -1.8+1.5=-0.3 -> benign; record 1: -0.6+0.3=-0.3 vs -1.0+1.5=0.5 -> malignant;
+    # record 2 (options listed malignant first): -1.1+1.5=0.4 vs -0.5+0.3=-0.2 -> malignant.
+    logprobs = [[-0.2, -1.8], [-0.6, -1.0], [-1.1, -0.5]]
+    assert calibrated_answers(options, logprobs, {}) == [B, B, B]
+    assert calibrated_answers(options, logprobs, offsets) == [B, M, M]
+    # A tie goes to the first option listed.
+    assert calibrated_answers([[M, B]], [[-1.5, -0.3]], offsets) == [M]
+    scores = calibrated_scores([B, M, B], [B, M, M])
+    assert scores["recalls"] == pytest.approx({"benign": 0.5, "malignant": 1.0})
+    assert scores["balanced_accuracy"] == pytest.approx(0.75)
+    assert scores["confusion"] == {"benign": {"benign": 1, "malignant": 1}, "malignant": {"malignant": 1}}

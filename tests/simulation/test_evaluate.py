@@ -8,8 +8,10 @@ import pytest
 
 from common.climb.records import load_records
 from common.config import load_config, to_yaml
+from common.evaluation import label_key
 from common.modeling.lora import init_adapter
 from common.modeling.shapes import adapter_shapes_for
+from common.rewards import true_label_set
 from server.checkpoint import save_round
 from server.federation import base_for_adapters
 from simulation.cli import main
@@ -119,3 +121,28 @@ def test_simulate_report_links_review_pngs_of_every_domain(setup):
     link_in_report(report, pngs)
     text = report.read_text()
     assert all(f"(explanations/{p.name})" in text for p in pngs)
+
+
+def test_evaluate_calibrate_reads_answers_with_the_option_prior_removed(setup):
+    tmp, run, data = setup
+    out = tmp / "calibrated"
+    assert main(["evaluate", "--adapter", str(run), "--data", str(data), "--out", str(out), "--calibrate", "valid"]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["meta"]["calibrate"] == "valid"
+    valid = load_records(data, "valid")
+    for d, rep in result["domains"].items():
+        for key in ("calibrated", "base_calibrated"):
+            cal = rep[key]
+            assert cal["prior_records"] == sum(1 for r in valid if r.domain == d)
+            assert sum(sum(row.values()) for row in cal["confusion"].values()) == rep["records"]
+            assert cal["balanced_accuracy"] == pytest.approx(sum(cal["recalls"].values()) / len(cal["recalls"]))
+            assert set(cal["offsets"]) == {label_key(true_label_set(o, options=r.options))
+                                           for r in valid if r.domain == d for o in r.options}
+        # The adapter (B != 0) moves the option prior away from the base model's.
+        assert rep["calibrated"]["offsets"] != rep["base_calibrated"]["offsets"]
+    assert "## Calibrated answers (option priors from split `valid`)" in (out / "evaluation.md").read_text()
+    # Refused: the evaluated split itself, and unconstrained answers (no probabilities to read).
+    assert main(["evaluate", "--adapter", str(run), "--data", str(data), "--out", str(tmp / "x"),
+                 "--calibrate", "test"]) == 2
+    assert main(["evaluate", "--adapter", str(run), "--data", str(data), "--out", str(tmp / "y"),
+                 "--calibrate", "valid", "prompt.constrained=false"]) == 2
