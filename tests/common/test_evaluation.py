@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from common.evaluation import (
+    calibrated_answers,
+    calibrated_scores,
     confusion_matrix,
     constant_baseline,
     label_key,
     majority_answer,
-    calibrated_answers,
-    calibrated_scores,
     option_offsets,
     option_separation,
     rank_auc,
