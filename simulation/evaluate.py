@@ -123,15 +123,20 @@ def _domain_reports(answers: Sequence[Any], base_answers: Sequence[Any] | None,
 def option_separations(records: Sequence[Record], logprobs: Sequence[Sequence[float]]) -> dict[str, dict[str, Any] | None]:
     """Per domain, :func:`option_separation` of the records' option log-probabilities (in record order)."""
     from client.trainer import truth_labels
-    from common.rewards import true_label_set
 
     out = {}
     for domain in sorted({r.domain for r in records}):
         idx = [i for i, r in enumerate(records) if r.domain == domain]
         truth = [truth_labels(records[i]) for i in idx]
-        options = [[true_label_set(o, options=records[i].options) for o in records[i].options] for i in idx]
-        out[domain] = option_separation(truth, options, [logprobs[i] for i in idx])
+        out[domain] = option_separation(truth, [_option_labels(records[i]) for i in idx], [logprobs[i] for i in idx])
     return out
+
+
+def _option_labels(record: Record) -> list[frozenset[str]]:
+    """The record's answer options as label sets, in the record's order (that of its log-probabilities)."""
+    from common.rewards import true_label_set
+
+    return [true_label_set(o, options=record.options) for o in record.options]
 
 
 def _add_option_scores(reports: dict[str, DomainReport], records: Sequence[Record], logprobs: Sequence[Sequence[float]],
@@ -152,10 +157,6 @@ def calibrations(records: Sequence[Record], logprobs: Sequence[Sequence[float]],
     domain with none there gets None.
     """
     from client.trainer import truth_labels
-    from common.rewards import true_label_set
-
-    def options(r: Record) -> list[frozenset[str]]:
-        return [true_label_set(o, options=r.options) for o in r.options]
 
     out: dict[str, dict[str, Any] | None] = {}
     for domain in sorted({r.domain for r in records}):
@@ -163,9 +164,9 @@ def calibrations(records: Sequence[Record], logprobs: Sequence[Sequence[float]],
         if not prior:
             out[domain] = None
             continue
-        offsets = option_offsets([options(prior_records[i]) for i in prior], [prior_logprobs[i] for i in prior])
+        offsets = option_offsets([_option_labels(prior_records[i]) for i in prior], [prior_logprobs[i] for i in prior])
         idx = [i for i, r in enumerate(records) if r.domain == domain]
-        answers = calibrated_answers([options(records[i]) for i in idx], [logprobs[i] for i in idx], offsets)
+        answers = calibrated_answers([_option_labels(records[i]) for i in idx], [logprobs[i] for i in idx], offsets)
         out[domain] = {"offsets": offsets, "prior_records": len(prior),
                        **calibrated_scores([truth_labels(records[i]) for i in idx], answers)}
     return out
