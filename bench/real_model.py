@@ -100,7 +100,7 @@ def probability_curve(run_dir: Path, data: Path, threads: int = 1) -> list[dict[
         policy.set_adapter(zero if folder is None else read_peft_folder(folder))
         logprobs = trainer.option_logprobs(records)
         sep = option_separations(records, logprobs).get("wdbc") or {}
-        cal = calibrations(records, logprobs, prior, trainer.option_logprobs(prior)).get("wdbc") or {}
+        cal = calibrations(records, logprobs, prior, trainer.option_logprobs(prior))[0].get("wdbc") or {}
         out.append({"round": rnd, "auc": sep.get("auc"), "mean_score": sep.get("mean_score"),
                     "calibrated_balanced_accuracy": cal.get("balanced_accuracy"), "calibrated_recalls": cal.get("recalls")})
         print(f"  round {rnd}: AUC {sep.get('auc')}, mean log-odds {sep.get('mean_score')}, "

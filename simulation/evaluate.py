@@ -150,15 +150,17 @@ def _add_option_scores(reports: dict[str, DomainReport], records: Sequence[Recor
 
 
 def calibrations(records: Sequence[Record], logprobs: Sequence[Sequence[float]], prior_records: Sequence[Record],
-                 prior_logprobs: Sequence[Sequence[float]]) -> dict[str, dict[str, Any] | None]:
-    """Per domain, the calibrated answers' scores and the option offsets they used.
+                 prior_logprobs: Sequence[Sequence[float]]) -> tuple[dict[str, dict[str, Any] | None], dict[str, str]]:
+    """Per domain, the calibrated answers' scores and the option offsets they used; and each record's answer.
 
     The offsets of a domain come from ``prior_records`` of that domain (another split); a
-    domain with none there gets None.
+    domain with none there gets None and its records no answer. Answers are keyed by
+    record id, as :func:`common.evaluation.label_key`, for paired comparisons.
     """
     from client.trainer import truth_labels
 
     out: dict[str, dict[str, Any] | None] = {}
+    by_record: dict[str, str] = {}
     for domain in sorted({r.domain for r in records}):
         prior = [i for i, r in enumerate(prior_records) if r.domain == domain]
         if not prior:
@@ -169,7 +171,8 @@ def calibrations(records: Sequence[Record], logprobs: Sequence[Sequence[float]],
         answers = calibrated_answers([_option_labels(records[i]) for i in idx], [logprobs[i] for i in idx], offsets)
         out[domain] = {"offsets": offsets, "prior_records": len(prior),
                        **calibrated_scores([truth_labels(records[i]) for i in idx], answers)}
-    return out
+        by_record.update({records[i].id: label_key(a) for i, a in zip(idx, answers, strict=True)})
+    return out, by_record
 
 
 def _overall(reports: dict[str, DomainReport]) -> dict[str, Any]:
@@ -312,9 +315,13 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     reports = _domain_reports(answers, base_answers, majority)
     if logprobs is not None:
         _add_option_scores(reports, records, logprobs, base_logprobs)
+    calibrated: dict[str, str] = {}
+    base_calibrated: dict[str, str] = {}
     if logprobs is not None and prior_records:
-        mine = calibrations(records, logprobs, prior_records, trainer.option_logprobs(prior_records, progress=progress))
-        base = calibrations(records, base_logprobs, prior_records, base_prior) if base_logprobs and base_prior else {}
+        mine, calibrated = calibrations(records, logprobs, prior_records,
+                                        trainer.option_logprobs(prior_records, progress=progress))
+        base, base_calibrated = (calibrations(records, base_logprobs, prior_records, base_prior)
+                                 if base_logprobs and base_prior else ({}, {}))
         for domain, report in reports.items():
             report.calibrated, report.base_calibrated = mine.get(domain), base.get(domain)
     overall = _overall(reports)
@@ -328,7 +335,10 @@ def run_evaluation(cfg: FedClimbConfig, *, adapter: Path | None, data: Path, spl
     result = {"meta": meta, "overall": overall, "domains": {d: asdict(r) for d, r in sorted(reports.items())},
               "explanations": [str(Path(p).relative_to(out)) for p in explained],
               "records": [{"id": a.record.id, "domain": a.record.domain, "truth": label_key(a.score.truth),
-                           "answer": label_key(a.predicted), "reward": a.score.total} for a in answers]}
+                           "answer": label_key(a.predicted), "reward": a.score.total,
+                           **({"calibrated_answer": calibrated[a.record.id]} if a.record.id in calibrated else {}),
+                           **({"base_calibrated_answer": base_calibrated[a.record.id]}
+                              if a.record.id in base_calibrated else {})} for a in answers]}
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "evaluation.md").write_text(_markdown(meta, reports, overall, [str(Path(p).relative_to(out)) for p in explained]),
                                        encoding="utf-8")

@@ -140,6 +140,14 @@ def test_evaluate_calibrate_reads_answers_with_the_option_prior_removed(setup):
                                            for r in valid if r.domain == d for o in r.options}
         # The adapter (B != 0) moves the option prior away from the base model's.
         assert rep["calibrated"]["offsets"] != rep["base_calibrated"]["offsets"]
+        # Each record carries both calibrated answers (for paired comparisons); they add up to the confusion.
+        mine = [r for r in result["records"] if r["domain"] == d]
+        for key, answer in (("calibrated", "calibrated_answer"), ("base_calibrated", "base_calibrated_answer")):
+            counted: dict[str, dict[str, int]] = {}
+            for r in mine:
+                row = counted.setdefault(r["truth"], {})
+                row[r[answer]] = row.get(r[answer], 0) + 1
+            assert counted == rep[key]["confusion"]
     assert "## Calibrated answers (option priors from split `valid`)" in (out / "evaluation.md").read_text()
     # Refused: the evaluated split itself, and unconstrained answers (no probabilities to read).
     assert main(["evaluate", "--adapter", str(run), "--data", str(data), "--out", str(tmp / "x"),
