@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import re
@@ -28,7 +29,7 @@ from client.site import Site
 from client.stats import unit_domain_counts
 from common import keys
 from common.config import FedClimbConfig
-from common.files import write_text_atomic
+from common.files import write_bytes_atomic, write_text_atomic
 from common.seeding import derive_seed, secret_seed
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,46 @@ def _save_drpo_state(site: Site, server_round: int, state: dict[str, Any] | None
     write_text_atomic(folder / f"round-{server_round:04d}.json", json.dumps(state))
 
 
+# ------------------------------------------------------------------- optimizer state
+
+
+def _optimizer_dir(site: Site) -> Path:
+    return site.state_dir / "optimizer"
+
+
+def _saved_rounds(folder: Path, suffix: str) -> list[int]:
+    pattern = re.compile(rf"round-(\d+){re.escape(suffix)}")
+    return sorted(int(m.group(1)) for p in folder.glob(f"round-*{suffix}") if (m := pattern.fullmatch(p.name)))
+
+
+def _load_optimizer_state(site: Site, server_round: int) -> dict[str, Any] | None:
+    """AdamW's moments saved after the latest round before ``server_round`` (``train.keep_optimizer``)."""
+    folder = _optimizer_dir(site)
+    earlier = [r for r in _saved_rounds(folder, ".pt") if r < server_round] if folder.is_dir() else []
+    if not earlier:
+        return None
+    path = folder / f"round-{earlier[-1]:04d}.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file costs the moments, never the round
+        log.warning("%s: cannot read the optimizer state %s (%s); starting AdamW's moments at zero", site.name, path, exc)
+        return None
+
+
+def _save_optimizer_state(site: Site, server_round: int, state: dict[str, Any] | None) -> None:
+    """Write this round's moments; keep the previous round's too (a retried round resumes from it)."""
+    if state is None:
+        return
+    folder = _optimizer_dir(site)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(folder / f"round-{server_round:04d}.pt", buffer.getvalue(), mode=0o600)
+    for old in _saved_rounds(folder, ".pt"):
+        if old < server_round - 1:
+            (folder / f"round-{old:04d}.pt").unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------- rounds
 
 
@@ -155,6 +196,7 @@ def _train_round(
         dp = privacy_round.dp_settings(guard, cfg, seed)
     _warn_unknown_domains(site, data.train, ins.domain_names)
     drpo_state = _load_drpo_state(site, ins.server_round) if cfg.advantage.history == "run" and dp is None else None
+    optimizer_state = _load_optimizer_state(site, ins.server_round) if cfg.train.keep_optimizer else None
     result = data.trainer.train(
         data.train,
         steps=cfg.train.steps,
@@ -162,7 +204,9 @@ def _train_round(
         dp=dp,
         global_domain_stats=ins.domain_stats or None,
         drpo_state=drpo_state,
+        optimizer_state=optimizer_state,
     )
+    _save_optimizer_state(site, ins.server_round, result.optimizer_state)
     if guard is not None:
         metrics = privacy_round.train_metrics(guard, cfg, ins.domain_names)
     else:

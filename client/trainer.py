@@ -44,7 +44,8 @@ from common.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DomainStats", "StepLog", "LocalResult", "EvalResult", "LocalTrainer", "privacy_units"]
+__all__ = ["DomainStats", "StepLog", "LocalResult", "EvalResult", "LocalTrainer", "privacy_units", "resume_moments",
+           "saved_moments"]
 
 
 @dataclass
@@ -92,6 +93,8 @@ class LocalResult:
     dp_steps: int = 0
     # The privacy units (lists of record indices) the round sampled from.
     units: list[list[int]] = field(default_factory=list)
+    # AdamW's moments after the round (``train.keep_optimizer``); stays at the hospital.
+    optimizer_state: dict[str, Any] | None = None
 
     @property
     def prompts(self) -> int:
@@ -132,6 +135,33 @@ def privacy_units(records: Sequence[Record], unit: str) -> list[list[int]]:
         key = f"patient:{r.patient_id}" if r.patient_id is not None else f"record:{r.id}"
         groups.setdefault(key, []).append(i)
     return [groups[k] for k in sorted(groups)]
+
+
+def saved_moments(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """AdamW's per-parameter state (step, exp_avg, exp_avg_sq), copied to the CPU."""
+    state = optimizer.state_dict()["state"]
+    return {"state": {int(i): {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+                               for k, v in s.items()} for i, s in state.items()}}
+
+
+def resume_moments(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load :func:`saved_moments` into a fresh ``optimizer`` with this round's hyper-parameters.
+
+    Only the per-parameter state is taken (not the saved learning rate). Raises
+    ``ValueError`` when it does not fit the parameters (another model or LoRA setting).
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or set(state) != set(range(len(params))):
+        raise ValueError(f"saved optimizer state does not hold one entry per trainable parameter ({len(params)})")
+    for i, p in enumerate(params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state[i].get(key)
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape or not torch.isfinite(t).all():
+                raise ValueError(f"saved optimizer state for parameter {i}: {key} does not fit shape {tuple(p.shape)}")
+    # Copies: torch keeps the given tensors as the optimizer's own and updates them in place.
+    state = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for i, s in state.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def _cache_key(record: Record) -> tuple[str, str]:
@@ -291,10 +321,17 @@ class LocalTrainer:
         dp: DPSettings | None = None,
         global_domain_stats: dict[str, tuple[float, float]] | None = None,
         drpo_state: dict[str, Any] | None = None,
+        optimizer_state: dict[str, Any] | None = None,
         progress: bool = False,
         on_step: Callable[[StepLog], None] | None = None,
     ) -> LocalResult:
-        """Run ``steps`` local DRPO steps; returns the new adapter and statistics."""
+        """Run ``steps`` local DRPO steps; returns the new adapter and statistics.
+
+        ``optimizer_state`` (a previous round's ``LocalResult.optimizer_state``) resumes
+        AdamW's moments and step count instead of starting them at zero; the learning
+        rate and the other hyper-parameters are this round's. A state that does not fit
+        the trainable parameters is ignored with a warning.
+        """
         cfg = self.cfg
         records = list(records)
         if not records:
@@ -304,6 +341,11 @@ class LocalTrainer:
         optimizer = torch.optim.AdamW(
             params, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay
         )
+        if optimizer_state is not None:
+            try:
+                resume_moments(optimizer, optimizer_state)
+            except ValueError as exc:  # another model or LoRA setting: the moments are only a head start
+                log.warning("%s; starting AdamW's moments at zero", exc)
         rng = np.random.default_rng(derive_seed(seed, "batches"))
         state = DRPOState.from_json(drpo_state) if drpo_state else None
         units = privacy_units(records, dp.unit if dp else "record")
@@ -392,6 +434,7 @@ class LocalTrainer:
             drpo_state=state.to_json() if state is not None else None,
             dp_steps=steps if dp is not None else 0,
             units=units,
+            optimizer_state=saved_moments(optimizer) if cfg.train.keep_optimizer else None,
         )
 
     def _damping(self, *, dp: bool) -> bool:

@@ -347,6 +347,10 @@ class TrainConfig:
     ppo_epochs: int = 1
     # Units (records) per forward/backward micro-batch.
     micro_batch: int = 8
+    # Keep AdamW's moments from one round to the next at each hospital (client state dir,
+    # never sent). Off: every round starts them at zero, so its first step moves every
+    # trainable value by about the full learning rate, whatever its gradient's size.
+    keep_optimizer: bool = False
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["fsync_path", "write_text_atomic"]
+__all__ = ["fsync_path", "write_bytes_atomic", "write_text_atomic"]
 
 
 def fsync_path(path: str | Path) -> None:
@@ -33,12 +33,17 @@ def write_text_atomic(path: str | Path, text: str, *, mode: int = 0o644) -> None
 
     ``mode`` is the new file's permission bits (0o600 for files only the owner may read).
     """
+    write_bytes_atomic(path, text.encode("utf-8"), mode=mode)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that no reader ever sees a partial file."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp_name, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
