@@ -27,6 +27,7 @@ from common.advantages import (
     fallback_temperature,
     grpo_advantages,
 )
+from common.answer_prior import answer_counts, first_token_bias, option_prior
 from common.climb.errors import MediaError
 from common.climb.images import load_mask
 from common.climb.inputs import load_visuals
@@ -353,6 +354,11 @@ class LocalTrainer:
             policy.set_reference(self._start_adapter())
         if dp is not None and self._dp_updater is None:
             self._dp_updater = DPUpdater.for_policy(policy)
+        prior = None
+        if cfg.train.logit_adjustment > 0:
+            if dp is not None:  # also refused by the configuration
+                raise ValueError("train.logit_adjustment needs privacy off: the answer prior counts every record")
+            prior = answer_counts((r.domain, r.answers) for r in records)
         stats: dict[str, DomainStats] = {}
         history: list[StepLog] = []
         order: list[int] = []
@@ -376,6 +382,7 @@ class LocalTrainer:
                     temperature=cfg.rollout.temperature,
                     max_new_tokens=cfg.rollout.max_new_tokens,
                     seed=derive_seed(_rollout_base(seed, dp), "rollout", step),
+                    first_bias=self._first_bias(recs, prior) if prior is not None else None,
                 )
                 K = cfg.rollout.num_rollouts
                 scored = [self.score(recs[int(rollouts.prompt_index[j])], t) for j, t in enumerate(rollouts.texts)]
@@ -436,6 +443,15 @@ class LocalTrainer:
             units=units,
             optimizer_state=saved_moments(optimizer) if cfg.train.keep_optimizer else None,
         )
+
+    def _first_bias(self, recs: Sequence[Record], prior: dict[str, Any]) -> list[dict[int, float] | None] | None:
+        """Each record's logit adjustment from this hospital's answer prior (common/answer_prior.py)."""
+        out: list[dict[int, float] | None] = []
+        for r in recs:
+            seqs = self.encode(r).answer_sequences
+            out.append(first_token_bias(seqs, option_prior(prior.get(r.domain, {}), r.options),
+                                        self.cfg.train.logit_adjustment) if seqs else None)
+        return out if any(b is not None for b in out) else None
 
     def _damping(self, *, dp: bool) -> bool:
         a = self.cfg.advantage

@@ -351,6 +351,10 @@ class TrainConfig:
     # never sent). Off: every round starts them at zero, so its first step moves every
     # trainable value by about the full learning rate, whatever its gradient's size.
     keep_optimizer: bool = False
+    # Logit adjustment against label skew (common/answer_prior.py): while a hospital trains,
+    # tau * log p_local(answer | domain) is added to each constrained answer's first-token
+    # logit (0 = off). Needs prompt.constrained and privacy off.
+    logit_adjustment: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
@@ -366,6 +370,8 @@ class TrainConfig:
         _check(self.entropy_coef >= 0, "train.entropy_coef", f"must be >= 0, got {self.entropy_coef}")
         _check(self.ppo_epochs >= 1, "train.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _check(self.micro_batch >= 1, "train.micro_batch", f"must be >= 1, got {self.micro_batch}")
+        _check(math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0, "train.logit_adjustment",
+               f"must be a finite number >= 0 (0 = off), got {self.logit_adjustment}")
 
 
 @dataclass
@@ -537,6 +543,12 @@ class FedClimbConfig:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        if self.train.logit_adjustment > 0:
+            _check(not self.privacy.enabled, "train.logit_adjustment",
+                   "must be 0 when privacy.enabled is true: the answer prior it adds counts every training "
+                   "record's label, which DP-SGD's per-record bound does not cover")
+            _check(self.prompt.constrained, "train.logit_adjustment",
+                   "needs prompt.constrained=true: it adjusts the logits of the answer options")
 
 
 @dataclass

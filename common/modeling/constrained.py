@@ -8,7 +8,7 @@ being optimised is exactly the one that sampled (forced tokens have log-probabil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor
@@ -40,18 +40,32 @@ class OptionTrie:
 
 
 class ConstrainedLogits(LogitsProcessor):
-    """Masks every token the row's trie does not allow (for ``model.generate``)."""
+    """Masks every token the row's trie does not allow (for ``model.generate``).
 
-    def __init__(self, tries: Sequence[OptionTrie], prompt_length: int, pad_id: int) -> None:
+    ``first_bias`` (one ``{token: bias}`` or ``None`` per row) is added to the logits of the
+    first response token: the logit adjustment of common/answer_prior.py. ``generate`` runs
+    this processor before its temperature, so the sampled distribution is
+    ``softmax((logits + bias) / temperature)``, what ``Policy.token_logprobs`` scores.
+    """
+
+    def __init__(self, tries: Sequence[OptionTrie], prompt_length: int, pad_id: int,
+                 first_bias: Sequence[Mapping[int, float] | None] | None = None) -> None:
         self.tries = list(tries)
         self.prompt_length = prompt_length
         self.pad_id = pad_id
+        if first_bias is not None and len(first_bias) != len(self.tries):
+            raise ValueError(f"{len(first_bias)} first-token biases for {len(self.tries)} rows")
+        self.first_bias = list(first_bias) if first_bias is not None else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         mask = torch.full_like(scores, float("-inf"))
+        first = input_ids.shape[1] == self.prompt_length
         for row, trie in enumerate(self.tries):
             allowed = trie.allowed(input_ids[row, self.prompt_length :].tolist()) or [self.pad_id]
             mask[row, allowed] = 0.0
+            bias = self.first_bias[row] if (first and self.first_bias is not None) else None
+            for tok, b in (bias or {}).items():
+                mask[row, tok] += b
         return scores + mask
 
 

@@ -67,6 +67,9 @@ class Rollouts:
     responses: torch.Tensor  # [R, T] long, pad after the end
     mask: torch.Tensor  # [R, T] float: 1 on generated tokens up to and including end-of-turn
     texts: list[str]  # response text, starting with the constrained prefix if any
+    # Per prompt, {first answer token: bias} added to its logit when sampled and scored
+    # (train.logit_adjustment, common/answer_prior.py); None = no adjustment.
+    first_bias: list[dict[int, float] | None] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -185,8 +188,13 @@ class Policy:
         temperature: float,
         max_new_tokens: int,
         seed: int,
+        first_bias: Sequence[dict[int, float] | None] | None = None,
     ) -> Rollouts:
         """Sample ``num_rollouts`` responses per prompt (temperature 0 = greedy).
+
+        ``first_bias`` (constrained prompts only; one per prompt) adds ``{token: bias}`` to
+        the first response token's logits; the rollouts carry it so that
+        :meth:`token_logprobs` scores the same adjusted distribution.
 
         Each token is drawn from exactly the distribution :meth:`token_logprobs` scores:
         ``softmax(logits / temperature)`` with the vision placeholders suppressed and,
@@ -201,9 +209,15 @@ class Policy:
         prompt_len = inputs["input_ids"].shape[1]
         processors = []
         constrained = all(p.answer_sequences for p in rows)
+        if first_bias is not None:
+            if not constrained:
+                raise ValueError("a first-token bias needs constrained answers (prompt.constrained=true)")
+            if len(first_bias) != len(prompts):
+                raise ValueError(f"{len(first_bias)} first-token biases for {len(prompts)} prompts")
         if constrained:
             tries = [OptionTrie(p.answer_sequences or []) for p in rows]
-            processors.append(ConstrainedLogits(tries, prompt_len, self.pad_id))
+            row_bias = [first_bias[int(i)] for i in index] if first_bias is not None else None
+            processors.append(ConstrainedLogits(tries, prompt_len, self.pad_id, row_bias))
             max_new_tokens = max(len(s) for p in rows for s in (p.answer_sequences or []))
         torch.manual_seed(seed)
         gen = self.sampling_config(temperature=temperature, max_new_tokens=max_new_tokens)
@@ -219,7 +233,8 @@ class Policy:
             p.response_prefix + self.bundle.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
             for p, r, m in zip(rows, responses, mask, strict=True)
         ]
-        return Rollouts(list(prompts), index, responses, mask, texts)
+        return Rollouts(list(prompts), index, responses, mask, texts,
+                        list(first_bias) if first_bias is not None else None)
 
     def _shared_prefill(self, prompts: Sequence[EncodedPrompt], num_rollouts: int) -> Any | None:
         """The key/value cache of each prompt (all but its last token), computed once and
@@ -338,6 +353,10 @@ class Policy:
         with ctx, self.autocast():
             logits = call(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1, :]
         logits = logits.float() / temperature
+        if rollouts.first_bias is not None:  # generate adds it before its temperature
+            for i, r in enumerate(rows):
+                for tok, b in (rollouts.first_bias[int(rollouts.prompt_index[r])] or {}).items():
+                    logits[i, 0, tok] += b / temperature
         if self.suppressed:  # never sampled (see generate), so never scored either
             logits[..., self.suppressed] = float("-inf")
         if all(p.answer_sequences for p in prompts):

@@ -194,6 +194,17 @@ def test_cross_field_check_is_blamed_on_the_source_that_broke_it():
     assert "model.min_pixels" in str(info.value)
 
 
+@pytest.mark.parametrize(("words", "reason"), [
+    (["privacy=dp", "privacy.target_epsilon=8"], "must be 0 when privacy.enabled is true"),
+    (["privacy=off", "prompt.constrained=false"], "needs prompt.constrained=true"),
+])
+def test_logit_adjustment_is_refused_under_dp_and_without_options(words, reason):
+    assert load_config(overrides=["privacy=off", "train.logit_adjustment=1"]).train.logit_adjustment == 1.0
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[*words, "train.logit_adjustment=1"])
+    assert "train.logit_adjustment" in str(info.value) and reason in str(info.value)
+
+
 def test_required_field_for_a_source_is_blamed_on_the_command_line_that_chose_the_source():
     with pytest.raises(ConfigError) as info:
         load_config(overrides=["model.source=hf"])
@@ -382,7 +393,7 @@ NON_NEGATIVE = [  # 0 is a documented setting (off, all, auto, default); -1 is r
     "seed", "model.cpu_threads", "model.tiny.init_seed", "lora.dropout", "lora.init_seed", "lora.init_b_std",
     "data.max_records", "rollout.eval_temperature", "reward.accuracy", "reward.iou", "reward.format",
     "train.weight_decay", "train.beta1", "train.beta2", "train.max_grad_norm", "train.clip_low", "train.clip_high",
-    "train.dual_clip", "train.kl_coef", "train.entropy_coef", "privacy.noise_multiplier", "privacy.planned_rounds",
+    "train.dual_clip", "train.kl_coef", "train.entropy_coef", "train.logit_adjustment", "privacy.noise_multiplier", "privacy.planned_rounds",
     "privacy.sample_rate", "federation.connect_timeout_s", "federation.max_update_norm",
     "federation.eval_max_records", "aggregation.weight_cap", "simulation.gpus_per_hospital",
     "simulation.parallel_hospitals",

@@ -199,6 +199,7 @@ def _reference_from_generate(
             pad_token_id=policy.pad_id,
             suppress_tokens=policy.suppressed or None,
             output_logits=True,
+            output_scores=True,
             return_dict_in_generate=True,
         )
     return out, batch["input_ids"].shape[1]
@@ -325,6 +326,52 @@ def test_token_logprobs_equal_the_generation_scores(request, which, constrained)
         # The comparison covers rows of different lengths, some ended early by <|im_end|>.
         assert int(lengths.min()) < steps and len(set(lengths.tolist())) >= 2
         assert bool((logp[mask == 1] < 0).all())
+
+
+def test_first_token_bias_is_the_distribution_sampled_and_scored(mm):
+    """Logit adjustment (train.logit_adjustment): generate samples softmax((z + b) / T) at the
+    first answer token, and token_logprobs scores exactly that distribution."""
+    policy, prompts = mm.policy, mm.constrained
+    bias = [{p.answer_sequences[0][0]: 1.5, p.answer_sequences[1][0]: -1.0} for p in prompts]
+    rollouts = policy.generate(prompts, num_rollouts=4, temperature=TEMPERATURE, max_new_tokens=16, seed=5,
+                               first_bias=bias)
+    assert rollouts.first_bias == bias
+    row_prompts = [prompts[int(i)] for i in rollouts.prompt_index]
+    batch = collate_prompts(row_prompts, pad_id=policy.pad_id, image_token_id=policy.image_token_id)
+    tries = [OptionTrie(p.answer_sequences or []) for p in row_prompts]
+    row_bias = [bias[int(i)] for i in rollouts.prompt_index]
+    processors = [ConstrainedLogits(tries, batch["input_ids"].shape[1], policy.pad_id, row_bias)]
+    max_new = max(len(s) for p in prompts for s in p.answer_sequences or [])
+    out, length = _reference_from_generate(policy, row_prompts, seed=5, max_new_tokens=max_new, processors=processors)
+    mask = rollouts.mask
+    assert torch.equal(out.sequences[:, length:] * mask.long(), rollouts.responses * mask.long())
+    rows = list(range(rollouts.num_rows))
+    logp = policy.token_logprobs(rollouts, rows, temperature=TEMPERATURE).detach()
+    # out.scores are what generate sampled from, after every processor and the temperature.
+    first = rollouts.responses[:, 0]
+    sampled = torch.stack([F.log_softmax(out.scores[0][i].float(), -1)[first[i]] for i in rows])
+    torch.testing.assert_close(logp[:, 0], sampled, atol=1e-4, rtol=0)
+    # By hand: the raw logits plus the bias, over the allowed first tokens, at temperature T.
+    for i, p in enumerate(row_prompts):
+        raw = out.logits[0][i].float()
+        allowed = sorted(_allowed_by_hand(p.answer_sequences or [], []))
+        z = torch.stack([raw[t] + row_bias[i].get(t, 0.0) for t in allowed]) / TEMPERATURE
+        expected = F.log_softmax(z, -1)[allowed.index(int(first[i]))]
+        assert abs(float(logp[i, 0]) - float(expected)) < 1e-4
+    # Without the bias only the first position changes.
+    rollouts.first_bias = None
+    plain = policy.token_logprobs(rollouts, rows, temperature=TEMPERATURE).detach()
+    assert float((plain[:, 0] - logp[:, 0]).abs().max()) > 0.1
+    torch.testing.assert_close(plain[:, 1:], logp[:, 1:])
+    # A large bias decides the answer.
+    forced = policy.generate(prompts, num_rollouts=8, temperature=1.0, max_new_tokens=16, seed=6,
+                             first_bias=[{p.answer_sequences[-1][0]: 40.0} for p in prompts])
+    for row in range(forced.num_rows):
+        p = prompts[int(forced.prompt_index[row])]
+        assert int(forced.responses[row, 0]) == p.answer_sequences[-1][0]
+    with pytest.raises(ValueError, match="constrained"):
+        policy.generate(mm.free, num_rollouts=1, temperature=1.0, max_new_tokens=4, seed=0,
+                        first_bias=[{1: 1.0} for _ in mm.free])
 
 
 # ---------------------------------------------------------------------------- reference
