@@ -444,14 +444,15 @@ class LocalTrainer:
             optimizer_state=saved_moments(optimizer) if cfg.train.keep_optimizer else None,
         )
 
-    def _first_bias(self, recs: Sequence[Record], prior: dict[str, Any]) -> list[dict[int, float] | None] | None:
-        """Each record's logit adjustment from this hospital's answer prior (common/answer_prior.py)."""
-        out: list[dict[int, float] | None] = []
-        for r in recs:
-            seqs = self.encode(r).answer_sequences
-            out.append(first_token_bias(seqs, option_prior(prior.get(r.domain, {}), r.options),
-                                        self.cfg.train.logit_adjustment) if seqs else None)
-        return out if any(b is not None for b in out) else None
+    def _first_bias(self, recs: Sequence[Record], prior: dict[str, Any]) -> list[dict[int, float]]:
+        """Each record's logit adjustment from this hospital's answer prior (common/answer_prior.py).
+
+        The configuration asks for constrained answers, under which a record without options
+        is left out when the data is loaded (:meth:`usable`), so every record has options here.
+        """
+        tau = self.cfg.train.logit_adjustment
+        return [first_token_bias(self.encode(r).answer_sequences or [], option_prior(prior.get(r.domain, {}), r.options),
+                                 tau) for r in recs]
 
     def _damping(self, *, dp: bool) -> bool:
         a = self.cfg.advantage

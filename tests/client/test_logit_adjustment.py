@@ -67,3 +67,4 @@ def test_rollouts_carry_the_hospital_prior_and_evaluation_does_not(hospital: Any
     seen.clear()
     data.trainer.evaluate(data.evaluation[:4], seed=0)
     assert seen and all(b is None for _, b in seen)
+
