@@ -10,11 +10,14 @@ result is divided by the expected batch size q * N (Poisson sampling).
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.policy_loss import reduce_per_unit
@@ -52,6 +55,21 @@ class DPSettings:
 _UPDATERS: "weakref.WeakKeyDictionary[Any, DPUpdater]" = weakref.WeakKeyDictionary()
 
 
+class _DrawnAhead:
+    """Stands in for the step's NoiseSource in ``clip_and_noise``: hands out the one
+    standard-normal draw made while the step's forward and backward ran."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self._values: np.ndarray | None = values
+
+    def standard_normal(self, size: int | tuple[int, ...]) -> np.ndarray:
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        values, self._values = self._values, None
+        if values is None or values.size != math.prod(shape):
+            raise RuntimeError(f"the noise drawn ahead does not fit the step's {math.prod(shape)} values")
+        return values.reshape(shape)
+
+
 class DPUpdater:
     """Accumulates clipped per-unit gradients over micro-batches and takes the noisy step."""
 
@@ -87,6 +105,12 @@ class DPUpdater:
         #: Units whose gradient was not finite (NaN/inf) and so contributed zero, over
         #: this updater's life. A local diagnostic: it is logged, never sent.
         self.nonfinite_units = 0
+        #: Draw the step's noise on a background thread while its forward and backward
+        #: run (the draw does not depend on the gradients). The same generator makes the
+        #: same draw in the same order, so the step is bit for bit the one drawn inline.
+        self.draw_ahead = True
+        self._executor: ThreadPoolExecutor | None = None
+        self._noise: Future[np.ndarray] | None = None
 
     def sample_units(self, num_units: int, dp: DPSettings) -> list[int]:
         """Poisson sampling: each unit independently with probability q."""
@@ -102,6 +126,7 @@ class DPUpdater:
         step without per-sample gradients. This puts the module back in a clean state.
         """
         self.module.disable_hooks()
+        self._take_noise()  # the draw is spent either way; no other draw may overlap it
         for module in self.module.modules():
             if hasattr(module, "activations"):
                 module.activations = []
@@ -114,7 +139,14 @@ class DPUpdater:
                 p._forward_counter = 0
         self._sum = []
 
-    def begin_step(self) -> None:
+    def begin_step(self, dp: DPSettings | None = None) -> None:
+        """Start a step; with ``dp`` (and ``draw_ahead``) its noise is drawn meanwhile."""
+        self._take_noise()
+        if dp is not None and self.draw_ahead and dp.noise_multiplier * dp.max_grad_norm > 0:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedclimb-dp-noise")
+            total = sum(p.numel() for p in self.params)
+            self._noise = self._executor.submit(dp.generator.standard_normal, total)
         self._sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self._clipped = 0
         for p in self.params:
@@ -161,19 +193,25 @@ class DPUpdater:
         expected = dp.expected_batch_size if dp.expected_batch_size is not None else dp.sample_rate * self._num_units
         if expected <= 0:
             raise ValueError(f"expected batch size q*N = {dp.sample_rate}*{self._num_units} must be > 0")
+        ahead = self._take_noise()
         noise, _ = clip_and_noise(
             [torch.zeros((0, *g.shape)) for g in self._sum],
             max_grad_norm=dp.max_grad_norm,
             noise_multiplier=dp.noise_multiplier,
             expected_batch_size=expected,
-            noise=dp.generator,
+            noise=_DrawnAhead(ahead) if ahead is not None else dp.generator,  # type: ignore[arg-type]
         )
         for p, s, n in zip(self.params, self._sum, noise, strict=True):
             p.grad = (s / expected + n.to(s.device)).to(p.dtype)
         optimizer.step()
         return self._clipped
 
+    def _take_noise(self) -> np.ndarray | None:
+        """The noise drawn ahead for this step (waiting for it), or None."""
+        future, self._noise = self._noise, None
+        return future.result() if future is not None else None
+
     def empty_step(self, optimizer: torch.optim.Optimizer, dp: DPSettings) -> None:
         """An empty Poisson batch still releases a (pure-noise) step."""
-        self.begin_step()
+        self.begin_step(dp)
         self.finish_step(optimizer, dp)

@@ -530,7 +530,7 @@ class LocalTrainer:
         for epoch in range(cfg.train.ppo_epochs):
             optimizer.zero_grad(set_to_none=True)
             if dp is not None:
-                self._dp_updater.begin_step()  # type: ignore[union-attr]
+                self._dp_updater.begin_step(dp)  # type: ignore[union-attr]
             for mb in _chunks(groups, cfg.train.micro_batch):
                 prompts = [p for g in mb for p in g]
                 rows = [p * K + k for p in prompts for k in range(K)]

@@ -8,6 +8,7 @@ advantages that depend on one record only.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,6 +367,39 @@ def test_noise_is_drawn_from_the_dp_generator(env: Env, use_cfg: Callable[..., F
         runs[global_seed, dp_seed] = spy.steps[0]
     assert torch.equal(runs[0, 7], runs[1, 7])
     assert not torch.equal(runs[0, 7], runs[0, 8])
+
+
+def test_noise_drawn_ahead_is_the_noise_drawn_inline(env: Env, use_cfg: Callable[..., FedClimbConfig],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPUpdater.draw_ahead draws a step's noise on a background thread while its forward and
+    backward run: the same generator makes the same draws in the same order, so the adapter
+    is bit for bit the one of inline draws."""
+    use_cfg()
+    threads: list[str] = []
+    real = NoiseSource.standard_normal
+
+    def spy(self: NoiseSource, size: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(self, size)
+
+    monkeypatch.setattr(NoiseSource, "standard_normal", spy)
+    updater = DPUpdater.for_policy(env.policy)
+    adapters, names = {}, {}
+    try:
+        for ahead in (True, False):
+            updater.draw_ahead = ahead
+            threads.clear()
+            env.policy.set_adapter(env.start)
+            result = env.trainer.train(env.records, steps=3, seed=2,
+                                       dp=_settings(sigma=1.0, q=0.05, clip=0.5, unit="record", seed=7))
+            adapters[ahead], names[ahead] = result.adapter, list(threads)
+    finally:
+        updater.draw_ahead = True
+    assert len(names[True]) == len(names[False]) == 3
+    assert all(n.startswith("fedclimb-dp-noise") for n in names[True])
+    assert not any(n.startswith("fedclimb-dp-noise") for n in names[False])
+    assert all(torch.equal(adapters[True][k], adapters[False][k]) for k in adapters[True])
+    assert not all(torch.equal(adapters[True][k], env.start[k]) for k in env.start)
 
 
 def test_secure_default_noise_ignores_torch_seeds(env: Env, use_cfg: Callable[..., FedClimbConfig]) -> None:

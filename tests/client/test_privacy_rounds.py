@@ -460,6 +460,7 @@ def test_the_dp_step_divides_by_the_given_expected_batch_size() -> None:
         updater.params = [param]
         updater.module = type("Hooks", (), {"disable_hooks": lambda self: None})()
         updater._sum, updater._clipped, updater._num_units = [torch.tensor([2.0, 4.0, 6.0])], 0, num_units
+        updater._noise = None  # nothing drawn ahead: finish_step draws inline
         dp = DPSettings(1e-12, 0.5, 1.0, "record", expected_batch_size=4.0)
         updater.finish_step(torch.optim.SGD([param], lr=1.0), dp)
         grads.append(param.detach().clone())
