@@ -229,6 +229,18 @@ def measure_dp(preset: str, prompts: int, pairs: int, mem_updates: int, data: st
         else:
             plain_s.append(timed(False)), dp_s.append(timed(True))
     ratios = pair_ratios(dp_s, plain_s)
+    # What drawing the noise ahead (on a core torch leaves free) buys: DP updates with the
+    # noise drawn inline against drawn ahead, alternating, same inputs.
+    from client.dp_step import DPUpdater
+
+    updater = DPUpdater.for_policy(policy)
+    inline_s, ahead_s = [], []
+    for i in range(pairs):
+        for ahead in ((True, False) if i % 2 else (False, True)):
+            updater.draw_ahead = ahead
+            (ahead_s if ahead else inline_s).append(timed(True))
+    updater.draw_ahead = True
+    inline = summary(pair_ratios(inline_s, ahead_s))
     profile = {mode: _profile(lambda d=(mode == "dp"): timed(d)) for mode in ("plain", "dp")}
     trainable = sum(p.numel() for p in policy.trainable_parameters())
     rows = rollouts.num_rows
@@ -246,7 +258,8 @@ def measure_dp(preset: str, prompts: int, pairs: int, mem_updates: int, data: st
               "response_tokens": tokens, "trainable": trainable, "lora": "r=16 on all seven projections, fedit"}
     return {
         "time": entry(f"dp_time/{preset}", time_ratio["median"], "dp_time", ratio_spread=time_ratio,
-                      dp_s=summary(dp_s), plain_s=summary(plain_s), pairs=pairs, profile=profile, setup_s=setup_s, **common),
+                      dp_s=summary(dp_s), plain_s=summary(plain_s), pairs=pairs, profile=profile, setup_s=setup_s,
+                      noise_inline_over_ahead=inline, dp_inline_s=summary(inline_s), **common),
         "memory": entry(f"dp_memory/{preset}", mem_ratio, "dp_memory", increment_ratio=inc_ratio,
                         memory_kind="process peak RSS (VmHWM, reset after set-up) over the updates",
                         dp=mem["dp"], plain=mem["plain"], updates=mem_updates, **common),
@@ -633,13 +646,16 @@ def tables(result: dict[str, Any]) -> str:
     dp = result.get("dp", {})
     if dp:
         lines += ["| preset | rows x tokens | DP / plain time (median of pairs) | spread (min-max) | plain s | DP s "
-                  "| DP / plain peak RSS | increment ratio | time | memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| DP s, noise inline (inline / ahead) | DP / plain peak RSS | increment ratio | time | memory |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for pr, m in dp.items():
             t, mem = m["time"], m["memory"]
             sp = t["ratio_spread"]
+            inline = (f"{t['dp_inline_s']['median']:.2f} ({t['noise_inline_over_ahead']['median']:.2f}x)"
+                      if "dp_inline_s" in t else "-")
             lines.append(f"| {pr} | {t['rows']} rows, {t['response_tokens']} response tokens | {t['value']:.2f}x "
                          f"({t['pairs']} pairs) | {sp['min']:.2f}-{sp['max']:.2f}x | {t['plain_s']['median']:.2f} "
-                         f"| {t['dp_s']['median']:.2f} | {mem['value']:.2f}x ({mem['dp']['peak_rss_kib'] / 1024:.0f} / "
+                         f"| {t['dp_s']['median']:.2f} | {inline} | {mem['value']:.2f}x ({mem['dp']['peak_rss_kib'] / 1024:.0f} / "
                          f"{mem['plain']['peak_rss_kib'] / 1024:.0f} MiB) | {mem['increment_ratio']:.2f}x "
                          f"({mem['dp']['increment_kib'] / 1024:.0f} / {mem['plain']['increment_kib'] / 1024:.0f} MiB) "
                          f"| {_yes(t['met'])} | {_yes(mem['met'])} |")
