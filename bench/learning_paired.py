@@ -2,7 +2,7 @@
 
     python bench/learning_paired.py --setting nodp --reference fedavg \\
         fedavg=runs/learning-10s:fedavg-grpo default=runs/learning-10s:domain-drpo \\
-        default+keep=runs/learning-keep:domain-drpo --out runs/keep.json
+        default+keep=runs/learning-keep:domain-drpo --out runs/keep.json --plot runs/keep.png
 
 Each ``LABEL=DIR:ARM`` names one arm's cached runs (``DIR/jobs/SETTING/ARM/seed-*.json``,
 written by bench/learning.py, e.g. with an extra ``key=value`` override into its own
@@ -92,17 +92,46 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """One panel per measure (macro, worst, rarest): each entry's seeds as dots, mean and 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(report["arms"])
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * len(labels), 4.2), sharey=True)
+    for ax, name in zip(axes, ("macro", "worst", "rarest"), strict=True):
+        for x, label in enumerate(labels):
+            arm = report["arms"][label]
+            values = [v[name] for v in arm["per_seed"]]
+            ax.scatter([x + 0.12] * len(values), values, s=12, color="0.6", zorder=2)
+            ci = arm["mean"][name]
+            ax.errorbar([x - 0.08], [ci["mean"]], yerr=[[ci["mean"] - ci["low"]], [ci["high"] - ci["mean"]]],
+                        fmt="o", color="C0" if label == report["reference"] else "C1", capsize=4, zorder=3)
+        ax.axhline(0.5, color="k", lw=0.8, ls=":")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title({"macro": "macro balanced accuracy", "worst": "worst-domain balanced accuracy"}.get(name, f"rarest domain ({report['rarest_domain']})"))
+    axes[0].set_ylabel(f"test balanced accuracy, {report['setting']}, {len(report['seeds'])} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("entries", nargs="+", help="LABEL=DIR:ARM")
     p.add_argument("--setting", default="nodp", help="nodp, dp8 or eps<E>")
     p.add_argument("--reference", required=True, help="the label the paired differences are taken against")
     p.add_argument("--out", help="also write the report as JSON")
+    p.add_argument("--plot", help="also draw the seeds, means and intervals as a PNG")
     args = p.parse_args(argv)
     report = compare([parse_entry(e) for e in args.entries], args.setting, args.reference)
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    if args.plot:
+        plot(report, Path(args.plot))
     return 0
 
 

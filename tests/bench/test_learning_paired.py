@@ -48,6 +48,8 @@ def test_paired_differences_use_the_seeds_every_entry_has(tmp_path: Path) -> Non
     assert new["mean"]["rarest recall low"]["mean"] == pytest.approx(0.4)
     assert "paired" not in report["arms"]["ref"]
     assert "| new |" in paired.table(report)
+    paired.plot(report, tmp_path / "paired.png")
+    assert (tmp_path / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_entries_are_named(tmp_path: Path) -> None:
