@@ -111,7 +111,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
                         fmt="o", color="C0" if label == report["reference"] else "C1", capsize=4, zorder=3)
         ax.axhline(0.5, color="k", lw=0.8, ls=":")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title({"macro": "macro balanced accuracy", "worst": "worst-domain balanced accuracy"}.get(name, f"rarest domain ({report['rarest_domain']})"))
+        titles = {"macro": "macro balanced accuracy", "worst": "worst-domain balanced accuracy",
+                  "rarest": f"rarest domain ({report['rarest_domain']})"}
+        ax.set_title(titles[name])
     axes[0].set_ylabel(f"test balanced accuracy, {report['setting']}, {len(report['seeds'])} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
