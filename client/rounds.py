@@ -74,16 +74,24 @@ def _drpo_dir(site: Site) -> Path:
     return site.state_dir / "drpo"
 
 
+def _saved_rounds(folder: Path, suffix: str) -> list[int]:
+    """The rounds with a ``round-NNNN<suffix>`` file in ``folder``, in order."""
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(rf"round-(\d+){re.escape(suffix)}")
+    return sorted(int(m.group(1)) for p in folder.glob(f"round-*{suffix}") if (m := pattern.fullmatch(p.name)))
+
+
+def _latest_before(folder: Path, suffix: str, server_round: int) -> Path | None:
+    """The file saved after the latest round before ``server_round`` (resume-safe), if any."""
+    earlier = [r for r in _saved_rounds(folder, suffix) if r < server_round]
+    return folder / f"round-{earlier[-1]:04d}{suffix}" if earlier else None
+
+
 def _load_drpo_state(site: Site, server_round: int) -> dict[str, Any] | None:
     """The history saved after the latest round before ``server_round`` (resume-safe)."""
-    folder = _drpo_dir(site)
-    if not folder.is_dir():
-        return None
-    rounds = sorted(int(m.group(1)) for p in folder.glob("round-*.json") if (m := re.match(r"round-(\d+)\.json", p.name)))
-    earlier = [r for r in rounds if r < server_round]
-    if not earlier:
-        return None
-    return json.loads((folder / f"round-{earlier[-1]:04d}.json").read_text(encoding="utf-8"))
+    path = _latest_before(_drpo_dir(site), ".json", server_round)
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None else None
 
 
 def _save_drpo_state(site: Site, server_round: int, state: dict[str, Any] | None) -> None:
@@ -101,18 +109,11 @@ def _optimizer_dir(site: Site) -> Path:
     return site.state_dir / "optimizer"
 
 
-def _saved_rounds(folder: Path, suffix: str) -> list[int]:
-    pattern = re.compile(rf"round-(\d+){re.escape(suffix)}")
-    return sorted(int(m.group(1)) for p in folder.glob(f"round-*{suffix}") if (m := pattern.fullmatch(p.name)))
-
-
 def _load_optimizer_state(site: Site, server_round: int) -> dict[str, Any] | None:
     """AdamW's moments saved after the latest round before ``server_round`` (``train.keep_optimizer``)."""
-    folder = _optimizer_dir(site)
-    earlier = [r for r in _saved_rounds(folder, ".pt") if r < server_round] if folder.is_dir() else []
-    if not earlier:
+    path = _latest_before(_optimizer_dir(site), ".pt", server_round)
+    if path is None:
         return None
-    path = folder / f"round-{earlier[-1]:04d}.pt"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file costs the moments, never the round

@@ -187,3 +187,17 @@ def test_moments_are_kept_under_dp_too(fed: Any, tmp_path: Path) -> None:
     assert out.adapter is not None and not any(k.startswith("optimizer") for k in out.adapter)
     _round(fed, tmp_path, 2, *dp)
     assert _steps_saved(tmp_path / "optimizer" / "round-0002.pt") == {2 * STEPS}
+
+
+def test_the_drpo_history_resumes_from_the_latest_earlier_round(tmp_path: Path) -> None:
+    """The DRPO history (advantage.history=run) and the moments share the round-file rule."""
+    from client.rounds import _load_drpo_state, _save_drpo_state
+
+    site = Site(SITE, HospitalConfig(name=SITE, data_root=str(tmp_path), state_dir=str(tmp_path)), simulated=True)
+    assert _load_drpo_state(site, 5) is None
+    _save_drpo_state(site, 1, {"round": 1})
+    _save_drpo_state(site, 3, {"round": 3})
+    (tmp_path / "drpo" / "round-0002.json.tmp").write_text("{}")  # not a round file
+    assert _load_drpo_state(site, 1) is None
+    assert _load_drpo_state(site, 3) == {"round": 1}
+    assert _load_drpo_state(site, 9) == {"round": 3}
