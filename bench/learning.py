@@ -131,10 +131,15 @@ def sweep_points(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return dict(sorted(points.items(), key=lambda kv: kv[1]["epsilon"]))
 
 
+def rarest_domain(manifest: dict[str, Any]) -> str:
+    """The domain with the fewest training records in a pool's ``graded.json``."""
+    return min(manifest["counts"], key=lambda d: manifest["counts"][d]["train"])
+
+
 def write_report(out: Path, results: dict[str, Any], manifest: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from simulation.compare import mean_ci
 
-    rare = min(manifest["counts"], key=lambda d: manifest["counts"][d]["train"])
+    rare = rarest_domain(manifest)
     report: dict[str, Any] = {"pool": manifest, "rare_domain": rare, "settings": {}, "sweep": sweep_points(results)}
     for setting in ("dp8", "nodp"):
         if setting not in results:

@@ -22,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.learning import load_results, rarest_domain  # noqa: E402
 from simulation.compare import macro, mean_ci, worst  # noqa: E402
 
 
@@ -34,19 +35,16 @@ def parse_entry(text: str) -> tuple[str, Path, str]:
 
 
 def load_runs(folder: Path, setting: str, arm: str) -> dict[int, dict[str, Any]]:
-    runs = {}
-    for f in sorted((folder / "jobs" / setting / arm).glob("seed-*.json")):
-        r = json.loads(f.read_text(encoding="utf-8"))
-        if r.get("final"):
-            runs[int(r["seed"])] = r["final"]
+    """seed -> final scores of one arm's finished runs (bench/learning.py's cache)."""
+    runs = {seed: r["final"] for seed, r in load_results(folder).get(setting, {}).get(arm, {}).items()}
     if not runs:
         raise SystemExit(f"no finished runs under {folder / 'jobs' / setting / arm}")
     return runs
 
 
-def rarest_domain(folder: Path, seed: int) -> str:
+def pool_rarest_domain(folder: Path, seed: int) -> str:
     manifest = json.loads((folder / "pools" / f"seed-{seed}" / "graded.json").read_text(encoding="utf-8"))
-    return min(manifest["counts"], key=lambda d: manifest["counts"][d]["train"])
+    return rarest_domain(manifest)
 
 
 def measures(final: dict[str, Any], rare: str) -> dict[str, float]:
@@ -63,7 +61,7 @@ def compare(entries: list[tuple[str, Path, str]], setting: str, reference: str) 
     seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
     if not seeds:
         raise SystemExit("the entries have no seed in common")
-    rare = rarest_domain(entries[0][1], seeds[0])
+    rare = pool_rarest_domain(entries[0][1], seeds[0])
     values = {label: [measures(r[s], rare) for s in seeds] for label, r in runs.items()}
     names = list(values[reference][0])
     report: dict[str, Any] = {"setting": setting, "seeds": seeds, "rarest_domain": rare, "reference": reference,

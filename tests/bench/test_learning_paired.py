@@ -19,7 +19,7 @@ def _job(folder: Path, arm: str, seed: int, common: float, rare: float, low_reca
     f.parent.mkdir(parents=True, exist_ok=True)
     final = {"common": {"balanced_accuracy": common},
              "rare": {"balanced_accuracy": rare, "recall": {"high": 2 * rare - low_recall, "low": low_recall}}}
-    f.write_text(json.dumps({"seed": seed, "final": final}))
+    f.write_text(json.dumps({"setting": "nodp", "arm": arm, "seed": seed, "final": final}))
 
 
 def _pool(folder: Path, seed: int) -> None:
